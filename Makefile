@@ -1,0 +1,29 @@
+# Both targets build the virtualenv from nothing on a fresh machine.
+# torch is pinned first so pip takes the CPU wheel instead of a multi-GB CUDA build.
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.kernelhub-installed
+
+.PHONY: demo test bench docs clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/kernelhub demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/forward.py
+
+docs: $(STAMP)
+	$(PY) -m kernelhub.docs_gen docs/attention.md
+
+clean:
+	rm -rf $(VENV)

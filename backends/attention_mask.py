@@ -1,0 +1,143 @@
+"""The semantic attention mask a model builds once per forward.
+
+`AttentionMask` says *what* may attend to what (a `mask_mod` over absolute positions plus
+query/key lengths and offsets). Each bound backend asks for the format it declared
+(`bool`, `additive`, `block_mask`); each format is built once and memoised, so 32 layers
+share one tensor. No `cache_position` anywhere: offsets come from the KV cache.
+
+>>> m = AttentionMask.build(batch=1, q_len=3, kv_len=3, causal=True)
+>>> print(m.to_ascii())
+x..
+xx.
+xxx
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernelhub.backends import masks as M
+
+
+class AttentionMask:
+    """Which key positions each query position may see, for one forward."""
+
+    def __init__(self, mask_mod, *, batch, q_len, kv_len, q_offset=0, kv_offset=0,
+                 device="cpu", batch_dependent=False, shortcut=None, description=""):
+        self.mask_mod = mask_mod
+        self.batch, self.q_len, self.kv_len = batch, q_len, kv_len
+        self.q_offset, self.kv_offset = q_offset, kv_offset
+        self.device = torch.device(device)
+        self.batch_dependent = batch_dependent
+        # "causal": the square lower triangle; "all": nothing masked; None: neither.
+        self.shortcut = shortcut
+        self.description = description
+        self._memo: dict = {}
+
+    @classmethod
+    def build(cls, *, batch, q_len, kv_len=None, q_offset=0, kv_offset=0, causal=True,
+              sliding_window=None, chunk_size=None, padding=None, mask_mod=None, device="cpu"):
+        """Compose the usual pieces into one mask.
+
+        `padding` is a [batch, positions] tensor (1/True = real token) over absolute key
+        positions; it is extended with True up to `kv_offset + kv_len` (static caches).
+        `mask_mod` adds an arbitrary extra restriction.
+
+        >>> AttentionMask.build(batch=2, q_len=4, sliding_window=2).description
+        'causal & sliding(2)'
+        """
+        kv_len = q_len if kv_len is None else kv_len
+        parts, names = [M.causal_mask if causal else M.bidirectional_mask], ["causal" if causal else "bidirectional"]
+        if sliding_window is not None:
+            parts.append(M.sliding_window_mask(sliding_window))
+            names.append(f"sliding({sliding_window})")
+        if chunk_size is not None:
+            parts.append(M.chunked_mask(chunk_size))
+            names.append(f"chunked({chunk_size})")
+        if padding is not None:
+            padding = _extend_padding(padding, kv_offset + kv_len, device)
+            if padding is not None:
+                parts.append(M.padding_mask(padding))
+                names.append("padding")
+        if mask_mod is not None:
+            parts.append(mask_mod)
+            names.append(getattr(mask_mod, "__name__", "custom"))
+        plain = len(parts) == 1
+        shortcut = None
+        if plain and not causal:
+            shortcut = "all"
+        elif plain and kv_offset + kv_len <= q_offset + 1:
+            shortcut = "all"  # decode: every cached key is in the past
+        elif plain and q_offset == kv_offset and q_len == kv_len:
+            shortcut = "causal"
+        mod = parts[0] if plain else M.and_masks(*parts)
+        return cls(mod, batch=batch, q_len=q_len, kv_len=kv_len, q_offset=q_offset,
+                   kv_offset=kv_offset, device=device, batch_dependent=padding is not None,
+                   shortcut=shortcut, description=" & ".join(names))
+
+    # -- materialisers ---------------------------------------------------------------
+
+    def materialize(self, fmt: str):
+        """The mask in `fmt` ("bool", "additive", "block_mask"), built once per forward."""
+        out = self._memo.get(fmt)
+        if out is None:
+            try:
+                build = _BUILDERS[fmt]
+            except KeyError:
+                raise ValueError(f"unknown mask format {fmt!r}; valid: {', '.join(sorted(_BUILDERS))}") from None
+            out = self._memo[fmt] = build(self)
+        return out
+
+    def to_bool(self) -> torch.Tensor:
+        """[B or 1, 1, q_len, kv_len] bool tensor, True where attention is allowed."""
+        dev = self.device
+        b = torch.arange(self.batch if self.batch_dependent else 1, device=dev).view(-1, 1, 1, 1)
+        h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=dev)
+        q = torch.arange(self.q_len, device=dev).view(1, 1, -1, 1) + self.q_offset
+        kv = torch.arange(self.kv_len, device=dev).view(1, 1, 1, -1) + self.kv_offset
+        out = self.mask_mod(b, h, q, kv)
+        return out.expand(b.shape[0], 1, self.q_len, self.kv_len)
+
+    def to_additive(self, dtype=torch.float32) -> torch.Tensor:
+        """0 where allowed, -inf where masked; same shape as `to_bool()`."""
+        allowed = self.materialize("bool")
+        return torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill(~allowed, float("-inf"))
+
+    def to_block_mask(self):
+        """A flex attention BlockMask over relative indices (offsets folded into the mask)."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        mod, qo, ko = self.mask_mod, self.q_offset, self.kv_offset
+
+        def shifted(b, h, q_idx, kv_idx):
+            return mod(b, h, q_idx + qo, kv_idx + ko)
+
+        batch = self.batch if self.batch_dependent else None
+        return create_block_mask(shifted, batch, None, self.q_len, self.kv_len, device=self.device)
+
+    def to_ascii(self, batch_idx: int = 0) -> str:
+        """Draw the mask for one batch row: 'x' allowed, '.' masked."""
+        grid = self.materialize("bool")[min(batch_idx, self.materialize("bool").shape[0] - 1), 0]
+        return "\n".join("".join("x" if v else "." for v in row) for row in grid.tolist())
+
+    def __repr__(self):
+        return (f"AttentionMask({self.description}, batch={self.batch}, q={self.q_offset}+{self.q_len}, "
+                f"kv={self.kv_offset}+{self.kv_len})")
+
+
+_BUILDERS = {
+    "bool": AttentionMask.to_bool,
+    "additive": AttentionMask.to_additive,
+    "block_mask": AttentionMask.to_block_mask,
+}
+
+
+def _extend_padding(padding, length, device):
+    """Bool [B, length] padding, or None when nothing is padded (lets sdpa skip the mask)."""
+    padding = padding.to(device=device, dtype=torch.bool)
+    if padding.shape[-1] < length:
+        padding = F.pad(padding, (0, length - padding.shape[-1]), value=True)
+    if not torch.compiler.is_compiling() and bool(padding.all()):
+        return None
+    return padding

@@ -1,0 +1,67 @@
+"""`AttentionSite`: where a model declares one attention computation.
+
+A model's attention module owns one site and calls it with q/k/v and the semantic
+`AttentionMask`. The site declares the semantics once (causal, window, softcap, heads);
+binding sets the callable and mask format it uses, so a forward does no registry look-up:
+it reads two attributes and calls a function.
+
+>>> import torch
+>>> from kernelhub.backends.attention_mask import AttentionMask
+>>> site = AttentionSite(head_dim=8, num_heads=2)
+>>> q = torch.randn(1, 2, 3, 8)
+>>> out, weights = site(q, q, q, AttentionMask.build(batch=1, q_len=3))
+>>> site.implementation, tuple(out.shape)
+('eager', (1, 3, 2, 8))
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernelhub.backends.eager import eager_attention
+
+
+class AttentionSite(torch.nn.Module):
+    """One attention computation, declared by the model, bound to a backend by kernelhub."""
+
+    def __init__(self, *, head_dim: int, num_heads: int, num_kv_heads: int | None = None,
+                 causal: bool = True, sliding_window: int | None = None, chunk_size: int | None = None,
+                 softcap: float | None = None, sinks: bool = False, dropout: float = 0.0,
+                 scaling: float | None = None, layer_type: str | None = None, layer_idx: int | None = None,
+                 needs_weights: bool = False, reference=eager_attention):
+        super().__init__()
+        self.head_dim, self.num_heads = head_dim, num_heads
+        self.num_kv_heads = num_kv_heads or num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        self.causal, self.sliding_window, self.chunk_size = causal, sliding_window, chunk_size
+        self.softcap, self.sinks, self.dropout = softcap, sinks, dropout
+        self.scaling = head_dim ** -0.5 if scaling is None else scaling
+        self.layer_type = layer_type or ("sliding_attention" if sliding_window else "full_attention")
+        self.layer_idx = layer_idx
+        self.needs_weights = needs_weights
+        self.reference = reference
+        self.unbind()
+
+    def set_implementation(self, name: str, fn, mask_format: str, accepts_is_causal: bool = False):
+        """Point this site at `fn` (called by kernelhub's binder, not by model code)."""
+        self.implementation, self._fn, self._mask_format = name, fn, mask_format
+        self._accepts_is_causal = accepts_is_causal
+        self._kwargs = {"softcap": self.softcap} if self.softcap else {}
+
+    def unbind(self):
+        """Return to the eager reference."""
+        self.set_implementation("eager", self.reference, "bool")
+
+    def forward(self, q, k, v, mask):
+        """q: [B, H, Q, D], k/v: [B, H_kv, KV, D], mask: AttentionMask -> (out [B, Q, H, D], weights|None)."""
+        dropout = self.dropout if self.training else 0.0
+        if self._accepts_is_causal and mask.shortcut is not None:
+            return self._fn(self, q, k, v, None, scaling=self.scaling, dropout=dropout,
+                            is_causal=mask.shortcut == "causal", **self._kwargs)
+        materialized = mask.materialize(self._mask_format) if self._mask_format != "none" else None
+        return self._fn(self, q, k, v, materialized, scaling=self.scaling, dropout=dropout, **self._kwargs)
+
+    def extra_repr(self):
+        return (f"implementation={self.implementation!r}, heads={self.num_heads}/{self.num_kv_heads}, "
+                f"head_dim={self.head_dim}, type={self.layer_type}")

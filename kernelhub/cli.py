@@ -1,0 +1,108 @@
+"""The `kernelhub` command line: backends, plugins, explain, demo.
+
+    kernelhub backends              capability matrix on this machine
+    kernelhub plugins               loaded plugins and the ones that failed
+    kernelhub explain MODEL_DIR --attn flex
+    kernelhub demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+
+def _available(backend, device="cpu", dtype=torch.float32):
+    """Reasons a backend cannot run on this machine at all (independent of any model)."""
+    from kernelhub.registry.capabilities import requirement_problems
+
+    reasons = requirement_problems(backend.requires)
+    if device not in backend.capabilities.devices:
+        reasons.append(f"needs {', '.join(backend.capabilities.devices)}")
+    return reasons
+
+
+def cmd_backends(args) -> int:
+    from kernelhub.docs_gen import capability_rows
+    from kernelhub.registry.api import backend_sources
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"attention backends on this machine ({device}):\n")
+    rows = capability_rows(backend_sources())
+    header = ["name", "aliases", "mask", "source", "features"]
+    widths = [max(len(str(r[h])) for r in rows + [dict(zip(header, header))]) for h in header]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)) + "  status")
+    for entry, row in zip(backend_sources(), rows):
+        reasons = _available(entry.backend, device)
+        status = "available" if not reasons else "unavailable: " + "; ".join(reasons)
+        print("  ".join(str(row[h]).ljust(w) for h, w in zip(header, widths)) + "  " + status)
+    return 0
+
+
+def cmd_plugins(args) -> int:
+    from kernelhub.registry.manager import get_registry
+
+    reg = get_registry()
+    print("loaded plugins:")
+    for name in reg.plugins:
+        print(f"  {name}")
+    print("failed plugins:" if reg.failures else "failed plugins: none")
+    for failure in reg.failures:
+        print(f"  {failure.plugin}: {failure.error}")
+    return 1 if reg.failures and args.strict else 0
+
+
+def _parse_attn(text):
+    if text is None:
+        return None
+    if text.startswith(("[", "{")):
+        return json.loads(text)
+    return text
+
+
+def cmd_explain(args) -> int:
+    from kernelhub.registry.pretrained import explain
+
+    plan = explain(args.model, attn_implementation=_parse_attn(args.attn), dtype=args.dtype, mode=args.mode)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from kernelhub.demo import run_demo
+
+    return run_demo(max_new_tokens=args.max_new_tokens)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="kernelhub", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("backends", help="list attention backends and whether they run here").set_defaults(fn=cmd_backends)
+    p = sub.add_parser("plugins", help="list loaded and failed plugins")
+    p.add_argument("--strict", action="store_true", help="exit 1 if any plugin failed")
+    p.set_defaults(fn=cmd_plugins)
+    p = sub.add_parser("explain", help="print the binding plan for a checkpoint without loading weights")
+    p.add_argument("model", help="checkpoint directory (config.json)")
+    p.add_argument("--attn", default=None, help="attn_implementation: a name, paged|NAME, or JSON list/dict")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--mode", default="inference", choices=["inference", "training", "compile"])
+    p.add_argument("--json", action="store_true", help="print plan.to_dict() as JSON")
+    p.set_defaults(fn=cmd_explain)
+    p = sub.add_parser("demo", help="write a small random Llama checkpoint, bind each backend, generate")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.set_defaults(fn=cmd_demo)
+    args = parser.parse_args(argv)
+    from kernelhub.registry.errors import KernelhubError
+
+    try:
+        return args.fn(args)
+    except KernelhubError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Docs tables generated from backend capabilities (capabilities are data).
+
+    python -m kernelhub.docs_gen docs/attention.md   # rewrites the generated block
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+BEGIN, END = "<!-- capability-matrix:begin -->", "<!-- capability-matrix:end -->"
+FEATURES = ("gqa", "sliding_window", "softcap", "sinks", "dropout", "returns_weights", "varlen", "paged",
+            "arbitrary_mask", "compile", "backward")
+
+
+def capability_rows(entries) -> list[dict]:
+    """One dict per registered backend: name, aliases, mask format, source, features, dtypes, head_dim."""
+    rows = []
+    for entry in entries:
+        b, caps = entry.backend, entry.backend.capabilities
+        rows.append({
+            "name": b.name,
+            "aliases": ", ".join(b.aliases) or "-",
+            "mask": b.mask_format,
+            "source": entry.source,
+            "features": ",".join(caps.features()) or "-",
+            "devices": ", ".join(caps.devices),
+            "dtypes": ", ".join(str(d).removeprefix("torch.") for d in caps.dtypes),
+            "head_dim": f"{caps.head_dim[0]}..{caps.head_dim[1]}",
+            **{f: "yes" if getattr(caps, f) else "no" for f in FEATURES},
+        })
+    return rows
+
+
+def capability_matrix_markdown(entries) -> str:
+    """A markdown table: one row per backend, one column per capability."""
+    rows = capability_rows(entries)
+    cols = ["name", "aliases", "mask", "devices", "dtypes", "head_dim", *FEATURES]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def render(text: str, entries) -> str:
+    """`text` with the block between the capability-matrix markers regenerated."""
+    head, _, rest = text.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    return f"{head}{BEGIN}\n{capability_matrix_markdown(entries)}\n{END}{tail}"
+
+
+def main(path: str) -> None:
+    from kernelhub.registry.manager import scoped_registry
+
+    with scoped_registry(fresh=True, autoload=False) as reg:
+        file = Path(path)
+        file.write_text(render(file.read_text(), reg.backends()))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

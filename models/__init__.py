@@ -1,0 +1,1 @@
+"""kernelhub.models: one model per file, checkpoint loading and generation."""

@@ -1,0 +1,345 @@
+"""Llama-family decoder (llama, mistral, qwen2) in one file, top to bottom.
+
+Reads Hugging Face `config.json` fields directly: GQA, RoPE with `rope_theta` and
+llama3/linear scaling, qwen2's q/k/v bias, tied embeddings, and sliding-window layers
+from `layer_types`/`sliding_window`. Norms and the gated activation are `@layer`s;
+attention is an `AttentionSite`. Weight names match transformers checkpoints except
+that gate/up projections are fused into `gate_up_proj` (converted on load and save).
+
+>>> cfg = {"model_type": "llama", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
+...        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}
+>>> model = LlamaForCausalLM(cfg)
+>>> model(torch.tensor([[1, 2, 3]])).logits.shape
+torch.Size([1, 3, 32])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from kernelhub.backends.attention_mask import AttentionMask
+from kernelhub.backends.layer import layer
+from kernelhub.backends.site import AttentionSite
+
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+# -- configuration ---------------------------------------------------------------------
+
+@dataclasses.dataclass
+class LlamaConfig:
+    """The fields of a transformers llama/mistral/qwen2 config.json that the model uses."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope: dict = dataclasses.field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
+    attention_bias: bool = False
+    o_proj_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    layer_types: tuple = ()
+    attention_dropout: float = 0.0
+    output_attentions: bool = False
+    raw: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LlamaConfig":
+        """Parse a transformers config dict (v4 `rope_theta`/`rope_scaling` or v5 `rope_parameters`)."""
+        model_type = d.get("model_type", "llama")
+        heads = d["num_attention_heads"]
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        rope.setdefault("rope_theta", d.get("rope_theta", 10000.0))
+        rope["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
+        if rope["rope_type"] not in ROPE_TYPES:
+            raise ValueError(f"rope type {rope['rope_type']!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+        layers = d["num_hidden_layers"]
+        window = d.get("sliding_window")
+        if model_type == "qwen2" and not d.get("use_sliding_window", False):
+            window = None
+        layer_types = d.get("layer_types")
+        if layer_types is None:
+            if model_type == "qwen2" and window is not None:
+                first = d.get("max_window_layers", layers)
+                layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+            else:
+                layer_types = ["sliding_attention" if window is not None else "full_attention"] * layers
+        qwen = model_type == "qwen2"
+        return cls(
+            model_type=model_type,
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope=rope,
+            attention_bias=qwen or d.get("attention_bias", False),
+            o_proj_bias=(not qwen) and d.get("attention_bias", False),
+            mlp_bias=d.get("mlp_bias", False),
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
+            sliding_window=window if "sliding_attention" in layer_types else None,
+            layer_types=tuple(layer_types),
+            attention_dropout=d.get("attention_dropout", 0.0),
+            output_attentions=d.get("output_attentions", False),
+            raw=dict(d),
+        )
+
+
+# -- layers ----------------------------------------------------------------------------
+
+@layer("RMSNorm")
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 (as transformers does)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+
+@layer("SiLUAndMul")
+class SiLUAndMul(nn.Module):
+    """silu(x[..., :d]) * x[..., d:], the gated-MLP activation."""
+
+    def forward(self, x):
+        d = x.shape[-1] // 2
+        return nn.functional.silu(x[..., :d]) * x[..., d:]
+
+
+def rope_inverse_frequencies(cfg: LlamaConfig) -> torch.Tensor:
+    """RoPE inverse frequencies for the default, linear and llama3 rope types."""
+    rope, dim = cfg.rope, cfg.head_dim
+    inv_freq = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if rope["rope_type"] == "linear":
+        inv_freq = inv_freq / rope["factor"]
+    elif rope["rope_type"] == "llama3":
+        factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+        old_len = rope["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for the given positions, in float32 then cast to the model dtype."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("inv_freq", rope_inverse_frequencies(cfg), persistent=False)
+
+    def reset_buffers(self):
+        """Recompute the buffer after the model was built on the meta device."""
+        self.inv_freq = rope_inverse_frequencies(self.cfg).to(self.inv_freq.device)
+
+    def forward(self, position_ids, dtype):
+        freqs = position_ids[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(q, k, cos, sin):
+    cos, sin = cos[:, None], sin[:, None]
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx, d = layer_idx, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_attention_heads * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_key_value_heads * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_key_value_heads * d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.num_attention_heads * d, cfg.hidden_size, bias=cfg.o_proj_bias)
+        layer_type = cfg.layer_types[layer_idx]
+        self.attn = AttentionSite(
+            head_dim=d, num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
+            causal=True, sliding_window=cfg.sliding_window if layer_type == "sliding_attention" else None,
+            dropout=cfg.attention_dropout, layer_type=layer_type, layer_idx=layer_idx,
+            needs_weights=cfg.output_attentions,
+        )
+
+    def forward(self, x, cos, sin, mask, cache):
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, -1, self.attn.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, -1, self.attn.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, -1, self.attn.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        out, weights = self.attn(q, k, v, mask)
+        return self.o_proj(out.reshape(b, s, -1)), weights
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.act = SiLUAndMul()
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache):
+        attn_out, weights = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        x = x + attn_out
+        return x + self.mlp(self.post_attention_layernorm(x)), weights
+
+
+@dataclasses.dataclass
+class CausalLMOutput:
+    logits: torch.Tensor
+    attentions: tuple | None = None
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(cfg)
+        self.cfg = cfg
+        # One representative layer per layer type: masks are built per type, not per layer.
+        self.first_layer_of_type = {t: cfg.layer_types.index(t) for t in dict.fromkeys(cfg.layer_types)}
+
+    def build_masks(self, batch, q_len, attention_mask, cache, device):
+        """One semantic AttentionMask per layer type for this forward."""
+        masks = {}
+        for layer_type, idx in self.first_layer_of_type.items():
+            past = cache.get_seq_length(idx) if cache is not None else 0
+            kv_len, kv_offset = cache.get_mask_sizes(q_len, idx) if cache is not None else (q_len, 0)
+            window = self.cfg.sliding_window if layer_type == "sliding_attention" else None
+            masks[layer_type] = AttentionMask.build(
+                batch=batch, q_len=q_len, kv_len=kv_len, q_offset=past, kv_offset=kv_offset,
+                causal=True, sliding_window=window, padding=attention_mask, device=device)
+        return masks
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+        b, s = input_ids.shape
+        x = self.embed_tokens(input_ids)
+        if position_ids is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(past, past + s, device=x.device).unsqueeze(0)
+        cos, sin = self.rotary_emb(position_ids, x.dtype)
+        masks = self.build_masks(b, s, attention_mask, cache, x.device)
+        attentions = []
+        for layer_ in self.layers:
+            x, weights = layer_(x, cos, sin, masks[layer_.self_attn.attn.layer_type], cache)
+            attentions.append(weights)
+        return self.norm(x), attentions
+
+
+class LlamaForCausalLM(nn.Module):
+    """A causal language model; `forward` returns `CausalLMOutput(logits, attentions)`."""
+
+    config_class = LlamaConfig
+
+    def __init__(self, config):
+        super().__init__()
+        cfg = config if isinstance(config, LlamaConfig) else LlamaConfig.from_dict(config)
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.binding = None
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+        hidden, attentions = self.model(input_ids, attention_mask, position_ids, cache)
+        logits = self.lm_head(hidden)
+        return CausalLMOutput(logits, tuple(attentions) if self.config.output_attentions else None)
+
+    def make_cache(self, kind="dynamic", *, batch=1, max_len=None):
+        """A KV cache for this model: "dynamic", or "static" with `max_len` positions."""
+        from kernelhub.backends.cache import DynamicCache, StaticCache
+
+        cfg = self.config
+        if kind == "dynamic":
+            return DynamicCache(cfg.layer_types, cfg.sliding_window)
+        if kind == "static":
+            p = self.lm_head.weight
+            return StaticCache(cfg.layer_types, batch=batch, max_len=max_len, num_kv_heads=cfg.num_key_value_heads,
+                               head_dim=cfg.head_dim, dtype=p.dtype, device=p.device)
+        raise ValueError(f"unknown cache kind {kind!r}; valid: 'dynamic', 'static'")
+
+    def generate(self, input_ids, **kwargs):
+        """Greedy or sampled generation; see `kernelhub.models.generate.generate`."""
+        from kernelhub.models.generate import generate
+
+        return generate(self, input_ids, **kwargs)
+
+    def save_pretrained(self, path):
+        """Write config.json (with the binding request) and model.safetensors."""
+        from kernelhub.models.checkpoint import save_pretrained
+
+        save_pretrained(self, path)
+
+    # -- checkpoint conversion: transformers names <-> ours --------------------------
+
+    @staticmethod
+    def from_hf_state_dict(sd: dict) -> dict:
+        """Fuse `mlp.gate_proj`/`mlp.up_proj` into `mlp.gate_up_proj`."""
+        sd = dict(sd)
+        for key in [k for k in sd if k.endswith("mlp.gate_proj.weight") or k.endswith("mlp.gate_proj.bias")]:
+            up = key.replace("gate_proj", "up_proj")
+            if up in sd:
+                sd[key.replace("gate_proj", "gate_up_proj")] = torch.cat([sd.pop(key), sd.pop(up)], dim=0)
+        return sd
+
+    @staticmethod
+    def to_hf_state_dict(sd: dict) -> dict:
+        """Split `mlp.gate_up_proj` back into transformers' `gate_proj`/`up_proj`."""
+        out = {}
+        for key, value in sd.items():
+            if ".gate_up_proj." in key:
+                gate, up = value.chunk(2, dim=0)
+                out[key.replace("gate_up_proj", "gate_proj")] = gate.contiguous()
+                out[key.replace("gate_up_proj", "up_proj")] = up.contiguous()
+            else:
+                out[key] = value
+        return out
+
+    def reset_buffers(self):
+        """Recompute non-persistent buffers after construction on the meta device."""
+        self.model.rotary_emb.reset_buffers()

@@ -1,0 +1,1 @@
+"""kernelhub.registry: hook specs, plugin manager, backends as data, resolver, binding plans."""

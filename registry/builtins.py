@@ -1,0 +1,55 @@
+"""kernelhub's built-in plugin: eager, sdpa and flex attention, and the Llama family.
+
+Registered through the same hooks as any third-party plugin.
+"""
+
+import torch
+
+from kernelhub.backends.eager import eager_attention
+from kernelhub.backends.flex import flex_attention_backend
+from kernelhub.backends.sdpa import sdpa_attention
+from kernelhub.registry.capabilities import AttentionBackend, Capabilities
+from kernelhub.registry.hookspecs import hookimpl
+
+EAGER = AttentionBackend(
+    name="eager",
+    fn=eager_attention,
+    mask_format="bool",
+    capabilities=Capabilities(softcap=True, dropout=True, returns_weights=True),
+    description="matmul + softmax reference; returns attention weights",
+)
+
+SDPA = AttentionBackend(
+    name="sdpa",
+    aliases=("scaled_dot_product", "scaled_dot_product_attention"),
+    fn=sdpa_attention,
+    mask_format="bool",
+    accepts_is_causal=True,
+    capabilities=Capabilities(dropout=True),
+    requires=("torch>=2.5",),
+    description="torch.nn.functional.scaled_dot_product_attention",
+)
+
+FLEX = AttentionBackend(
+    name="flex",
+    aliases=("flex_attention",),
+    fn=flex_attention_backend,
+    mask_format="block_mask",
+    capabilities=Capabilities(
+        head_dim=(16, 256), softcap=True, backward=False,
+    ),
+    requires=("torch>=2.5",),
+    description="torch flex_attention with a BlockMask (compiled once per process)",
+)
+
+
+@hookimpl
+def kernelhub_attention_backends():
+    return [EAGER, SDPA, FLEX]
+
+
+@hookimpl
+def kernelhub_model_architectures():
+    from kernelhub.models.llama import LlamaForCausalLM
+
+    return {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2": LlamaForCausalLM}

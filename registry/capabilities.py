@@ -1,0 +1,129 @@
+"""What an attention backend can do, as data, and the check that turns a site into reasons.
+
+`Capabilities` is plain data so that docs tables and `kernelhub backends` are generated
+from it. `unsupported()` is the only place that compares a site's needs with a backend's
+capabilities; it returns human reasons, never a bare bool.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+
+import torch
+from packaging.requirements import InvalidRequirement, Requirement
+
+MODES = ("inference", "training", "compile")
+MASK_FORMATS = ("additive", "bool", "block_mask", "varlen", "none")
+_ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What a backend supports. Defaults describe a conservative dense backend.
+
+    >>> Capabilities(devices=("cpu", "cuda"), returns_weights=True).returns_weights
+    True
+    """
+
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    dtypes: tuple[torch.dtype, ...] = _ALL_DTYPES
+    head_dim: tuple[int, int] = (1, 512)
+    gqa: bool = True
+    sliding_window: bool = True
+    softcap: bool = False
+    sinks: bool = False
+    dropout: bool = False
+    returns_weights: bool = False
+    varlen: bool = False
+    paged: bool = False
+    arbitrary_mask: bool = True
+    compile: bool = True
+    backward: bool = True
+
+    def features(self) -> list[str]:
+        """Names of the boolean features this backend has, for tables."""
+        return [f.name for f in dataclasses.fields(self) if f.type == "bool" and getattr(self, f.name)]
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionBackend:
+    """An attention implementation: data plus one function.
+
+    `fn(module, q, k, v, mask, *, scaling, dropout=0.0, **kw) -> (out[B,S,H,D], weights|None)`
+    with q/k/v shaped [B, H, S, D]. `mask` arrives in `mask_format`.
+
+    >>> from kernelhub.backends.eager import eager_attention
+    >>> b = AttentionBackend(name="mine", fn=eager_attention, mask_format="additive")
+    >>> b.name
+    'mine'
+    """
+
+    name: str
+    fn: object
+    mask_format: str | None = None
+    aliases: tuple[str, ...] = ()
+    capabilities: Capabilities = Capabilities()
+    requires: tuple[str, ...] = ()
+    description: str = ""
+    # Opt-in: receive mask=None plus is_causal when the mask is the plain causal triangle
+    # or masks nothing, instead of a materialised tensor.
+    accepts_is_causal: bool = False
+
+
+def unsupported(backend: AttentionBackend, site, device, dtype, mode: str = "inference") -> list[str]:
+    """Every reason `backend` cannot serve `site` on `device`/`dtype` in `mode`; [] if it can.
+
+    >>> from kernelhub.backends.site import AttentionSite
+    >>> from kernelhub.registry.builtins import SDPA
+    >>> unsupported(SDPA, AttentionSite(head_dim=64, num_heads=4), "cpu", torch.float32)
+    []
+    """
+    caps, reasons = backend.capabilities, []
+    device_type = torch.device(device).type
+    reasons += requirement_problems(backend.requires)
+    if device_type not in caps.devices:
+        reasons.append(f"runs on {', '.join(caps.devices)}, not {device_type}")
+    if dtype not in caps.dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in caps.dtypes)
+        reasons.append(f"supports dtypes {names}, not {str(dtype).removeprefix('torch.')}")
+    lo, hi = caps.head_dim
+    if not lo <= site.head_dim <= hi:
+        reasons.append(f"supports head_dim {lo}..{hi}, not {site.head_dim}")
+    if site.num_kv_heads != site.num_heads and not caps.gqa:
+        reasons.append(f"no grouped-query attention ({site.num_heads} query heads, {site.num_kv_heads} kv heads)")
+    if site.sliding_window and not caps.sliding_window:
+        reasons.append(f"no sliding window (site uses window {site.sliding_window})")
+    if site.softcap and not caps.softcap:
+        reasons.append(f"no logit softcap (site uses softcap {site.softcap})")
+    if site.sinks and not caps.sinks:
+        reasons.append("no attention sinks")
+    if site.needs_weights and not caps.returns_weights:
+        reasons.append("cannot return attention weights (output_attentions=True); eager can")
+    if mode == "training":
+        if not caps.backward:
+            reasons.append("forward-only, no backward for training")
+        if site.dropout and not caps.dropout:
+            reasons.append(f"no attention dropout in training (site dropout {site.dropout})")
+    if mode == "compile" and not caps.compile:
+        reasons.append("cannot run under torch.compile")
+    return reasons
+
+
+def requirement_problems(requires) -> list[str]:
+    """Reasons why requirement strings like 'torch>=2.5' are not met in this environment."""
+    problems = []
+    for text in requires:
+        try:
+            req = Requirement(text)
+        except InvalidRequirement:
+            problems.append(f"has an unparsable requirement {text!r}")
+            continue
+        try:
+            have = importlib.metadata.version(req.name)
+        except importlib.metadata.PackageNotFoundError:
+            problems.append(f"needs {text}, which is not installed")
+            continue
+        if req.specifier and not req.specifier.contains(have.split("+")[0], prereleases=True):
+            problems.append(f"needs {text}, found {req.name} {have}")
+    return problems

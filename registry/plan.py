@@ -1,0 +1,108 @@
+"""`BindingPlan`: what kernelhub chose for every site of a model, and why.
+
+Immutable. `str(plan)` is a table; `plan.to_dict()` is plain data for tools and tests.
+
+>>> entry = PlanEntry("model.layers.0.self_attn.attn", "attention", "sdpa", "builtin", "'sdpa'",
+...                   (("eager", ("not tried",)),))
+>>> plan = BindingPlan((entry,), device="cpu", dtype="float32", mode="inference")
+>>> plan.to_dict()[0]["chosen"]
+'sdpa'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanEntry:
+    """One bound site: its module path, what runs there, where it came from, what was rejected."""
+
+    path: str
+    kind: str  # "attention" | "layer"
+    chosen: str
+    source: str
+    request: str
+    rejected: tuple = ()  # ((name, (reason, ...)), ...)
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path, "kind": self.kind, "chosen": self.chosen, "source": self.source,
+            "request": self.request, "note": self.note,
+            "rejected": [{"name": n, "reasons": list(r)} for n, r in self.rejected],
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class BindingPlan:
+    """The binding of one model: an entry per attention site and per bound layer."""
+
+    entries: tuple[PlanEntry, ...]
+    device: str
+    dtype: str
+    mode: str
+
+    def __getitem__(self, path: str) -> PlanEntry:
+        for e in self.entries:
+            if e.path == path:
+                return e
+        raise KeyError(f"no site {path!r} in this plan; paths: {', '.join(e.path for e in self.entries[:6])}, ...")
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __len__(self):
+        return len(self.entries)
+
+    def chosen(self, kind: str = "attention") -> set[str]:
+        """The distinct implementations chosen for sites of `kind`."""
+        return {e.chosen for e in self.entries if e.kind == kind}
+
+    def to_dict(self) -> list[dict]:
+        return [e.to_dict() for e in self.entries]
+
+    def __str__(self) -> str:
+        rows = [("path", "kind", "chosen", "source", "rejected")]
+        for e in _collapse(self.entries):
+            rejected = "; ".join(f"{n}: {', '.join(r)}" for n, r in e.rejected) or "-"
+            rows.append((e.path, e.kind, e.chosen, e.source + (f" ({e.note})" if e.note else ""), rejected))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = [f"BindingPlan(device={self.device}, dtype={self.dtype}, mode={self.mode})"]
+        for i, r in enumerate(rows):
+            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
+            if i == 0:
+                lines.append("  ".join("-" * w for w in widths) + "  --------")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _collapse(entries):
+    """Merge runs of layers that differ only by their index: model.layers.{0..31}.self_attn.attn."""
+    groups: dict = {}
+    for e in entries:
+        pattern = re.sub(r"\.(\d+)\.", ".{i}.", e.path, count=1)
+        key = (pattern, e.kind, e.chosen, e.source, e.rejected, e.note)
+        index = re.search(r"\.(\d+)\.", e.path)
+        groups.setdefault(key, []).append(index.group(1) if index else None)
+    out = []
+    for (pattern, kind, chosen, source, rejected, note), idx in groups.items():
+        if len(idx) > 1 and None not in idx:
+            path = pattern.replace("{i}", "{" + _ranges([int(i) for i in idx]) + "}")
+        else:
+            path = pattern.replace("{i}", idx[0]) if idx[0] is not None else pattern
+        out.append(PlanEntry(path, kind, chosen, source, "", rejected, note))
+    return out
+
+
+def _ranges(nums) -> str:
+    nums, parts, start = sorted(nums), [], None
+    for i, n in enumerate(nums):
+        if start is None:
+            start = n
+        if i + 1 == len(nums) or nums[i + 1] != n + 1:
+            parts.append(str(start) if start == n else f"{start}..{n}")
+            start = None
+    return ",".join(parts)

@@ -15,7 +15,7 @@ import torch
 TINY_LLAMA = {
     "model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
     "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-    "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+    "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
 }
 
 
@@ -36,7 +36,7 @@ def run_demo(max_new_tokens: int = 16) -> int:
     prompt = torch.tensor([[1, 17, 42, 99, 7, 3]])
     with tempfile.TemporaryDirectory() as path:
         write_random_checkpoint(path)
-        print(f"wrote a random {TINY_LLAMA['num_hidden_layers']}-layer Llama checkpoint (GQA 4/2, tied embeddings)\n")
+        print(f"wrote a random {TINY_LLAMA['num_hidden_layers']}-layer Llama checkpoint (GQA 4/2)\n")
         print("plan for training with {'model.layers.0.*': 'eager', '*': ['flex', 'sdpa']} (no weights read):")
         print(kernelhub.explain(path, attn_implementation={"model.layers.0.*": "eager", "*": ["flex", "sdpa"]},
                                 mode="training"))

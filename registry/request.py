@@ -21,6 +21,9 @@ import fnmatch
 from kernelhub.registry.errors import BindError, KernelhubError
 
 DEFAULT_PREFERENCE = ("sdpa", "eager")
+# Layer types of transformers configs; valid dict keys even for models without such layers,
+# so one request can serve many models.
+KNOWN_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 FORMS = ("a backend name such as 'sdpa'", "'paged|NAME'", "a preference list such as ['flex', 'sdpa']",
          "a dict such as {'sliding_attention': 'flex', '*': 'sdpa'}")
 
@@ -101,7 +104,7 @@ class AttnSpec:
 
         `sites` maps module path -> layer type.
         """
-        types = sorted(set(sites.values()))
+        types = sorted(set(sites.values()) | set(KNOWN_LAYER_TYPES))
         for glob, _ in self.by_path:
             if not any(fnmatch.fnmatchcase(p, glob) or fnmatch.fnmatchcase(p.rsplit(".", 1)[0], glob) for p in sites):
                 example = next(iter(sites), "model.layers.0.self_attn.attn")
@@ -124,7 +127,7 @@ def parse_attn_implementation(spec, layer_types=()) -> AttnSpec:
             req = dataclasses.replace(req, origin=f"{key!r}: {req.origin}")
             if key == "*":
                 default = req
-            elif key in layer_types:
+            elif key in layer_types or key in KNOWN_LAYER_TYPES:
                 by_type[key] = req
             else:
                 by_path.append((key, req))

@@ -74,13 +74,14 @@ def bind(model: torch.nn.Module, attn_implementation=None, kernels=None, *, devi
     layers = {path: m for path, m in model.named_modules() if layer_name(m)}
     spec = parse_attn_implementation(attn_implementation, {s.layer_type for s in sites.values()})
     spec.check_keys({p: s.layer_type for p, s in sites.items()})
+    for request in spec.requests():
+        for name in request.names:
+            registry.get(name)  # unknown names fail even where no site (or an earlier choice) uses them
     layer_spec = parse_kernels(kernels, layers, registry)
 
     entries, attention_actions, layer_actions = [], [], []
     for path, site in sites.items():
         request = spec.request_for(path, site.layer_type)
-        for name in request.names:
-            registry.get(name)  # unknown names fail even when an earlier choice fits
         entry, backend = choose_backend(site, path, request, registry, device, dtype, mode)
         entries.append(entry)
         attention_actions.append((site, backend))

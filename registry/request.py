@@ -99,6 +99,10 @@ class AttnSpec:
                         f"{layer_type!r}); keys given: {', '.join(map(repr, keys))}. Add a '*' entry or the key "
                         f"{layer_type!r}")
 
+    def requests(self) -> list[Request]:
+        """Every request in the spec, so names can be validated even where no site uses them."""
+        return [r for r in (self.default, *self.by_layer_type.values(), *(r for _, r in self.by_path)) if r]
+
     def check_keys(self, sites: dict) -> None:
         """Every dict key must match at least one site: a typo must not pass silently.
 

@@ -1,0 +1,167 @@
+"""Binding: request forms, plans, unbind, scoped registries across threads, no look-ups in forward."""
+
+import json
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+import kernelhub
+from kernelhub.backends.eager import eager_attention
+from kernelhub.demo import TINY_LLAMA, write_random_checkpoint
+from kernelhub.registry import manager
+
+
+@pytest.fixture(scope="module")
+def mistral_checkpoint(tmp_path_factory):
+    """Alternating full and sliding layers, so per-layer-type requests have something to choose."""
+    path = tmp_path_factory.mktemp("alt")
+    write_random_checkpoint(path, {**TINY_LLAMA, "model_type": "mistral", "sliding_window": 3,
+                                   "layer_types": ["full_attention", "sliding_attention"] * 2})
+    return path
+
+
+IDS = torch.tensor([[5, 9, 2, 7, 1, 8, 3]])
+
+
+@pytest.mark.parametrize("spelling, expected", [("flex_attention", "flex"), ("scaled_dot_product", "sdpa"),
+                                                (" sdpa ", "sdpa"), ("eager", "eager")])
+def test_transformers_spellings_and_aliases(mistral_checkpoint, spelling, expected):
+    assert kernelhub.explain(mistral_checkpoint, attn_implementation=spelling).chosen() == {expected}
+
+
+def test_dict_by_layer_type_and_path_glob(mistral_checkpoint):
+    plan = kernelhub.explain(mistral_checkpoint, attn_implementation={
+        "model.layers.3.self_attn": "eager", "sliding_attention": "flex", "*": "sdpa"})
+    chosen = {e.path: e.chosen for e in plan if e.kind == "attention"}
+    assert chosen == {"model.layers.0.self_attn.attn": "sdpa", "model.layers.1.self_attn.attn": "flex",
+                      "model.layers.2.self_attn.attn": "sdpa", "model.layers.3.self_attn.attn": "eager"}
+
+
+def test_mixed_binding_matches_eager(mistral_checkpoint):
+    eager = kernelhub.from_pretrained(mistral_checkpoint, attn_implementation="eager")
+    mixed = kernelhub.from_pretrained(mistral_checkpoint, attn_implementation={"sliding_attention": "flex",
+                                                                               "*": "sdpa"})
+    with torch.no_grad():
+        torch.testing.assert_close(mixed(IDS).logits, eager(IDS).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_preference_list_records_rejections(mistral_checkpoint):
+    plan = kernelhub.explain(mistral_checkpoint, attn_implementation=["flex", "sdpa"], mode="training")
+    entry = plan["model.layers.0.self_attn.attn"]
+    assert entry.chosen == "sdpa"
+    assert entry.rejected == (("flex", ("forward-only, no backward for training",)),)
+    row = plan.to_dict()[0]
+    assert row == {"path": "model.layers.0.self_attn.attn", "kind": "attention", "chosen": "sdpa",
+                   "source": "builtin", "request": "['flex', 'sdpa']", "note": "",
+                   "rejected": [{"name": "flex", "reasons": ["forward-only, no backward for training"]}]}
+
+
+def test_plan_is_immutable_and_prints_a_table(mistral_checkpoint):
+    model = kernelhub.from_pretrained(mistral_checkpoint, attn_implementation="sdpa")
+    with pytest.raises(Exception):
+        model.binding.entries[0].chosen = "eager"
+    table = str(model.binding)
+    assert "model.layers.{0..3}.self_attn.attn" in table and "attention  sdpa" in table
+    assert "model.norm" in table and "reference" in table
+
+
+def test_unbind_returns_to_eager_reference(mistral_checkpoint):
+    model = kernelhub.from_pretrained(mistral_checkpoint, attn_implementation="flex")
+    eager = kernelhub.from_pretrained(mistral_checkpoint, attn_implementation="eager")
+    kernelhub.unbind(model)
+    assert model.binding is None
+    assert {m.implementation for m in model.modules() if isinstance(m, kernelhub.AttentionSite)} == {"eager"}
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, eager(IDS).logits, atol=0, rtol=0)
+
+
+def test_forward_does_no_registry_lookup(mistral_checkpoint, monkeypatch):
+    calls = []
+
+    def mine(module, q, k, v, mask, *, scaling, **kw):
+        calls.append(1)
+        return eager_attention(module, q, k, v, mask, scaling=scaling, **kw)
+
+    with kernelhub.scoped_registry():
+        kernelhub.register_backend(kernelhub.AttentionBackend("mine", mine, mask_format="bool"))
+        model = kernelhub.from_pretrained(mistral_checkpoint, attn_implementation="mine")
+
+    def no_lookups(*a, **k):
+        raise AssertionError("registry consulted during forward")
+
+    monkeypatch.setattr(manager, "get_registry", no_lookups)
+    monkeypatch.setattr(manager.Registry, "get", no_lookups)
+    with torch.no_grad():
+        model(IDS)  # "mine" is gone from every registry, yet the bound callable still runs
+    assert len(calls) == 4
+
+
+def test_use_kernels_swaps_layers_and_restores(mistral_checkpoint):
+    class Zero(torch.nn.Module):
+        def forward(self, x):
+            return torch.zeros_like(x)
+
+    model = kernelhub.from_pretrained(mistral_checkpoint, attn_implementation="sdpa")
+    plan = model.binding
+    with torch.no_grad():
+        before = model(IDS).logits
+        with kernelhub.use_kernels({"model.norm": Zero}, model):
+            assert model.binding["model.norm"].chosen == "Zero"
+            assert model(IDS).logits.abs().max() == 0
+        torch.testing.assert_close(model(IDS).logits, before, atol=0, rtol=0)
+    assert model.binding is plan
+
+
+def test_scoped_registries_are_isolated_across_threads():
+    errors, barrier = [], threading.Barrier(8)
+
+    def worker(i):
+        try:
+            with kernelhub.scoped_registry():
+                kernelhub.register_backend(kernelhub.AttentionBackend(f"thread{i}", eager_attention,
+                                                                      mask_format="bool"))
+                barrier.wait(timeout=10)
+                names = {b.name for b in kernelhub.backends()}
+                assert f"thread{i}" in names and not any(f"thread{j}" in names for j in range(8) if j != i)
+        except Exception as e:  # reported below, in the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert not any(b.name.startswith("thread") for b in kernelhub.backends())
+
+
+def test_concurrent_registration_into_one_registry_loses_nothing():
+    registry = kernelhub.get_registry()
+
+    def worker(i):
+        for j in range(20):
+            registry.register_backend(kernelhub.AttentionBackend(f"b{i}_{j}", eager_attention, mask_format="bool"))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(n.startswith("b") for n in registry.backend_names()) == 160
+
+
+def test_cli_explain_prints_plan_without_loading_weights(mistral_checkpoint, tmp_path):
+    # A checkpoint directory with only config.json: explain must not need the weights.
+    (tmp_path / "config.json").write_text((mistral_checkpoint / "config.json").read_text())
+    run = [sys.executable, "-m", "kernelhub", "explain", str(tmp_path)]
+    out = subprocess.run(run + ["--attn", '{"sliding_attention": "eager", "*": "sdpa"}'],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "model.layers.{0,2}.self_attn.attn" in out.stdout and "model.layers.{1,3}.self_attn.attn" in out.stdout
+    rows = json.loads(subprocess.run(run + ["--attn", "flex", "--json"], capture_output=True, text=True).stdout)
+    assert {r["chosen"] for r in rows if r["kind"] == "attention"} == {"flex"}
+    bad = subprocess.run(run + ["--attn", "flash_attention_3"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown attention implementation 'flash_attention_3'" in bad.stderr

@@ -1,0 +1,37 @@
+"""Static cache decode under torch.compile(fullgraph=True), and compiled flex."""
+
+import pytest
+import torch
+
+import kernelhub
+from kernelhub.backends import flex
+from kernelhub.demo import write_random_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    write_random_checkpoint(path)
+    return path
+
+
+def test_static_cache_decode_compiles_fullgraph_and_matches_eager_generation(checkpoint):
+    model = kernelhub.from_pretrained(checkpoint, attn_implementation="sdpa")
+    prompt = torch.tensor([[1, 2, 3, 4, 5]])
+    cache = model.make_cache("static", batch=1, max_len=16)
+    step = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        token = model(prompt, cache=cache).logits[:, -1:].argmax(-1)
+        tokens = [token]
+        for i in range(5):
+            token = step(token, position_ids=torch.tensor([[5 + i]]), cache=cache).logits[:, -1:].argmax(-1)
+            tokens.append(token)
+    assert torch.cat(tokens, 1).tolist() == model.generate(prompt, max_new_tokens=6)[:, 5:].tolist()
+
+
+def test_compiled_flex_matches_eager(checkpoint, monkeypatch):
+    monkeypatch.setattr(flex, "COMPILE", True)
+    compiled = kernelhub.from_pretrained(checkpoint, attn_implementation="flex")
+    eager = kernelhub.from_pretrained(checkpoint, attn_implementation="eager")
+    prompt = torch.tensor([[7, 3, 9, 4]])
+    assert compiled.generate(prompt, max_new_tokens=4).tolist() == eager.generate(prompt, max_new_tokens=4).tolist()

@@ -81,27 +81,33 @@ def read_state_dict(path) -> dict:
 
 
 def load_weights(model: torch.nn.Module, state: dict, *, dtype, device, source: str = "checkpoint"):
-    """Copy `state` into `model` (built on the meta device), checking names and shapes.
+    """Copy a checkpoint's `state` into `model` (built on the meta device), checking names and shapes.
 
-    The model is materialised on `device` in `dtype`; tied weights stay tied.
+    Names and shapes are checked in the checkpoint's own naming (models that fuse
+    projections convert with `from_hf_state_dict`/`to_hf_state_dict`), so errors name
+    the tensor as it is in the file. The model is materialised on `device` in `dtype`;
+    tied weights stay tied.
     """
-    expected = dict(model.state_dict())
     canonical = {id(p): name for name, p in model.named_parameters()}
     ties = [(name, canonical[id(p)]) for name, p in model.named_parameters(remove_duplicate=False)
             if canonical[id(p)] != name]
     tied = {alias for alias, _ in ties}
-    missing = [n for n in expected if n not in state and n not in tied]
-    unexpected = [n for n in state if n not in expected]
+    ours = {k: v for k, v in model.state_dict().items() if k not in tied}
+    to_file = getattr(model, "to_hf_state_dict", None)
+    expected = to_file(ours) if to_file else ours
+    missing = [n for n in expected if n not in state]
+    unexpected = [n for n in state if n not in expected and n not in tied]
     if missing:
         raise CheckpointError(f"{source} lacks {len(missing)} weight(s) the model needs: {', '.join(missing[:8])}")
     if unexpected:
         raise CheckpointError(f"{source} has {len(unexpected)} weight(s) the model does not use: "
                               f"{', '.join(unexpected[:8])}")
-    for name, tensor in state.items():
-        want = tuple(expected[name].shape)
-        if tuple(tensor.shape) != want:
-            raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                  f"the model expects {want}")
+    for name, want in expected.items():
+        if tuple(state[name].shape) != tuple(want.shape):
+            raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(state[name].shape)}, "
+                                  f"the model expects {tuple(want.shape)}")
+    from_file = getattr(model, "from_hf_state_dict", None)
+    state = from_file({n: state[n] for n in expected}) if from_file else state
     model.to_empty(device=device)
     model.to(dtype)
     for alias, target in ties:  # to_empty gives every name its own tensor: tie them again

@@ -4,7 +4,8 @@ Reads Hugging Face `config.json` fields directly: GQA, RoPE with `rope_theta` an
 llama3/linear scaling, qwen2's q/k/v bias, tied embeddings, and sliding-window layers
 from `layer_types`/`sliding_window`. Norms and the gated activation are `@layer`s;
 attention is an `AttentionSite`. Weight names match transformers checkpoints except
-that gate/up projections are fused into `gate_up_proj` (converted on load and save).
+that q/k/v and gate/up projections are fused (`qkv_proj`, `gate_up_proj`), converted on
+load and save so checkpoint files keep transformers' names.
 
 >>> cfg = {"model_type": "llama", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
 ...        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}
@@ -177,9 +178,9 @@ class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer_idx: int):
         super().__init__()
         self.layer_idx, d = layer_idx, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_attention_heads * d, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_key_value_heads * d, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_key_value_heads * d, bias=cfg.attention_bias)
+        # q, k and v in one matmul: one larger GEMM is faster than three small ones.
+        self.qkv_sizes = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.num_key_value_heads * d)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, sum(self.qkv_sizes), bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.num_attention_heads * d, cfg.hidden_size, bias=cfg.o_proj_bias)
         layer_type = cfg.layer_types[layer_idx]
         self.attn = AttentionSite(
@@ -191,9 +192,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache):
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, -1, self.attn.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, -1, self.attn.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, -1, self.attn.head_dim).transpose(1, 2)
+        q, k, v = (t.view(b, s, -1, self.attn.head_dim).transpose(1, 2)
+                   for t in self.qkv_proj(x).split(self.qkv_sizes, dim=-1))
         q, k = apply_rope(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
@@ -316,28 +316,36 @@ class LlamaForCausalLM(nn.Module):
         save_pretrained(self, path)
 
     # -- checkpoint conversion: transformers names <-> ours --------------------------
+    # We fuse q/k/v into `qkv_proj` and gate/up into `gate_up_proj`; checkpoints keep
+    # transformers' separate names, so files stay interchangeable.
 
-    @staticmethod
-    def from_hf_state_dict(sd: dict) -> dict:
-        """Fuse `mlp.gate_proj`/`mlp.up_proj` into `mlp.gate_up_proj`."""
+    FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+             "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+    def from_hf_state_dict(self, sd: dict) -> dict:
+        """Concatenate transformers' separate projections into our fused ones."""
         sd = dict(sd)
-        for key in [k for k in sd if k.endswith("mlp.gate_proj.weight") or k.endswith("mlp.gate_proj.bias")]:
-            up = key.replace("gate_proj", "up_proj")
-            if up in sd:
-                sd[key.replace("gate_proj", "gate_up_proj")] = torch.cat([sd.pop(key), sd.pop(up)], dim=0)
+        for fused, parts in self.FUSED.items():
+            for key in [k for k in sd if f".{parts[0]}." in k]:
+                names = [key.replace(parts[0], p) for p in parts]
+                if all(n in sd for n in names):
+                    sd[key.replace(parts[0], fused)] = torch.cat([sd.pop(n) for n in names], dim=0)
         return sd
 
-    @staticmethod
-    def to_hf_state_dict(sd: dict) -> dict:
-        """Split `mlp.gate_up_proj` back into transformers' `gate_proj`/`up_proj`."""
+    def to_hf_state_dict(self, sd: dict) -> dict:
+        """Split our fused projections back into transformers' names."""
+        cfg = self.config
+        kv = cfg.num_key_value_heads * cfg.head_dim
+        sizes = {"self_attn.qkv_proj": [cfg.num_attention_heads * cfg.head_dim, kv, kv],
+                 "mlp.gate_up_proj": [cfg.intermediate_size, cfg.intermediate_size]}
         out = {}
         for key, value in sd.items():
-            if ".gate_up_proj." in key:
-                gate, up = value.chunk(2, dim=0)
-                out[key.replace("gate_up_proj", "gate_proj")] = gate.contiguous()
-                out[key.replace("gate_up_proj", "up_proj")] = up.contiguous()
-            else:
+            fused = next((f for f in self.FUSED if f".{f}." in key), None)
+            if fused is None:
                 out[key] = value
+                continue
+            for part, chunk in zip(self.FUSED[fused], value.split(sizes[fused], dim=0)):
+                out[key.replace(fused, part)] = chunk.contiguous()
         return out
 
     def reset_buffers(self):

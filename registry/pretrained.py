@@ -54,9 +54,7 @@ def from_pretrained(path, attn_implementation=None, kernels=None, *, dtype=None,
     attn, kern = _requested(config, attn_implementation, kernels)
     # Bind before loading weights: a bad request fails fast, before any tensor is read.
     bind(model, attn, kern, device=device, dtype=dtype, mode=mode)
-    state = read_state_dict(path)
-    convert = getattr(model, "from_hf_state_dict", None)
-    load_weights(model, convert(state) if convert else state, dtype=dtype, device=device, source=str(Path(path)))
+    load_weights(model, read_state_dict(path), dtype=dtype, device=device, source=str(Path(path)))
     model.train(mode == "training")
     return model
 

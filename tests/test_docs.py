@@ -1,0 +1,18 @@
+"""Docs generated from code stay in sync with it."""
+
+from pathlib import Path
+
+import kernelhub
+from kernelhub.docs_gen import render
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_capability_matrix_in_docs_is_current():
+    text = (ROOT / "docs" / "attention.md").read_text()
+    assert render(text, kernelhub.get_registry().backends()) == text, "run `make docs` to regenerate"
+
+
+def test_readme_states_the_two_commands():
+    readme = (ROOT / "README.md").read_text()
+    assert "make demo" in readme and "make test" in readme

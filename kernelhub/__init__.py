@@ -19,7 +19,7 @@ from kernelhub.registry.errors import (BindError, CheckpointError, KernelhubErro
 from kernelhub.registry.hookspecs import hookimpl
 from kernelhub.registry.manager import get_registry, scoped_registry
 from kernelhub.registry.plan import BindingPlan, PlanEntry
-from kernelhub.registry.pretrained import explain, from_pretrained
+from kernelhub.registry.pretrained import explain, from_pretrained, load_tokenizer
 
 __version__ = "0.1.0"
 
@@ -27,7 +27,7 @@ __all__ = [
     "AttentionBackend", "AttentionMask", "AttentionSite", "BindError", "BindingPlan", "Capabilities",
     "CheckpointError", "DynamicCache", "KernelhubError", "PlanEntry", "RegistrationError", "StaticCache",
     "UnknownBackendError", "and_masks", "backends", "bidirectional_mask", "bind", "causal_mask", "chunked_mask",
-    "explain", "from_pretrained", "get_registry", "hookimpl", "layer", "or_masks", "padding_mask",
+    "explain", "from_pretrained", "load_tokenizer", "get_registry", "hookimpl", "layer", "or_masks", "padding_mask",
     "register_backend", "scoped_registry", "sliding_window_mask", "unbind", "unregister_backend", "unsupported",
     "use_kernels",
 ]

@@ -96,7 +96,8 @@ def load_weights(model: torch.nn.Module, state: dict, *, dtype, device, source: 
     to_file = getattr(model, "to_hf_state_dict", None)
     expected = to_file(ours) if to_file else ours
     missing = [n for n in expected if n not in state]
-    unexpected = [n for n in state if n not in expected and n not in tied]
+    ignored = set(getattr(model, "checkpoint_keys_to_ignore", ()))
+    unexpected = [n for n in state if n not in expected and n not in tied and n not in ignored]
     if missing:
         raise CheckpointError(f"{source} lacks {len(missing)} weight(s) the model needs: {', '.join(missing[:8])}")
     if unexpected:

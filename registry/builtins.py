@@ -50,6 +50,7 @@ def kernelhub_attention_backends():
 
 @hookimpl
 def kernelhub_model_architectures():
+    from kernelhub.models.bert import BertModel
     from kernelhub.models.llama import LlamaForCausalLM
 
-    return {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2": LlamaForCausalLM}
+    return {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2": LlamaForCausalLM, "bert": BertModel}

@@ -31,6 +31,27 @@ def build_model(config: dict, *, output_attentions: bool = False):
         return archs[model_type](config)
 
 
+def checkpoint_dir(path) -> Path:
+    """A checkpoint directory for `path`: itself, or the cached conversion of a .gguf file."""
+    path = Path(path)
+    if path.suffix == ".gguf":
+        from kernelhub.models.gguf import convert_gguf
+
+        return convert_gguf(path)
+    return path
+
+
+def load_tokenizer(path, **kwargs):
+    """The tokenizer of a checkpoint directory (tokenizer.json) or of a .gguf file.
+
+    >>> tok = kernelhub.load_tokenizer("path/to/model.gguf")   # doctest: +SKIP
+    >>> tok(["Hello", "Hi there"])["input_ids"]                # doctest: +SKIP
+    """
+    from kernelhub.models.tokenizer import Tokenizer
+
+    return Tokenizer.from_file(checkpoint_dir(path), **kwargs)
+
+
 def _requested(config, attn_implementation, kernels):
     recorded = config.get("kernelhub") or {}
     return (attn_implementation if attn_implementation is not None else recorded.get("attn_implementation"),
@@ -39,7 +60,7 @@ def _requested(config, attn_implementation, kernels):
 
 def from_pretrained(path, attn_implementation=None, kernels=None, *, dtype=None, device=None,
                     mode: str = "inference", output_attentions: bool = False):
-    """Load a Hugging Face-layout checkpoint directory and bind it.
+    """Load a Hugging Face-layout checkpoint directory (or a .gguf file) and bind it.
 
     `attn_implementation=None` uses what `save_pretrained` recorded, else sdpa (falling
     back to eager). `dtype=None` uses the checkpoint's dtype.
@@ -47,6 +68,7 @@ def from_pretrained(path, attn_implementation=None, kernels=None, *, dtype=None,
     >>> model = kernelhub.from_pretrained("path/to/checkpoint", attn_implementation="sdpa")  # doctest: +SKIP
     >>> print(model.binding)                                                                 # doctest: +SKIP
     """
+    path = checkpoint_dir(path)
     config = read_config(path)
     model = build_model(config, output_attentions=output_attentions)
     dtype = resolve_dtype(dtype, config)
@@ -65,7 +87,7 @@ def explain(path, attn_implementation=None, kernels=None, *, dtype=None, device=
 
     >>> print(kernelhub.explain("path/to/checkpoint", attn_implementation="flex"))  # doctest: +SKIP
     """
-    config = read_config(path)
+    config = read_config(checkpoint_dir(path))
     model = build_model(config)
     attn, kern = _requested(config, attn_implementation, kernels)
     return bind(model, attn, kern, device=device, dtype=resolve_dtype(dtype, config), mode=mode)

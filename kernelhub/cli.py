@@ -1,8 +1,9 @@
-"""The `kernelhub` command line: backends, plugins, explain, demo.
+"""The `kernelhub` command line: backends, plugins, explain, run, demo.
 
     kernelhub backends              capability matrix on this machine
     kernelhub plugins               loaded plugins and the ones that failed
     kernelhub explain MODEL_DIR --attn flex
+    kernelhub run MODEL --prompt "..." [--attn X] [--max-new-tokens N]
     kernelhub demo
 """
 
@@ -74,7 +75,37 @@ def cmd_explain(args) -> int:
 def cmd_demo(args) -> int:
     from kernelhub.demo import run_demo
 
-    return run_demo(max_new_tokens=args.max_new_tokens)
+    return run_demo(attn=args.attn, max_new_tokens=args.max_new_tokens)
+
+
+def cmd_run(args) -> int:
+    import time
+
+    from kernelhub.registry.pretrained import from_pretrained, load_tokenizer
+
+    model = from_pretrained(args.model, attn_implementation=_parse_attn(args.attn), dtype=args.dtype)
+    tokenizer = load_tokenizer(args.model, model=model)
+    if not hasattr(model, "generate"):  # an encoder: show the sentence embedding
+        from kernelhub.models.bert import mean_pool
+
+        batch = tokenizer([args.prompt])
+        with torch.no_grad():
+            emb = mean_pool(model(**batch).last_hidden_state, batch["attention_mask"])[0]
+        print(f"sentence embedding ({emb.numel()} dims): {[round(v, 4) for v in emb[:8].tolist()]} ...")
+        return 0
+    text = args.prompt
+    if tokenizer.chat_template and not args.no_chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
+    ids = torch.tensor([tokenizer.encode(text)])
+    start = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                         do_sample=args.temperature > 0, temperature=args.temperature or 1.0)
+    seconds = time.perf_counter() - start
+    print(tokenizer.decode(out[0, ids.shape[1]:]).strip())
+    new = out.shape[1] - ids.shape[1]
+    print(f"\n[{new} tokens in {seconds:.2f} s, {new / seconds:.1f} tokens/s, attention: "
+          f"{', '.join(sorted(model.binding.chosen()))}]", file=sys.stderr)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -91,9 +122,19 @@ def main(argv=None) -> int:
     p.add_argument("--mode", default="inference", choices=["inference", "training", "compile"])
     p.add_argument("--json", action="store_true", help="print plan.to_dict() as JSON")
     p.set_defaults(fn=cmd_explain)
-    p = sub.add_parser("demo", help="write a small random Llama checkpoint, bind each backend, generate")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p = sub.add_parser("demo", help="embed with MiniLM under each backend, chat with SmolLM2")
+    p.add_argument("--attn", default="sdpa", help="attention backend for the chat part")
+    p.add_argument("--max-new-tokens", type=int, default=48)
     p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser("run", help="generate from a checkpoint directory or .gguf file")
+    p.add_argument("model", help="checkpoint directory or .gguf file")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--attn", default=None, help="attn_implementation (default: recorded, else sdpa)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    p.set_defaults(fn=cmd_run)
     args = parser.parse_args(argv)
     from kernelhub.registry.errors import KernelhubError
 

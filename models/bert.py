@@ -191,6 +191,9 @@ class BertModel(nn.Module):
             attentions.append(weights)
         return EncoderOutput(x, self.pooler(x), tuple(attentions) if self.config.output_attentions else None)
 
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
     def save_pretrained(self, path):
         """Write config.json (with the binding request) and model.safetensors."""
         from kernelhub.models.checkpoint import save_pretrained

@@ -290,6 +290,9 @@ class LlamaForCausalLM(nn.Module):
         logits = self.lm_head(hidden)
         return CausalLMOutput(logits, tuple(attentions) if self.config.output_attentions else None)
 
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
     def make_cache(self, kind="dynamic", *, batch=1, max_len=None):
         """A KV cache for this model: "dynamic", or "static" with `max_len` positions."""
         from kernelhub.backends.cache import DynamicCache, StaticCache

@@ -41,15 +41,24 @@ def checkpoint_dir(path) -> Path:
     return path
 
 
-def load_tokenizer(path, **kwargs):
+def load_tokenizer(path, model=None, **kwargs):
     """The tokenizer of a checkpoint directory (tokenizer.json) or of a .gguf file.
+
+    With `model`, also checks that every token id the tokenizer can produce has an
+    embedding row, so a mismatched pair fails here rather than as an index error later.
 
     >>> tok = kernelhub.load_tokenizer("path/to/model.gguf")   # doctest: +SKIP
     >>> tok(["Hello", "Hi there"])["input_ids"]                # doctest: +SKIP
     """
     from kernelhub.models.tokenizer import Tokenizer
 
-    return Tokenizer.from_file(checkpoint_dir(path), **kwargs)
+    tokenizer = Tokenizer.from_file(checkpoint_dir(path), **kwargs)
+    if model is not None:
+        rows = model.get_input_embeddings().num_embeddings
+        if tokenizer.vocab_size > rows:
+            raise CheckpointError(f"tokenizer of {path} has {tokenizer.vocab_size} tokens but the model's embedding "
+                                  f"has {rows} rows: they do not belong together")
+    return tokenizer
 
 
 def _requested(config, attn_implementation, kernels):

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 import kernelhub
 from kernelhub.backends.eager import eager_attention
-from kernelhub.demo import TINY_LLAMA, write_random_checkpoint
+from kernelhub.samples import TINY_LLAMA, write_random_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 
 import kernelhub
 from kernelhub.backends.eager import eager_attention
-from kernelhub.demo import TINY_LLAMA, write_random_checkpoint
+from kernelhub.samples import TINY_LLAMA, write_random_checkpoint
 from kernelhub.registry import manager
 
 

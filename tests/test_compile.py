@@ -5,7 +5,7 @@ import torch
 
 import kernelhub
 from kernelhub.backends import flex
-from kernelhub.demo import write_random_checkpoint
+from kernelhub.samples import write_random_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 
 import kernelhub
 from kernelhub.backends.eager import eager_attention
-from kernelhub.demo import write_random_checkpoint
+from kernelhub.samples import write_random_checkpoint
 
 PLUGIN_DIR = Path(__file__).parent / "plugins" / "kernelhub-test-backend"
 

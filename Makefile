@@ -26,6 +26,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/forward.py
+	$(PY) bench/generate.py
 
 docs: $(STAMP)
 	$(PY) -m kernelhub.docs_gen docs/attention.md

@@ -1,7 +1,8 @@
 """Token generation: greedy or sampled, over a dynamic or static KV cache.
 
 Works for any causal model whose forward is `forward(input_ids, attention_mask,
-position_ids, cache) -> output with .logits` and which offers `make_cache(kind, ...)`.
+position_ids, cache, logits_to_keep) -> output with .logits` and which offers
+`make_cache(kind, ...)`.
 
 >>> from kernelhub.models.llama import LlamaForCausalLM
 >>> cfg = {"vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
@@ -63,7 +64,8 @@ def generate(model, input_ids, *, max_new_tokens=32, attention_mask=None, do_sam
     step_ids, tokens = input_ids, [input_ids]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
-        logits = model(step_ids, attention_mask=attention_mask, position_ids=positions, cache=kv).logits[:, -1]
+        logits = model(step_ids, attention_mask=attention_mask, position_ids=positions, cache=kv,
+                       logits_to_keep=1).logits[:, -1]
         nxt = sample_next(logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                           generator=generator)
         if eos_token_id is not None:

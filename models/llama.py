@@ -285,9 +285,11 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.binding = None
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, logits_to_keep: int = 0):
+        """`logits_to_keep=N` computes logits for the last N positions only (0 = all); generation
+        needs just the last one, and the vocabulary projection is the largest matmul of the model."""
         hidden, attentions = self.model(input_ids, attention_mask, position_ids, cache)
-        logits = self.lm_head(hidden)
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         return CausalLMOutput(logits, tuple(attentions) if self.config.output_attentions else None)
 
     def get_input_embeddings(self):

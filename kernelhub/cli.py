@@ -16,7 +16,7 @@ import sys
 import torch
 
 
-def _available(backend, device="cpu", dtype=torch.float32):
+def _available(backend, device="cpu"):
     """Reasons a backend cannot run on this machine at all (independent of any model)."""
     from kernelhub.registry.capabilities import requirement_problems
 

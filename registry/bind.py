@@ -54,7 +54,7 @@ def choose_backend(site, path, request, registry, device, dtype, mode):
     picked = registry.pm.hook.kernelhub_select_backend(
         site=site, candidates=[e.backend.name for e in fitting], device=device, dtype=dtype, mode=mode)
     chosen = next((e for e in fitting if e.backend.name == picked), fitting[0])
-    note = f"selected by policy hook" if picked and chosen is not fitting[0] else ""
+    note = "selected by policy hook" if picked and chosen is not fitting[0] else ""
     return PlanEntry(path, "attention", chosen.backend.name, chosen.source, request.origin, tuple(rejected), note), \
         chosen.backend
 

@@ -174,7 +174,12 @@ class Registry:
     def copy(self) -> "Registry":
         """An independent registry with the same contents (for scoping)."""
         new = Registry.__new__(Registry)
-        new.pm = self.pm  # plugins are shared; what they registered is copied below
+        # A plugin manager of its own (same plugin objects), so a plugin added in a scope,
+        # such as a selection policy, does not leak into the parent registry.
+        new.pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
+        new.pm.add_hookspecs(hookspecs)
+        for name, plugin in self.pm.list_name_plugin():
+            new.pm.register(plugin, name=name)
         new._lock = threading.RLock()
         new._backends, new._aliases = dict(self._backends), dict(self._aliases)
         new.layer_kernels = {k: dict(v) for k, v in self.layer_kernels.items()}

@@ -165,3 +165,15 @@ def test_cli_explain_prints_plan_without_loading_weights(mistral_checkpoint, tmp
     assert {r["chosen"] for r in rows if r["kind"] == "attention"} == {"flex"}
     bad = subprocess.run(run + ["--attn", "flash_attention_3"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown attention implementation 'flash_attention_3'" in bad.stderr
+
+
+def test_plugin_added_in_a_scope_does_not_leak(mistral_checkpoint):
+    class PreferEager:
+        @kernelhub.hookimpl
+        def kernelhub_select_backend(self, site, candidates, device, dtype, mode):
+            return "eager"
+
+    with kernelhub.scoped_registry() as scoped:
+        scoped.add_plugin(PreferEager(), "prefer-eager")
+        assert kernelhub.explain(mistral_checkpoint, ["sdpa", "eager"]).chosen() == {"eager"}
+    assert kernelhub.explain(mistral_checkpoint, ["sdpa", "eager"]).chosen() == {"sdpa"}

@@ -116,3 +116,34 @@ def test_save_pretrained_round_trip_keeps_binding_request(checkpoint, tmp_path):
     ids = torch.randint(0, 96, (1, 8))
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, model(ids).logits, atol=0, rtol=0)
+
+
+def test_sharded_checkpoint_loads_like_a_single_file(checkpoint, tmp_path):
+    model_type, path, reference = checkpoint
+    reference.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
+    ids = torch.randint(0, 96, (1, 9))
+    with torch.no_grad():
+        sharded = kernelhub.from_pretrained(tmp_path, attn_implementation="sdpa")(ids).logits
+        single = kernelhub.from_pretrained(path, attn_implementation="sdpa")(ids).logits
+    torch.testing.assert_close(sharded, single, atol=0, rtol=0)
+
+
+def test_sampling_is_seeded_and_degenerates_to_greedy(checkpoint):
+    _, path, _ = checkpoint
+    model = kernelhub.from_pretrained(path, attn_implementation="sdpa")
+    prompt = torch.randint(0, 96, (2, 5))
+
+    def sample(seed, **kw):
+        return model.generate(prompt, max_new_tokens=8, do_sample=True,
+                              generator=torch.Generator().manual_seed(seed), **kw)
+
+    assert sample(1).tolist() == sample(1).tolist()
+    assert sample(1).tolist() != sample(2).tolist()
+    greedy = model.generate(prompt, max_new_tokens=8).tolist()
+    assert sample(3, top_k=1).tolist() == greedy
+    assert sample(4, top_p=1e-6).tolist() == greedy
+    assert sample(5, temperature=1e-4).tolist() == greedy
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        sample(6, temperature=0)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import types
 
+import torch
+
 
 def layer(name: str):
     """Class decorator declaring a swappable layer called `name`."""
@@ -42,6 +44,18 @@ def set_layer_forward(module, forward) -> None:
     module.forward = types.MethodType(forward, module)
 
 
+# Kernels may cache per-instance state (a packed weight, say) in attributes with this prefix;
+# unbinding drops them so memory is returned with the binding.
+KERNEL_CACHE_PREFIX = "_kernelhub_cache_"
+
+
 def reset_layer_forward(module) -> None:
     """Undo `set_layer_forward`: the class's reference forward runs again."""
     module.__dict__.pop("forward", None)
+    for name in [n for n in module.__dict__ if n.startswith(KERNEL_CACHE_PREFIX)]:
+        del module.__dict__[name]
+
+
+@layer("Linear")
+class Linear(torch.nn.Linear):
+    """nn.Linear, declared swappable (for example with the oneDNN packed-weight kernel on CPU)."""

@@ -65,8 +65,11 @@ def bench_config(name, config, batch, seq, repeat):
     with tempfile.TemporaryDirectory() as path, torch.inference_mode():
         write_checkpoint(config, path)
         ids = torch.randint(0, config["vocab_size"], (batch, seq))
-        for backend, hf_backend in [("eager", "eager"), ("sdpa", "sdpa"), ("flex", "flex_attention")]:
-            ours = kernelhub.from_pretrained(path, attn_implementation=backend, dtype="float32")
+        for backend, hf_backend, kernels in [("eager", "eager", None), ("sdpa", "sdpa", None),
+                                             ("flex", "flex_attention", None),
+                                             ("sdpa+onednn", "sdpa", {"Linear": "onednn"})]:
+            ours = kernelhub.from_pretrained(path, attn_implementation=backend.split("+")[0], kernels=kernels,
+                                             dtype="float32")
             theirs = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation=hf_backend,
                                                                        dtype=torch.float32).eval()
             diff = (ours(ids).logits - theirs(ids).logits).abs().max().item()
@@ -87,11 +90,11 @@ def main():
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, CPU\n")
-    print(f"{'model':14s} {'backend':8s} {'kernelhub ms':>12s} {'transformers ms':>16s} {'ratio':>6s} {'max|dlogits|':>12s}")
+    print(f"{'model':14s} {'backend':12s} {'kernelhub ms':>12s} {'transformers ms':>16s} {'ratio':>6s} {'max|dlogits|':>12s}")
     for name, config, batch, seq in [("tiny", TINY, 4, 128), ("smollm2-135m", SMOLLM2_135M, 1, 128)]:
         rows, overhead = bench_config(name, config, batch, seq, args.repeat)
         for model, backend, ours, theirs, diff in rows:
-            print(f"{model:14s} {backend:8s} {ours * 1e3:12.2f} {theirs * 1e3:16.2f} {ours / theirs:6.2f} {diff:12.1e}")
+            print(f"{model:14s} {backend:12s} {ours * 1e3:12.2f} {theirs * 1e3:16.2f} {ours / theirs:6.2f} {diff:12.1e}")
         print(f"{name:14s} binding overhead vs hard-wired sdpa (1x16 tokens): {overhead[0] * 100:+.1f}% "
               f"({overhead[1]:+.0f} us per forward)\n")
 

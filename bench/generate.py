@@ -5,7 +5,8 @@
 Both load the same GGUF file (dequantised to float32), get the same chat prompts and
 generate greedily with the same settings. Printed as ratios from one run:
 prefill latency (kernelhub / transformers, lower is better) and decode tokens/s
-(kernelhub / transformers, higher is better), for batch 1 and batch 8.
+(kernelhub / transformers, higher is better), for batch 1 and batch 8, with kernelhub's
+default kernels and with the oneDNN Linear kernel bound (`kernels={"Linear": "onednn"}`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def main():
     args = parser.parse_args()
     path = smollm2_gguf()
     ours = kernelhub.from_pretrained(path, attn_implementation=args.attn)
+    fast = kernelhub.from_pretrained(path, attn_implementation=args.attn, kernels={"Linear": "onednn"})
     tokenizer = kernelhub.load_tokenizer(path, model=ours)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32, attn_implementation=args.attn).eval()
@@ -60,18 +62,18 @@ def main():
     n = args.new_tokens
     print(f"SmolLM2-135M-Instruct, fp32, greedy, {n} new tokens, attn={args.attn}, "
           f"{torch.get_num_threads()} threads\n")
-    print(f"{'batch':>5s} {'prompt':>6s}  {'prefill ms (ours/theirs)':>26s} {'ratio':>6s}  "
+    print(f"{'kernels':8s} {'batch':>5s} {'prompt':>6s}  {'prefill ms (ours/theirs)':>26s} {'ratio':>6s}  "
           f"{'decode tok/s (ours/theirs)':>28s} {'ratio':>6s}  same tokens")
-    for b in (1, 8):
+    for (label, model), b in [(m, b) for b in (1, 8) for m in (("default", ours), ("onednn", fast))]:
         batch = prompts(tokenizer, b)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         with torch.inference_mode():
-            ours_tokens = ours.generate(ids, attention_mask=mask, max_new_tokens=n)
+            ours_tokens = model.generate(ids, attention_mask=mask, max_new_tokens=n)
             theirs_tokens = theirs.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
                                             pad_token_id=tokenizer.pad_token_id)
             same = ours_tokens.tolist() == theirs_tokens.tolist()
             def ours_run(k):
-                return lambda: ours.generate(ids, attention_mask=mask, max_new_tokens=k)
+                return lambda: model.generate(ids, attention_mask=mask, max_new_tokens=k)
 
             def theirs_run(k):
                 return lambda: theirs.generate(input_ids=ids, attention_mask=mask, max_new_tokens=k, do_sample=False,
@@ -81,7 +83,7 @@ def main():
                 [ours_run(1), theirs_run(1), ours_run(n), theirs_run(n)], args.repeat)
             decoded = ids.shape[0] * (n - 1)
             d_ours, d_theirs = decoded / (g_ours - p_ours), decoded / (g_theirs - p_theirs)
-        print(f"{b:5d} {ids.shape[1]:6d}  {p_ours * 1e3:12.1f} / {p_theirs * 1e3:11.1f} {p_ours / p_theirs:6.2f}  "
+        print(f"{label:8s} {b:5d} {ids.shape[1]:6d}  {p_ours * 1e3:12.1f} / {p_theirs * 1e3:11.1f} {p_ours / p_theirs:6.2f}  "
               f"{d_ours:13.1f} / {d_theirs:12.1f} {d_ours / d_theirs:6.2f}  {same}")
 
 

@@ -7,7 +7,7 @@
 
 from kernelhub.backends.attention_mask import AttentionMask
 from kernelhub.backends.cache import DynamicCache, StaticCache
-from kernelhub.backends.layer import layer
+from kernelhub.backends.layer import Linear, layer
 from kernelhub.backends.masks import (and_masks, bidirectional_mask, causal_mask, chunked_mask, or_masks,
                                       padding_mask, sliding_window_mask)
 from kernelhub.backends.site import AttentionSite
@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionBackend", "AttentionMask", "AttentionSite", "BindError", "BindingPlan", "Capabilities",
-    "CheckpointError", "DynamicCache", "KernelhubError", "PlanEntry", "RegistrationError", "StaticCache",
+    "CheckpointError", "DynamicCache", "KernelhubError", "Linear", "PlanEntry", "RegistrationError", "StaticCache",
     "UnknownBackendError", "and_masks", "backends", "bidirectional_mask", "bind", "causal_mask", "chunked_mask",
     "explain", "from_pretrained", "load_tokenizer", "get_registry", "hookimpl", "layer", "or_masks", "padding_mask",
     "register_backend", "scoped_registry", "sliding_window_mask", "unbind", "unregister_backend", "unsupported",

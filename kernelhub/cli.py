@@ -83,7 +83,8 @@ def cmd_run(args) -> int:
 
     from kernelhub.registry.pretrained import from_pretrained, load_tokenizer
 
-    model = from_pretrained(args.model, attn_implementation=_parse_attn(args.attn), dtype=args.dtype)
+    kernels = json.loads(args.kernels) if args.kernels else None
+    model = from_pretrained(args.model, attn_implementation=_parse_attn(args.attn), kernels=kernels, dtype=args.dtype)
     tokenizer = load_tokenizer(args.model, model=model)
     if not hasattr(model, "generate"):  # an encoder: show the sentence embedding
         from kernelhub.models.bert import mean_pool
@@ -133,6 +134,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--dtype", default=None)
+    p.add_argument("--kernels", default=None, help='layer kernels as JSON, e.g. \'{"Linear": "onednn"}\'')
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.set_defaults(fn=cmd_run)
     args = parser.parse_args(argv)

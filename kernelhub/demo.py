@@ -59,10 +59,11 @@ def chat_demo(attn: str, max_new_tokens: int) -> None:
     path = smollm2_gguf()
     print(f"\n== SmolLM2-135M-Instruct chat (attn_implementation={attn!r}) ==\n")
     start = time.perf_counter()
-    model = kernelhub.from_pretrained(path, attn_implementation=attn)
+    # On CPU, prefer the oneDNN packed-weight Linear kernel; the chain falls back to the reference.
+    model = kernelhub.from_pretrained(path, attn_implementation=attn, kernels={"Linear": ["onednn", "reference"]})
     tokenizer = kernelhub.load_tokenizer(path, model=model)
     print(f"  loaded in {time.perf_counter() - start:.1f} s (GGUF conversion is cached after the first run); "
-          f"bound to {sorted(model.binding.chosen())}\n")
+          f"attention {sorted(model.binding.chosen())}, Linear {sorted(model.binding.chosen('layer') - {'reference'})}\n")
     for question in QUESTIONS:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}])
         ids = torch.tensor([tokenizer.encode(prompt)])

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from kernelhub.backends.attention_mask import AttentionMask
-from kernelhub.backends.layer import layer
+from kernelhub.backends.layer import Linear, layer
 from kernelhub.backends.site import AttentionSite
 
 
@@ -82,9 +82,9 @@ class BertSelfAttention(nn.Module):
     def __init__(self, cfg: BertConfig, layer_idx: int):
         super().__init__()
         head_dim = cfg.hidden_size // cfg.num_attention_heads
-        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.query = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.value = Linear(cfg.hidden_size, cfg.hidden_size)
         self.attn = AttentionSite(head_dim=head_dim, num_heads=cfg.num_attention_heads, causal=False,
                                   dropout=cfg.attention_probs_dropout_prob, layer_idx=layer_idx,
                                   needs_weights=cfg.output_attentions)
@@ -102,7 +102,7 @@ class BertDenseNorm(nn.Module):
 
     def __init__(self, cfg: BertConfig, in_features: int):
         super().__init__()
-        self.dense = nn.Linear(in_features, cfg.hidden_size)
+        self.dense = Linear(in_features, cfg.hidden_size)
         self.LayerNorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
@@ -124,7 +124,7 @@ class BertAttention(nn.Module):
 class BertIntermediate(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.dense = Linear(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x):
         return nn.functional.gelu(self.dense(x))
@@ -151,7 +151,7 @@ class BertEncoder(nn.Module):
 class BertPooler(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dense = Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x):
         return torch.tanh(self.dense(x[:, 0]))

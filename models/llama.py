@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from kernelhub.backends.attention_mask import AttentionMask
-from kernelhub.backends.layer import layer
+from kernelhub.backends.layer import Linear, layer
 from kernelhub.backends.site import AttentionSite
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -180,8 +180,8 @@ class Attention(nn.Module):
         self.layer_idx, d = layer_idx, cfg.head_dim
         # q, k and v in one matmul: one larger GEMM is faster than three small ones.
         self.qkv_sizes = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.num_key_value_heads * d)
-        self.qkv_proj = nn.Linear(cfg.hidden_size, sum(self.qkv_sizes), bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(cfg.num_attention_heads * d, cfg.hidden_size, bias=cfg.o_proj_bias)
+        self.qkv_proj = Linear(cfg.hidden_size, sum(self.qkv_sizes), bias=cfg.attention_bias)
+        self.o_proj = Linear(cfg.num_attention_heads * d, cfg.hidden_size, bias=cfg.o_proj_bias)
         layer_type = cfg.layer_types[layer_idx]
         self.attn = AttentionSite(
             head_dim=d, num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
@@ -204,9 +204,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.act = SiLUAndMul()
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x):
         return self.down_proj(self.act(self.gate_up_proj(x)))
@@ -280,7 +280,7 @@ class LlamaForCausalLM(nn.Module):
         cfg = config if isinstance(config, LlamaConfig) else LlamaConfig.from_dict(config)
         self.config = cfg
         self.model = LlamaModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.binding = None

@@ -86,7 +86,7 @@ def bind(model: torch.nn.Module, attn_implementation=None, kernels=None, *, devi
         entries.append(entry)
         attention_actions.append((site, backend))
     for path, module in layers.items():
-        choice: LayerChoice = choose_layer_kernel(path, module, layer_spec, registry, device, mode)
+        choice: LayerChoice = choose_layer_kernel(path, module, layer_spec, registry, device, dtype, mode)
         entries.append(choice.entry)
         layer_actions.append((module, choice.forward))
 

@@ -1,4 +1,5 @@
-"""kernelhub's built-in plugin: eager, sdpa and flex attention, and the Llama family.
+"""kernelhub's built-in plugin: eager, sdpa and flex attention, the oneDNN Linear kernel,
+and the Llama and BERT families.
 
 Registered through the same hooks as any third-party plugin.
 """
@@ -46,6 +47,13 @@ FLEX = AttentionBackend(
 @hookimpl
 def kernelhub_attention_backends():
     return [EAGER, SDPA, FLEX]
+
+
+@hookimpl
+def kernelhub_layer_kernels():
+    from kernelhub.backends.onednn_linear import OneDNNLinear, onednn_available
+
+    return {"Linear": {"onednn": OneDNNLinear}} if onednn_available() else {}
 
 
 @hookimpl

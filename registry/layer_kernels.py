@@ -7,7 +7,8 @@
 
 An implementation follows the Hugging Face `kernels` layer contract: a class whose
 `forward(self, x)` runs with `self` being the host module (so it reads `weight`,
-`variance_epsilon`, ...), optionally declaring `has_backward` and `can_torch_compile`.
+`variance_epsilon`, ...), optionally declaring `has_backward`, `can_torch_compile`, `devices`
+(device types) and `dtypes`.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def _candidate(value, layer: str, registry, origin: str) -> Candidate:
             valid = closest_first(value, [*known, REFERENCE])
             raise KernelhubError(f"{origin}: no kernel {value!r} is registered for layer {layer!r}."
                                  f"{suggestion(value, known)} Valid: {', '.join(valid)}")
-        return _from_impl(known[value], value, "plugin", origin)
+        return _from_impl(known[value], value, registry.layer_kernel_sources.get((layer, value), "plugin"), origin)
     return _from_impl(value, getattr(value, "__name__", repr(value)), "in-process", origin)
 
 
@@ -97,10 +98,17 @@ def parse_kernels(kernels, layers: dict, registry) -> KernelSpec:
     return KernelSpec(by_layer, tuple(by_path), origins)
 
 
-def _reasons(candidate: Candidate, mode: str) -> list[str]:
+def _reasons(candidate: Candidate, mode: str, device, dtype) -> list[str]:
     impl, reasons = candidate.impl, []
     if impl is None:
         return reasons
+    devices = getattr(impl, "devices", None)
+    if devices and device.type not in devices:
+        reasons.append(f"runs on {', '.join(devices)}, not {device.type}")
+    dtypes = getattr(impl, "dtypes", None)
+    if dtypes and dtype not in dtypes:
+        reasons.append(f"supports {', '.join(str(d).removeprefix('torch.') for d in dtypes)}, "
+                       f"not {str(dtype).removeprefix('torch.')}")
     if mode == "training" and not getattr(impl, "has_backward", True):
         reasons.append("has_backward=False, cannot train")
     if mode == "compile" and not getattr(impl, "can_torch_compile", True):
@@ -108,7 +116,7 @@ def _reasons(candidate: Candidate, mode: str) -> list[str]:
     return reasons
 
 
-def choose_layer_kernel(path, module, spec: KernelSpec, registry, device, mode) -> LayerChoice:
+def choose_layer_kernel(path, module, spec: KernelSpec, registry, device, dtype, mode) -> LayerChoice:
     """The kernel for one declared layer (or its reference forward)."""
     name = layer_name(module)
     key, chain = next(((g, c) for g, c in spec.by_path if fnmatch.fnmatchcase(path, g)), (None, None))
@@ -118,12 +126,13 @@ def choose_layer_kernel(path, module, spec: KernelSpec, registry, device, mode) 
         return LayerChoice(PlanEntry(path, "layer", REFERENCE, f"model ({name})", "default"), None)
     rejected = []
     for candidate in chain:
-        reasons = _reasons(candidate, mode)
+        reasons = _reasons(candidate, mode, device, dtype)
         if not reasons:
             entry = PlanEntry(path, "layer", candidate.name, f"{candidate.source} ({name})", spec.origins[key],
                               tuple(rejected))
             return LayerChoice(entry, candidate.forward)
         rejected.append((candidate.name, tuple(reasons)))
     detail = "; ".join(f"{n}: {', '.join(r)}" for n, r in rejected)
-    raise BindError(f"no kernel in kernels[{key!r}] can serve layer {path!r} in {mode} mode: {detail}. "
+    raise BindError(f"no kernel in kernels[{key!r}] can serve layer {path!r} on {device.type}/"
+                    f"{str(dtype).removeprefix('torch.')} in {mode} mode: {detail}. "
                     f"Add 'reference' to the chain to fall back to the model's own forward")

@@ -57,6 +57,7 @@ class Registry:
         self._backends: dict[str, Registered] = {}
         self._aliases: dict[str, str] = {}
         self.layer_kernels: dict[str, dict[str, object]] = {}
+        self.layer_kernel_sources: dict[tuple[str, str], str] = {}
         self.architectures: dict[str, type] = {}
         self.plugins: list[str] = []
         self.failures: list[PluginFailure] = []
@@ -101,6 +102,7 @@ class Registry:
                 for group in caller("kernelhub_layer_kernels", others)():
                     for layer, impls in (group or {}).items():
                         self.layer_kernels.setdefault(layer, {}).update(impls)
+                        self.layer_kernel_sources.update({(layer, kernel): name for kernel in impls})
                 for group in caller("kernelhub_model_architectures", others)():
                     self.architectures.update(group or {})
             except Exception as e:
@@ -183,6 +185,7 @@ class Registry:
         new._lock = threading.RLock()
         new._backends, new._aliases = dict(self._backends), dict(self._aliases)
         new.layer_kernels = {k: dict(v) for k, v in self.layer_kernels.items()}
+        new.layer_kernel_sources = dict(self.layer_kernel_sources)
         new.architectures = dict(self.architectures)
         new.plugins, new.failures = list(self.plugins), list(self.failures)
         return new

@@ -22,6 +22,13 @@ def test_run_answers_with_smollm2(tmp_path):
     assert "tokens/s, attention: sdpa" in out.stderr
 
 
+def test_run_with_a_layer_kernel(tmp_path):
+    out = kernelhub_cli("run", str(smollm2_gguf()), "--prompt", "What is the capital of France?",
+                        "--max-new-tokens", "12", "--kernels", '{"Linear": "onednn"}', cache=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+
+
 def test_run_on_an_encoder_prints_an_embedding(tmp_path):
     out = kernelhub_cli("run", str(minilm_dir()), "--prompt", "hello", "--attn", "eager", cache=tmp_path)
     assert out.returncode == 0, out.stderr

@@ -70,6 +70,7 @@ def test_installed_distribution_appears_binds_and_runs(plugin_on_path, tiny_chec
         entry = model.binding["model.layers.0.self_attn.attn"]
         assert entry.chosen == "plugin_sdpa" and entry.source == "doubled_sdpa (kernelhub-test-backend)"
         assert model.binding["model.norm"].chosen == "doubled"
+        assert model.binding["model.norm"].source == "doubled_sdpa (kernelhub-test-backend) (RMSNorm)"
         reference = kernelhub.from_pretrained(tiny_checkpoint, attn_implementation="eager")
         with torch.no_grad():
             ours = model(tokens()).logits

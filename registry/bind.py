@@ -94,9 +94,8 @@ def bind(model: torch.nn.Module, attn_implementation=None, kernels=None, *, devi
     for site, backend in attention_actions:
         site.set_implementation(backend.name, backend.fn, backend.mask_format, backend.accepts_is_causal)
     for module, forward in layer_actions:
-        if forward is None:
-            reset_layer_forward(module)
-        else:
+        reset_layer_forward(module)  # also drops what a previous kernel cached on the module
+        if forward is not None:
             set_layer_forward(module, forward)
     plan = BindingPlan(tuple(entries), device=str(device), dtype=str(dtype).removeprefix("torch."), mode=mode)
     model.binding = plan

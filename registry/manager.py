@@ -28,6 +28,9 @@ from kernelhub.registry.capabilities import MASK_FORMATS, AttentionBackend
 from kernelhub.registry.errors import RegistrationError, UnknownBackendError, closest_first, suggestion
 
 ENTRY_POINT_GROUP = "kernelhub"
+# transformers' attn_implementation spellings, mapped to the backend name they mean here.
+# They resolve to whichever backend is registered under that name (a plugin's, say).
+TRANSFORMERS_SPELLINGS = {"flash_attention_2": "flash", "flash_attention_3": "flash", "flex_attention": "flex"}
 AUTOLOAD_ENV = "KERNELHUB_DISABLE_PLUGIN_AUTOLOAD"
 
 
@@ -155,11 +158,16 @@ class Registry:
             return entry.backend
 
     def get(self, name: str) -> Registered:
-        """The backend registered under `name` or one of its aliases."""
+        """The backend registered under `name`, one of its aliases, or a transformers spelling."""
         entry = self._backends.get(self._aliases.get(name, name))
+        if entry is None and TRANSFORMERS_SPELLINGS.get(name) in self._backends:
+            entry = self._backends[TRANSFORMERS_SPELLINGS[name]]
         if entry is None:
             valid = closest_first(name, self.names())
-            raise UnknownBackendError(f"unknown attention implementation {name!r}.{suggestion(name, self.names())} "
+            meaning = TRANSFORMERS_SPELLINGS.get(name)
+            known = (f" {name!r} is transformers' name for {meaning!r}, which no registered backend provides "
+                     f"here." if meaning else suggestion(name, self.names()))
+            raise UnknownBackendError(f"unknown attention implementation {name!r}.{known} "
                                       f"Valid names (closest first): {', '.join(valid)}")
         return entry
 

@@ -226,3 +226,15 @@ def test_generate_rejects_bad_arguments(model):
         model.generate(torch.tensor([[1, 2]]), cache="paged")
     with pytest.raises(ValueError, match="input_ids is empty"):
         model.generate(torch.zeros(1, 0, dtype=torch.long))
+
+
+def test_transformers_spelling_of_an_unregistered_backend_is_explained(model):
+    with pytest.raises(kernelhub.UnknownBackendError) as info:
+        kernelhub.bind(model, "flash_attention_2")
+    assert "transformers' name for 'flash', which no registered backend provides" in str(info.value)
+    assert "Valid names" in str(info.value)
+
+
+def test_transformers_spelling_resolves_to_a_registered_backend(model):
+    kernelhub.register_backend(kernelhub.AttentionBackend("flash", eager_attention, mask_format="bool"))
+    assert kernelhub.bind(model, "flash_attention_2").chosen() == {"flash"}

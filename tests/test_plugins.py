@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import kernelhub
+from kernelhub import cli
 from kernelhub.backends.eager import eager_attention
 from kernelhub.samples import write_random_checkpoint
 
@@ -43,7 +44,7 @@ def tokens():
     return torch.tensor([[5, 6, 7, 8, 9]])
 
 
-def test_backend_registered_in_a_test_binds_and_runs(tiny_checkpoint):
+def test_backend_registered_in_a_test_binds_and_runs(tiny_checkpoint, capsys):
     calls = []
 
     def counting(module, q, k, v, mask, *, scaling, **kw):
@@ -52,6 +53,9 @@ def test_backend_registered_in_a_test_binds_and_runs(tiny_checkpoint):
 
     kernelhub.register_backend(kernelhub.AttentionBackend("counting", counting, mask_format="bool"))
     assert "counting" in [b.name for b in kernelhub.backends()]
+    assert cli.main(["backends"]) == 0
+    assert any(line.startswith("counting ") and line.endswith("available")
+               for line in capsys.readouterr().out.splitlines())
     model = kernelhub.from_pretrained(tiny_checkpoint, attn_implementation="counting")
     reference = kernelhub.from_pretrained(tiny_checkpoint, attn_implementation="eager")
     with torch.no_grad():

@@ -139,6 +139,12 @@ def read_tensors(reader, config: dict) -> dict:
     return state
 
 
+def read_gguf_config(path) -> dict:
+    """The config.json dict of a GGUF file, from its metadata alone (no tensor is read)."""
+    reader = open_gguf(Path(path))
+    return hf_config(metadata(reader), {t.name for t in reader.tensors})
+
+
 def convert_gguf(path, cache_dir: Path | None = None) -> Path:
     """Convert a GGUF file to a checkpoint directory (cached by file identity); return the directory."""
     from kernelhub.models.gguf_tokenizer import tokenizer_files

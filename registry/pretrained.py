@@ -96,7 +96,12 @@ def explain(path, attn_implementation=None, kernels=None, *, dtype=None, device=
 
     >>> print(kernelhub.explain("path/to/checkpoint", attn_implementation="flex"))  # doctest: +SKIP
     """
-    config = read_config(checkpoint_dir(path))
+    if Path(path).suffix == ".gguf":  # the metadata is enough: no dequantisation for a plan
+        from kernelhub.models.gguf import read_gguf_config
+
+        config = read_gguf_config(path)
+    else:
+        config = read_config(path)
     model = build_model(config)
     attn, kern = _requested(config, attn_implementation, kernels)
     return bind(model, attn, kern, device=device, dtype=resolve_dtype(dtype, config), mode=mode)

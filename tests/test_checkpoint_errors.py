@@ -68,3 +68,15 @@ def test_tokenizer_that_does_not_fit_the_model(tmp_path):
 def test_missing_gguf_file(tmp_path):
     with pytest.raises(kernelhub.CheckpointError, match="GGUF file .*nope.gguf' does not exist"):
         kernelhub.from_pretrained(tmp_path / "nope.gguf")
+
+
+def test_explain_on_gguf_reads_metadata_only(tmp_path, monkeypatch):
+    import kernelhub.models.gguf as gguf_module
+
+    def no_tensors(*a, **k):
+        raise AssertionError("explain must not dequantise")
+
+    monkeypatch.setattr(gguf_module, "read_tensors", no_tensors)
+    plan = kernelhub.explain(write_tiny_gguf(tmp_path / "tiny.gguf"), attn_implementation="sdpa")
+    assert plan.chosen() == {"sdpa"}
+    assert not (tmp_path / "cache").exists()

@@ -22,6 +22,9 @@ import types
 import torch
 
 
+_DECLARED: set[str] = set()
+
+
 def layer(name: str):
     """Class decorator declaring a swappable layer called `name`."""
     if not isinstance(name, str) or not name.isidentifier():
@@ -29,9 +32,15 @@ def layer(name: str):
 
     def mark(cls):
         cls.kernel_layer_name = name
+        _DECLARED.add(name)
         return cls
 
     return mark
+
+
+def declared_layer_names() -> set[str]:
+    """Names declared with `@layer` by every class imported so far."""
+    return set(_DECLARED)
 
 
 def layer_name(module) -> str | None:

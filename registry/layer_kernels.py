@@ -55,12 +55,17 @@ def _candidate(value, layer: str, registry, origin: str) -> Candidate:
     return _from_impl(value, getattr(value, "__name__", repr(value)), "in-process", origin)
 
 
-def _from_impl(impl, name, source, origin) -> Candidate:
+def check_layer_impl(impl, origin: str):
+    """The implementation's forward, or a clear error if it breaks the layer contract."""
     forward = getattr(impl, "forward", None)
     if not isinstance(impl, type) or not callable(forward):
         raise KernelhubError(f"{origin}: {impl!r} breaks the layer contract: expected a class with "
                              "forward(self, x) (like the Hugging Face kernels `layers.<Name>` classes)")
-    return Candidate(name, forward, source, impl)
+    return forward
+
+
+def _from_impl(impl, name, source, origin) -> Candidate:
+    return Candidate(name, check_layer_impl(impl, origin), source, impl)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,14 +127,17 @@ def choose_layer_kernel(path, module, spec: KernelSpec, registry, device, dtype,
     key, chain = next(((g, c) for g, c in spec.by_path if fnmatch.fnmatchcase(path, g)), (None, None))
     if chain is None and name in spec.by_layer:
         key, chain = name, spec.by_layer[name]
+    origin = spec.origins.get(key)
+    if chain is None and name in registry.layer_defaults:  # set by the pytest plugin's swap_kernel
+        impl = registry.layer_defaults[name]
+        key, chain, origin = name, [_from_impl(impl, impl.__name__, "swap_kernel", f"swapped {name}")], "swap_kernel"
     if chain is None:
         return LayerChoice(PlanEntry(path, "layer", REFERENCE, f"model ({name})", "default"), None)
     rejected = []
     for candidate in chain:
         reasons = _reasons(candidate, mode, device, dtype)
         if not reasons:
-            entry = PlanEntry(path, "layer", candidate.name, f"{candidate.source} ({name})", spec.origins[key],
-                              tuple(rejected))
+            entry = PlanEntry(path, "layer", candidate.name, f"{candidate.source} ({name})", origin, tuple(rejected))
             return LayerChoice(entry, candidate.forward)
         rejected.append((candidate.name, tuple(reasons)))
     detail = "; ".join(f"{n}: {', '.join(r)}" for n, r in rejected)

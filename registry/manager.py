@@ -61,6 +61,7 @@ class Registry:
         self._aliases: dict[str, str] = {}
         self.layer_kernels: dict[str, dict[str, object]] = {}
         self.layer_kernel_sources: dict[tuple[str, str], str] = {}
+        self.layer_defaults: dict[str, type] = {}  # layer name -> kernel used when kernels= is silent
         self.architectures: dict[str, type] = {}
         self.plugins: list[str] = []
         self.failures: list[PluginFailure] = []
@@ -194,6 +195,7 @@ class Registry:
         new._backends, new._aliases = dict(self._backends), dict(self._aliases)
         new.layer_kernels = {k: dict(v) for k, v in self.layer_kernels.items()}
         new.layer_kernel_sources = dict(self.layer_kernel_sources)
+        new.layer_defaults = dict(self.layer_defaults)
         new.architectures = dict(self.architectures)
         new.plugins, new.failures = list(self.plugins), list(self.failures)
         return new

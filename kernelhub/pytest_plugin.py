@@ -1,0 +1,122 @@
+"""kernelhub's pytest plugin (entry point `pytest11`): swap kernels in tests in one line.
+
+Fixtures:
+
+    kernelhub_registry          an isolated registry for this test (built-ins only)
+    swap_kernel(name, impl)     replace an attention backend or a layer kernel for this test
+    assert_bound(model, path, impl)   assert what the binding plan chose for one site
+
+Marker:
+
+    @pytest.mark.kernelhub_backends          run once per attention backend usable here,
+    def test_x(attn_backend): ...            as parameter `attn_backend`; each backend left
+                                             out is reported as a skip with its reasons
+
+    def test_norm(swap_kernel):
+        swap_kernel("RMSNorm", MyRMSNorm)        # every bind in this test uses it
+        model = kernelhub.from_pretrained(path)  # ... RMSNorm layers run MyRMSNorm.forward
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+MARKER = "kernelhub_backends"
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", f"{MARKER}(device='cpu'): run the test once per attention backend that can run on this "
+                   "machine, as the parameter `attn_backend`; the others are reported as skips with reasons")
+
+
+def _left_out_reasons(backend, device: str) -> list[str]:
+    from kernelhub.registry.capabilities import requirement_problems
+
+    reasons = requirement_problems(backend.requires)
+    if device not in backend.capabilities.devices:
+        reasons.append(f"runs on {', '.join(backend.capabilities.devices)}, not {device}")
+    return reasons
+
+
+def pytest_generate_tests(metafunc):
+    marker = metafunc.definition.get_closest_marker(MARKER)
+    if marker is None:
+        return
+    from kernelhub.registry.manager import scoped_registry
+
+    device = marker.kwargs.get("device", "cpu")
+    params = []
+    with scoped_registry(fresh=True, autoload=None) as registry:
+        for entry in registry.backends():
+            reasons = _left_out_reasons(entry.backend, device)
+            marks = [pytest.mark.skip(reason=f"{entry.backend.name}: {'; '.join(reasons)}")] if reasons else []
+            params.append(pytest.param(entry.backend.name, id=entry.backend.name, marks=marks))
+    metafunc.parametrize("attn_backend", params)
+
+
+@pytest.fixture
+def kernelhub_registry():
+    """A fresh registry (built-ins and, unless disabled, installed plugins) for this test only."""
+    from kernelhub.registry.manager import scoped_registry
+
+    with scoped_registry(fresh=True) as registry:
+        yield registry
+
+
+@pytest.fixture
+def swap_kernel(kernelhub_registry):
+    """`swap_kernel(name, impl)`: replace a backend or a layer kernel until the test ends.
+
+    `name` is an attention backend ("sdpa") or a declared layer ("RMSNorm"). For a backend,
+    `impl` is an `AttentionBackend` or a function with the backend signature (it inherits
+    the replaced backend's mask format and capabilities, and always receives a mask). For a layer, `impl` is a class with
+    `forward(self, x)`; every `bind` in the test uses it unless `kernels=` says otherwise.
+    Models bound before the swap keep their binding.
+    """
+
+    def swap(name: str, impl):
+        from kernelhub.backends.layer import declared_layer_names
+        from kernelhub.registry.capabilities import AttentionBackend
+        from kernelhub.registry.errors import KernelhubError, suggestion
+
+        names = kernelhub_registry.names()
+        if name in names:
+            old = kernelhub_registry.get(name).backend
+            # A bare function never opted in to receiving mask=None, whatever the old backend did.
+            new = impl if isinstance(impl, AttentionBackend) else \
+                dataclasses.replace(old, fn=impl, accepts_is_causal=False)
+            if not callable(new.fn):
+                raise KernelhubError(f"swap_kernel({name!r}, ...): {impl!r} is not an attention function or "
+                                     "AttentionBackend")
+            kernelhub_registry.register_backend(dataclasses.replace(new, name=old.name, aliases=old.aliases),
+                                                replace=True, source="swap_kernel")
+            return
+        layers = declared_layer_names()
+        if name not in layers:
+            raise KernelhubError(f"swap_kernel: {name!r} is neither a registered attention backend nor a declared "
+                                 f"layer.{suggestion(name, [*names, *layers])} Backends: {', '.join(names)}; "
+                                 f"layers: {', '.join(sorted(layers))}")
+        from kernelhub.registry.layer_kernels import check_layer_impl
+
+        check_layer_impl(impl, f"swap_kernel({name!r}, ...)")
+        kernelhub_registry.layer_defaults[name] = impl
+
+    return swap
+
+
+@pytest.fixture
+def assert_bound():
+    """`assert_bound(model, path, impl)`: the plan chose `impl` (a name or class) at `path`."""
+
+    def check(model: torch.nn.Module, path: str, impl):
+        plan = getattr(model, "binding", None)
+        assert plan is not None, "model is not bound (model.binding is None)"
+        entry = plan[path]
+        want = impl if isinstance(impl, str) else getattr(impl, "__name__", repr(impl))
+        assert entry.chosen == want, f"{path} is bound to {entry.chosen!r}, not {want!r}\n{plan}"
+
+    return check

@@ -1,0 +1,113 @@
+"""The pytest plugin: its fixtures used for real, and the plugin itself tested with pytester."""
+
+import pytest
+import torch
+
+import kernelhub
+from kernelhub.backends.eager import eager_attention
+from kernelhub.samples import write_random_checkpoint
+
+pytest_plugins = ["pytester"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    write_random_checkpoint(path)
+    return path
+
+
+IDS = torch.tensor([[2, 7, 1, 8, 2, 8]])
+
+
+@pytest.mark.kernelhub_backends
+def test_every_available_backend_matches_eager(attn_backend, checkpoint, assert_bound):
+    model = kernelhub.from_pretrained(checkpoint, attn_implementation=attn_backend)
+    assert_bound(model, "model.layers.0.self_attn.attn", attn_backend)
+    reference = kernelhub.from_pretrained(checkpoint, attn_implementation="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, reference(IDS).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_swap_layer_kernel(swap_kernel, checkpoint, assert_bound):
+    class Zero(torch.nn.Module):
+        def forward(self, x):
+            return torch.zeros_like(x)
+
+    swap_kernel("RMSNorm", Zero)
+    model = kernelhub.from_pretrained(checkpoint)
+    assert_bound(model, "model.norm", Zero)
+    assert model.binding["model.norm"].source == "swap_kernel (RMSNorm)"
+    with torch.no_grad():
+        assert model(IDS).logits.abs().max() == 0
+
+
+def test_swap_attention_backend(swap_kernel, checkpoint):
+    calls = []
+
+    def spy(module, q, k, v, mask, **kw):
+        calls.append(module.layer_idx)
+        return eager_attention(module, q, k, v, mask, **kw)
+
+    swap_kernel("sdpa", spy)
+    model = kernelhub.from_pretrained(checkpoint, attn_implementation="scaled_dot_product")  # aliases follow
+    model(IDS)
+    assert calls == [0, 1, 2, 3]
+    assert model.binding.entries[0].source == "swap_kernel"
+
+
+def test_swap_restores_after_the_test(checkpoint):
+    model = kernelhub.from_pretrained(checkpoint)
+    assert model.binding["model.norm"].chosen == "reference"
+    assert kernelhub.get_registry().get("sdpa").backend.fn.__name__ == "sdpa_attention"
+
+
+def test_swap_kernel_bad_input(swap_kernel):
+    with pytest.raises(kernelhub.KernelhubError, match="'RMSNrom' is neither .* Did you mean 'RMSNorm'"):
+        swap_kernel("RMSNrom", object)
+    with pytest.raises(kernelhub.KernelhubError, match="breaks the layer contract"):
+        swap_kernel("RMSNorm", lambda x: x)
+    with pytest.raises(kernelhub.KernelhubError, match="not an attention function"):
+        swap_kernel("sdpa", 42)
+
+
+def test_plugin_in_a_fresh_pytest_run(pytester):
+    """The plugin loads through its pytest11 entry point and reports each backend left out."""
+    pytester.makepyfile(
+        """
+        import pytest, kernelhub
+
+        @pytest.mark.kernelhub_backends
+        def test_backend(attn_backend):
+            assert attn_backend in ("eager", "sdpa", "flex", "needs_cuda")
+
+        def test_assert_bound_message(assert_bound):
+            class M: binding = None
+            with pytest.raises(AssertionError, match="not bound"):
+                assert_bound(M(), "x", "sdpa")
+        """
+    )
+    pytester.makeconftest(
+        """
+        import kernelhub
+        from kernelhub.backends.eager import eager_attention
+        from kernelhub.registry import builtins
+
+        class CudaOnly:
+            @kernelhub.hookimpl
+            def kernelhub_attention_backends(self):
+                return [kernelhub.AttentionBackend("needs_cuda", eager_attention, mask_format="bool",
+                        capabilities=kernelhub.Capabilities(devices=("cuda",)))]
+
+        def pytest_configure(config):
+            import kernelhub.registry.manager as m
+            original = m.Registry.__init__
+            def init(self, *a, **k):
+                original(self, *a, **k)
+                self.add_plugin(CudaOnly(), "cuda-only")
+            m.Registry.__init__ = init
+        """
+    )
+    result = pytester.runpytest_subprocess("-rs")  # in a child: the conftest patches kernelhub
+    result.assert_outcomes(passed=4, skipped=1)
+    result.stdout.fnmatch_lines(["*needs_cuda: runs on cuda, not cpu*"])

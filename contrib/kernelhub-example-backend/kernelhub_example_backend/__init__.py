@@ -1,0 +1,1 @@
+"""A template kernelhub plugin: one attention backend, published through an entry point."""

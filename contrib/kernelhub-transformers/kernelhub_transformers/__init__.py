@@ -1,0 +1,80 @@
+"""Run transformers models with kernelhub's attention backends.
+
+    import kernelhub_transformers            # registers every kernelhub backend as "kernelhub:<name>"
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="kernelhub:flex")
+
+Backends registered with kernelhub later (plugins loaded afterwards, or at runtime) are
+added with `kernelhub_transformers.register()`.
+
+Each backend is registered in transformers' `AttentionInterface` (the function) and
+`AttentionMaskInterface` (a mask builder producing the backend's declared mask format), so
+transformers builds exactly the mask the backend expects: bool, additive or BlockMask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PREFIX = "kernelhub:"
+
+
+def _mask_builder(backend):
+    """A transformers mask function producing `backend.mask_format`."""
+    from transformers import masking_utils as mu
+
+    fmt = backend.mask_format
+    skip = backend.accepts_is_causal  # only a backend that opted in may receive mask=None
+
+    def forced(build, **fixed):
+        # transformers passes the skip flags itself; a backend's declaration must win.
+        def builder(*args, **kwargs):
+            return build(*args, **{**kwargs, **fixed})
+        return builder
+
+    if fmt == "block_mask":
+        return mu.flex_attention_mask
+    if fmt == "additive":
+        return forced(mu.eager_mask, allow_is_bidirectional_skip=False)
+    if fmt == "bool":
+        return forced(mu.sdpa_mask, allow_is_causal_skip=skip, allow_is_bidirectional_skip=skip)
+    if fmt == "none":
+        return lambda *args, **kwargs: None
+    raise ValueError(f"kernelhub backend {backend.name!r} has mask format {fmt!r}, which transformers cannot build")
+
+
+def _attention_function(backend):
+    fn = backend.fn
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        extra = {}
+        if backend.accepts_is_causal and attention_mask is None:
+            extra["is_causal"] = getattr(module, "is_causal", True) and query.shape[2] > 1
+        if kwargs.get("softcap") is not None:
+            extra["softcap"] = kwargs["softcap"]
+        if backend.mask_format == "bool" and attention_mask is not None and attention_mask.dtype != torch.bool:
+            attention_mask = attention_mask.bool()
+        return fn(module, query, key, value, attention_mask, scaling=scaling,
+                  dropout=dropout if module.training else 0.0, **extra)
+
+    attention.__name__ = f"kernelhub_{backend.name}"
+    return attention
+
+
+def register(names=None) -> list[str]:
+    """Register kernelhub backends (all, or `names`) with transformers; returns the registered keys."""
+    import kernelhub
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    keys = []
+    for backend in kernelhub.backends():
+        if names is not None and backend.name not in names:
+            continue
+        key = PREFIX + backend.name
+        AttentionInterface.register(key, _attention_function(backend))
+        AttentionMaskInterface.register(key, _mask_builder(backend))
+        keys.append(key)
+    return keys
+
+
+register()

@@ -1,0 +1,79 @@
+"""transformers' own Llama and BERT, run through kernelhub backends, against their own sdpa."""
+
+import pytest
+import torch
+import transformers
+
+import kernelhub
+import kernelhub_transformers
+from kernelhub.backends.eager import eager_attention
+
+BACKENDS = ["eager", "sdpa", "flex"]
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bert")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4)
+    transformers.BertModel(config).save_pretrained(path)
+    return path
+
+
+def padded():
+    ids = torch.randint(0, 96, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_llama_matches_its_own_sdpa(llama_dir, backend):
+    ours = transformers.AutoModelForCausalLM.from_pretrained(llama_dir, attn_implementation=f"kernelhub:{backend}")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(llama_dir, attn_implementation="sdpa")
+    assert ours.config._attn_implementation == f"kernelhub:{backend}"
+    ids, mask = padded()
+    with torch.no_grad():
+        a, b = ours(ids, attention_mask=mask).logits, theirs(ids, attention_mask=mask).logits
+    assert (a[mask.bool()] - b[mask.bool()]).abs().max() <= 1e-5
+    prompt = ids[:1]
+    assert torch.equal(ours.generate(prompt, max_new_tokens=6, do_sample=False),
+                       theirs.generate(prompt, max_new_tokens=6, do_sample=False))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bert_matches_its_own_sdpa(bert_dir, backend):
+    ours = transformers.AutoModel.from_pretrained(bert_dir, attn_implementation=f"kernelhub:{backend}")
+    theirs = transformers.AutoModel.from_pretrained(bert_dir, attn_implementation="sdpa")
+    ids, mask = padded()
+    with torch.no_grad():
+        a = ours(ids, attention_mask=mask).last_hidden_state
+        b = theirs(ids, attention_mask=mask).last_hidden_state
+    assert (a[mask.bool()] - b[mask.bool()]).abs().max() <= 1e-5
+
+
+def test_a_backend_registered_later_is_bridged_with_register(llama_dir):
+    calls = []
+
+    def spy(module, q, k, v, mask, **kw):
+        calls.append(mask.dtype)
+        return eager_attention(module, q, k, v, mask, **kw)
+
+    with kernelhub.scoped_registry():
+        kernelhub.register_backend(kernelhub.AttentionBackend("spy", spy, mask_format="bool"))
+        assert kernelhub_transformers.register(["spy"]) == ["kernelhub:spy"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama_dir, attn_implementation="kernelhub:spy")
+    ids, _ = padded()
+    model(ids)  # unpadded and causal: transformers would skip the mask, but "spy" never opted in to None
+    assert calls == [torch.bool, torch.bool]

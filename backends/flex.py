@@ -1,18 +1,21 @@
 """flex attention as a backend: a BlockMask built from the semantic mask functions.
 
 The compiled kernel is created lazily, once per process (torch.compile caches per shape
-family). Set `kernelhub.backends.flex.COMPILE = False` (or the environment variable
-`KERNELHUB_FLEX_COMPILE=0`) for the uncompiled path, which materialises scores and
-suits tests and debugging.
+family). Set `KERNELHUB_FLEX_COMPILE=0` (read on first use) or
+`kernelhub.backends.flex.COMPILE = False` for the uncompiled path, which materialises
+scores and suits tests and debugging. If compiling fails (inductor's CPU code generation
+has failed for some dynamic shapes), the call is retried uncompiled, a warning says why,
+and later calls stay uncompiled: never a crash, never a wrong result.
 """
 
 import functools
 import os
+import warnings
 
 import torch
 from torch.nn.attention.flex_attention import flex_attention
 
-COMPILE = os.environ.get("KERNELHUB_FLEX_COMPILE", "1") != "0"
+COMPILE = None  # None: decided from KERNELHUB_FLEX_COMPILE on first use
 
 
 @functools.cache
@@ -31,6 +34,13 @@ def softcap_score_mod(softcap: float):
     return score_mod
 
 
+def _use_compiled() -> bool:
+    global COMPILE
+    if COMPILE is None:
+        COMPILE = os.environ.get("KERNELHUB_FLEX_COMPILE", "1") != "0"
+    return COMPILE and not torch.compiler.is_compiling()
+
+
 def flex_attention_backend(module, q, k, v, block_mask, *, scaling, softcap=None, **kw):
     """Attention through flex_attention with a BlockMask; returns no weights.
 
@@ -40,12 +50,14 @@ def flex_attention_backend(module, q, k, v, block_mask, *, scaling, softcap=None
     >>> tuple(flex_attention_backend(None, q, q, q, m, scaling=0.25)[0].shape)
     (1, 4, 2, 16)
     """
-    run = compiled_flex_attention() if COMPILE and not torch.compiler.is_compiling() else flex_attention
-    out = run(
-        q, k, v,
-        score_mod=softcap_score_mod(float(softcap)) if softcap else None,
-        block_mask=block_mask,
-        scale=scaling,
-        enable_gqa=q.shape[1] != k.shape[1],
-    )
-    return out.transpose(1, 2), None
+    global COMPILE
+    args = dict(score_mod=softcap_score_mod(float(softcap)) if softcap else None, block_mask=block_mask,
+                scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+    if _use_compiled():
+        try:
+            return compiled_flex_attention()(q, k, v, **args).transpose(1, 2), None
+        except Exception as e:  # a compiler failure; a genuine input error re-raises below, uncompiled
+            COMPILE = False
+            warnings.warn(f"compiling flex_attention failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                          "kernelhub uses the uncompiled flex path from now on", RuntimeWarning, stacklevel=2)
+    return flex_attention(q, k, v, **args).transpose(1, 2), None

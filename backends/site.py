@@ -43,15 +43,17 @@ class AttentionSite(torch.nn.Module):
         self.reference = reference
         self.unbind()
 
-    def set_implementation(self, name: str, fn, mask_format: str, accepts_is_causal: bool = False):
+    def set_implementation(self, name: str, fn, mask_format: str, accepts_is_causal: bool = False,
+                           returns_weights: bool = False):
         """Point this site at `fn` (called by kernelhub's binder, not by model code)."""
         self.implementation, self._fn, self._mask_format = name, fn, mask_format
+        self.returns_weights = returns_weights
         self._accepts_is_causal = accepts_is_causal
         self._kwargs = {"softcap": self.softcap} if self.softcap else {}
 
     def unbind(self):
         """Return to the eager reference."""
-        self.set_implementation("eager", self.reference, "bool")
+        self.set_implementation("eager", self.reference, "bool", returns_weights=True)
 
     def forward(self, q, k, v, mask):
         """q: [B, H, Q, D], k/v: [B, H_kv, KV, D], mask: AttentionMask -> (out [B, Q, H, D], weights|None)."""

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from kernelhub.backends.attention_mask import AttentionMask
+from kernelhub.backends.capture import capturing, require_weights
 from kernelhub.backends.layer import Linear, layer
 from kernelhub.backends.site import AttentionSite
 
@@ -162,6 +163,7 @@ class EncoderOutput:
     last_hidden_state: torch.Tensor
     pooler_output: torch.Tensor
     attentions: tuple | None = None
+    hidden_states: tuple | None = None
 
 
 class BertModel(nn.Module):
@@ -179,17 +181,30 @@ class BertModel(nn.Module):
         self.pooler = BertPooler(cfg)
         self.binding = None
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+    def capture_points(self):
+        """Where outputs come from: embeddings and each layer (hidden states), each site (weights)."""
+        return {"hidden_states": [self.embeddings, *self.encoder.layer],
+                "attentions": [layer_.attention.self.attn for layer_ in self.encoder.layer]}
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, output_hidden_states=False,
+                output_attentions=None):
         b, s = input_ids.shape
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
+        if output_attentions:
+            require_weights((f"encoder.layer.{i}.attention.self.attn", l.attention.self.attn)
+                            for i, l in enumerate(self.encoder.layer))
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        x = self.embeddings(input_ids, token_type_ids)
-        mask = AttentionMask.build(batch=b, q_len=s, causal=False, padding=attention_mask, device=x.device)
-        attentions = []
-        for layer_ in self.encoder.layer:
-            x, weights = layer_(x, mask)
-            attentions.append(weights)
-        return EncoderOutput(x, self.pooler(x), tuple(attentions) if self.config.output_attentions else None)
+        kinds = ["hidden_states" if output_hidden_states else None, "attentions" if output_attentions else None]
+        with capturing(self, self.capture_points(), kinds) as captured:
+            x = self.embeddings(input_ids, token_type_ids)
+            mask = AttentionMask.build(batch=b, q_len=s, causal=False, padding=attention_mask, device=x.device)
+            for layer_ in self.encoder.layer:
+                x, _ = layer_(x, mask)
+        attentions, hidden = captured.get("attentions"), captured.get("hidden_states")
+        return EncoderOutput(x, self.pooler(x), tuple(attentions) if attentions is not None else None,
+                             tuple(hidden) if hidden is not None else None)
 
     def get_input_embeddings(self):
         return self.embeddings.word_embeddings

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from kernelhub.backends.attention_mask import AttentionMask
+from kernelhub.backends.capture import capturing, require_weights
 from kernelhub.backends.layer import Linear, layer
 from kernelhub.backends.site import AttentionSite
 
@@ -230,6 +231,7 @@ class DecoderLayer(nn.Module):
 class CausalLMOutput:
     logits: torch.Tensor
     attentions: tuple | None = None
+    hidden_states: tuple | None = None
 
 
 class LlamaModel(nn.Module):
@@ -255,19 +257,34 @@ class LlamaModel(nn.Module):
                 causal=True, sliding_window=window, padding=attention_mask, device=device)
         return masks
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+    def capture_points(self):
+        """Where outputs come from: embeddings and each layer (hidden states), each site (weights)."""
+        return {"hidden_states": [self.embed_tokens, *self.layers],
+                "attentions": [layer_.self_attn.attn for layer_ in self.layers]}
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None,
+                output_hidden_states=False, output_attentions=False):
         b, s = input_ids.shape
-        x = self.embed_tokens(input_ids)
-        if position_ids is None:
-            past = cache.get_seq_length() if cache is not None else 0
-            position_ids = torch.arange(past, past + s, device=x.device).unsqueeze(0)
-        cos, sin = self.rotary_emb(position_ids, x.dtype)
-        masks = self.build_masks(b, s, attention_mask, cache, x.device)
-        attentions = []
-        for layer_ in self.layers:
-            x, weights = layer_(x, cos, sin, masks[layer_.self_attn.attn.layer_type], cache)
-            attentions.append(weights)
-        return self.norm(x), attentions
+        if output_attentions:
+            require_weights((f"model.layers.{i}.self_attn.attn", l.self_attn.attn) for i, l in enumerate(self.layers))
+        kinds = ["hidden_states" if output_hidden_states else None, "attentions" if output_attentions else None]
+        with capturing(self, self.capture_points(), kinds) as captured:
+            x = self.embed_tokens(input_ids)
+            if position_ids is None:
+                past = cache.get_seq_length() if cache is not None else 0
+                position_ids = torch.arange(past, past + s, device=x.device).unsqueeze(0)
+            cos, sin = self.rotary_emb(position_ids, x.dtype)
+            masks = self.build_masks(b, s, attention_mask, cache, x.device)
+            for layer_ in self.layers:
+                x, _ = layer_(x, cos, sin, masks[layer_.self_attn.attn.layer_type], cache)
+            x = self.norm(x)
+        if output_hidden_states:
+            captured["hidden_states"][-1] = x  # transformers' convention: the last entry is normed
+        return x, captured
+
+
+def _tuple(items):
+    return tuple(items) if items is not None else None
 
 
 class LlamaForCausalLM(nn.Module):
@@ -285,12 +302,17 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.binding = None
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, logits_to_keep: int = 0):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, logits_to_keep: int = 0,
+                output_hidden_states: bool = False, output_attentions: bool | None = None):
         """`logits_to_keep=N` computes logits for the last N positions only (0 = all); generation
-        needs just the last one, and the vocabulary projection is the largest matmul of the model."""
-        hidden, attentions = self.model(input_ids, attention_mask, position_ids, cache)
+        needs just the last one, and the vocabulary projection is the largest matmul of the model.
+        `output_hidden_states` / `output_attentions` (default: the config's) fill those fields."""
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
+        hidden, captured = self.model(input_ids, attention_mask, position_ids, cache,
+                                      output_hidden_states, output_attentions)
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
-        return CausalLMOutput(logits, tuple(attentions) if self.config.output_attentions else None)
+        return CausalLMOutput(logits, _tuple(captured.get("attentions")), _tuple(captured.get("hidden_states")))
 
     def get_input_embeddings(self):
         return self.model.embed_tokens

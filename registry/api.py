@@ -67,7 +67,7 @@ def use_kernels(kernels: dict, *models):
 
 def _snapshot(model):
     """Everything binding changes on `model`, so it can be put back exactly."""
-    sites = [(m, m.implementation, m._fn, m._mask_format, m._accepts_is_causal)
+    sites = [(m, m.implementation, m._fn, m._mask_format, m._accepts_is_causal, m.returns_weights)
              for m in model.modules() if isinstance(m, AttentionSite)]
     layers = [(m, m.__dict__.get("forward")) for m in model.modules() if layer_name(m)]
     return model, getattr(model, "binding", None), getattr(model, "binding_request", None), sites, layers
@@ -75,8 +75,8 @@ def _snapshot(model):
 
 def _restore(snapshot):
     model, plan, request, sites, layers = snapshot
-    for site, name, fn, fmt, causal in sites:
-        site.set_implementation(name, fn, fmt, causal)
+    for site, name, fn, fmt, causal, weights in sites:
+        site.set_implementation(name, fn, fmt, causal, weights)
     for module, forward in layers:
         module.__dict__.pop("forward", None)
         if forward is not None:

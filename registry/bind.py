@@ -92,7 +92,8 @@ def bind(model: torch.nn.Module, attn_implementation=None, kernels=None, *, devi
 
     # Everything is decided: now apply, which cannot fail half-way.
     for site, backend in attention_actions:
-        site.set_implementation(backend.name, backend.fn, backend.mask_format, backend.accepts_is_causal)
+        site.set_implementation(backend.name, backend.fn, backend.mask_format, backend.accepts_is_causal,
+                                backend.capabilities.returns_weights)
     for module, forward in layer_actions:
         reset_layer_forward(module)  # also drops what a previous kernel cached on the module
         if forward is not None:

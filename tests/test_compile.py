@@ -35,3 +35,18 @@ def test_compiled_flex_matches_eager(checkpoint, monkeypatch):
     eager = kernelhub.from_pretrained(checkpoint, attn_implementation="eager")
     prompt = torch.tensor([[7, 3, 9, 4]])
     assert compiled.generate(prompt, max_new_tokens=4).tolist() == eager.generate(prompt, max_new_tokens=4).tolist()
+
+
+def test_a_failing_flex_compile_falls_back_with_a_warning(checkpoint, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("C++ compile error (simulated)")
+
+    monkeypatch.setattr(flex, "COMPILE", True)
+    monkeypatch.setattr(flex, "compiled_flex_attention", lambda: broken)
+    model = kernelhub.from_pretrained(checkpoint, attn_implementation="flex")
+    eager = kernelhub.from_pretrained(checkpoint, attn_implementation="eager")
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    with pytest.warns(RuntimeWarning, match="compiling flex_attention failed .*simulated"), torch.no_grad():
+        out = model(ids).logits
+    torch.testing.assert_close(out, eager(ids).logits, atol=1e-5, rtol=1e-5)
+    assert flex.COMPILE is False

@@ -33,6 +33,7 @@ bench: $(STAMP)
 
 docs: $(STAMP)
 	$(PY) -m kernelhub.docs_gen docs/attention.md
+	$(VENV)/bin/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV)

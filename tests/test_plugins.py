@@ -120,3 +120,19 @@ def test_selection_policy_hook_picks_among_fitting_candidates(tiny_checkpoint):
     model = kernelhub.from_pretrained(tiny_checkpoint, attn_implementation=["sdpa", "eager"])
     assert model.binding.chosen() == {"eager"}
     assert model.binding.entries[0].note == "selected by policy hook"
+
+
+def test_two_plugins_registering_one_name_are_reported_naming_both():
+    def plugin_providing(fn):
+        class Plugin:
+            @kernelhub.hookimpl
+            def kernelhub_attention_backends(self):
+                return [kernelhub.AttentionBackend("dup", fn, mask_format="bool")]
+        return Plugin()
+
+    registry = kernelhub.get_registry()
+    registry.add_plugin(plugin_providing(eager_attention), "first (dist-one)")
+    with pytest.warns(RuntimeWarning, match=r"'dup' from second \(dist-two\) is already registered by first \(dist-one\)"):
+        registry.add_plugin(plugin_providing(lambda *a, **k: None), "second (dist-two)")
+    assert registry.get("dup").backend.fn is eager_attention  # the first registration is kept
+    assert any(f.plugin == "second (dist-two)" for f in registry.failures)

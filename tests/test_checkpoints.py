@@ -23,11 +23,11 @@ def padded_batch():
     return ids, mask
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_logits_match_transformers(checkpoint, backend):
+@pytest.mark.kernelhub_backends
+def test_logits_match_transformers(checkpoint, attn_backend, assert_bound):
     model_type, path, reference = checkpoint
-    model = kernelhub.from_pretrained(path, attn_implementation=backend, dtype="float32")
-    assert model.binding.chosen() == {backend}
+    model = kernelhub.from_pretrained(path, attn_implementation=attn_backend, dtype="float32")
+    assert_bound(model, "model.layers.0.self_attn.attn", attn_backend)
     ids, mask = padded_batch()
     with torch.no_grad():
         ours = model(ids, attention_mask=mask).logits

@@ -38,10 +38,10 @@ def test_tokenizer_pads_a_batch_of_different_lengths(batch):
     assert batch["input_ids"][0, 0].item() == 101  # [CLS]
 
 
-@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex"])
-def test_embeddings_match_transformers(backend, batch, reference):
-    model = kernelhub.from_pretrained(minilm_dir(), attn_implementation=backend)
-    assert model.binding.chosen() == {backend}
+@pytest.mark.kernelhub_backends
+def test_embeddings_match_transformers(attn_backend, batch, reference, assert_bound):
+    model = kernelhub.from_pretrained(minilm_dir(), attn_implementation=attn_backend)
+    assert_bound(model, "encoder.layer.5.attention.self.attn", attn_backend)
     hidden, _ = embed(model, batch)
     valid = batch["attention_mask"].bool()
     assert (hidden[valid] - reference[valid]).abs().max() <= 1e-5

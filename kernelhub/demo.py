@@ -62,6 +62,8 @@ def chat_demo(attn: str, max_new_tokens: int) -> None:
     # On CPU, prefer the oneDNN packed-weight Linear kernel; the chain falls back to the reference.
     model = kernelhub.from_pretrained(path, attn_implementation=attn, kernels={"Linear": ["onednn", "reference"]})
     tokenizer = kernelhub.load_tokenizer(path, model=model)
+    with torch.no_grad():
+        model(torch.tensor([[tokenizer.eos_token_id]]))  # the oneDNN kernel packs its weights on first use
     print(f"  loaded in {time.perf_counter() - start:.1f} s (GGUF conversion is cached after the first run); "
           f"attention {sorted(model.binding.chosen())}, Linear {sorted(model.binding.chosen('layer') - {'reference'})}\n")
     for question in QUESTIONS:

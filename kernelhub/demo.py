@@ -64,8 +64,9 @@ def chat_demo(attn: str, max_new_tokens: int) -> None:
     tokenizer = kernelhub.load_tokenizer(path, model=model)
     with torch.no_grad():
         model(torch.tensor([[tokenizer.eos_token_id]]))  # the oneDNN kernel packs its weights on first use
+    linear = sorted(model.binding.chosen("layer") - {"reference"})
     print(f"  loaded in {time.perf_counter() - start:.1f} s (GGUF conversion is cached after the first run); "
-          f"attention {sorted(model.binding.chosen())}, Linear {sorted(model.binding.chosen('layer') - {'reference'})}\n")
+          f"attention {sorted(model.binding.chosen())}, Linear {linear}\n")
     for question in QUESTIONS:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}])
         ids = torch.tensor([tokenizer.encode(prompt)])

@@ -73,9 +73,9 @@ def swap_kernel(kernelhub_registry):
 
     `name` is an attention backend ("sdpa") or a declared layer ("RMSNorm"). For a backend,
     `impl` is an `AttentionBackend` or a function with the backend signature (it inherits
-    the replaced backend's mask format and capabilities, and always receives a mask). For a layer, `impl` is a class with
-    `forward(self, x)`; every `bind` in the test uses it unless `kernels=` says otherwise.
-    Models bound before the swap keep their binding.
+    the replaced backend's mask format and capabilities, and always receives a mask). For a
+    layer, `impl` is a class with `forward(self, x)`; every `bind` in the test uses it unless
+    `kernels=` says otherwise. Models bound before the swap keep their binding.
     """
 
     def swap(name: str, impl):

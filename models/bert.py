@@ -192,8 +192,8 @@ class BertModel(nn.Module):
         if output_attentions is None:
             output_attentions = self.config.output_attentions
         if output_attentions:
-            require_weights((f"encoder.layer.{i}.attention.self.attn", l.attention.self.attn)
-                            for i, l in enumerate(self.encoder.layer))
+            require_weights((f"encoder.layer.{i}.attention.self.attn", layer_.attention.self.attn)
+                            for i, layer_ in enumerate(self.encoder.layer))
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         kinds = ["hidden_states" if output_hidden_states else None, "attentions" if output_attentions else None]

@@ -266,7 +266,8 @@ class LlamaModel(nn.Module):
                 output_hidden_states=False, output_attentions=False):
         b, s = input_ids.shape
         if output_attentions:
-            require_weights((f"model.layers.{i}.self_attn.attn", l.self_attn.attn) for i, l in enumerate(self.layers))
+            require_weights((f"model.layers.{i}.self_attn.attn", layer_.self_attn.attn)
+                            for i, layer_ in enumerate(self.layers))
         kinds = ["hidden_states" if output_hidden_states else None, "attentions" if output_attentions else None]
         with capturing(self, self.capture_points(), kinds) as captured:
             x = self.embed_tokens(input_ids)

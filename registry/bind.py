@@ -28,7 +28,9 @@ from kernelhub.registry.request import parse_attn_implementation
 
 def _device_and_dtype(model, device, dtype):
     param = next(model.parameters(), None)
-    device = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
+    if device is None:
+        device = param.device if param is not None else "cpu"
+    device = torch.device(device)
     if device.type == "meta":
         device = torch.device("cpu")
     return device, dtype or (param.dtype if param is not None else torch.float32)

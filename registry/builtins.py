@@ -4,7 +4,6 @@ and the Llama and BERT families.
 Registered through the same hooks as any third-party plugin.
 """
 
-import torch
 
 from kernelhub.backends.eager import eager_attention
 from kernelhub.backends.flex import flex_attention_backend

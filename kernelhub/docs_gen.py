@@ -13,6 +13,13 @@ FEATURES = ("gqa", "sliding_window", "softcap", "sinks", "dropout", "returns_wei
             "arbitrary_mask", "compile", "backward")
 
 
+def _cell(value) -> str:
+    """yes / no, or the device types for a per-device capability."""
+    if isinstance(value, tuple):
+        return " ".join(value) + " only"
+    return "yes" if value else "no"
+
+
 def capability_rows(entries) -> list[dict]:
     """One dict per registered backend: name, aliases, mask format, source, features, dtypes, head_dim."""
     rows = []
@@ -27,7 +34,7 @@ def capability_rows(entries) -> list[dict]:
             "devices": ", ".join(caps.devices),
             "dtypes": ", ".join(str(d).removeprefix("torch.") for d in caps.dtypes),
             "head_dim": f"{caps.head_dim[0]}..{caps.head_dim[1]}",
-            **{f: "yes" if getattr(caps, f) else "no" for f in FEATURES},
+            **{f: _cell(getattr(caps, f)) for f in FEATURES},
         })
     return rows
 

@@ -36,7 +36,7 @@ FLEX = AttentionBackend(
     fn=flex_attention_backend,
     mask_format="block_mask",
     capabilities=Capabilities(
-        head_dim=(16, 256), softcap=True, backward=False,
+        head_dim=(16, 256), softcap=True, backward=("cuda",),  # the CPU path is forward-only
     ),
     requires=("torch>=2.5",),
     description="torch flex_attention with a BlockMask (compiled once per process)",

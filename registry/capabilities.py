@@ -39,11 +39,12 @@ class Capabilities:
     paged: bool = False
     arbitrary_mask: bool = True
     compile: bool = True
-    backward: bool = True
+    # True, False, or the device types where a backward pass exists (e.g. ("cuda",)).
+    backward: bool | tuple[str, ...] = True
 
     def features(self) -> list[str]:
-        """Names of the boolean features this backend has, for tables."""
-        return [f.name for f in dataclasses.fields(self) if f.type == "bool" and getattr(self, f.name)]
+        """Names of the features this backend has (on at least one device), for tables."""
+        return [f.name for f in dataclasses.fields(self) if f.type.startswith("bool") and getattr(self, f.name)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,13 +102,19 @@ def unsupported(backend: AttentionBackend, site, device, dtype, mode: str = "inf
     if site.needs_weights and not caps.returns_weights:
         reasons.append("cannot return attention weights (output_attentions=True); eager can")
     if mode == "training":
-        if not caps.backward:
-            reasons.append("forward-only, no backward for training")
+        if not on_device(caps.backward, device_type):
+            where = f" on {device_type} (backward on {', '.join(caps.backward)})" if caps.backward else ""
+            reasons.append(f"forward-only{where}, no backward for training")
         if site.dropout and not caps.dropout:
             reasons.append(f"no attention dropout in training (site dropout {site.dropout})")
     if mode == "compile" and not caps.compile:
         reasons.append("cannot run under torch.compile")
     return reasons
+
+
+def on_device(flag, device_type: str) -> bool:
+    """A capability that is a bool, or a tuple of the device types that have it."""
+    return device_type in flag if isinstance(flag, tuple) else bool(flag)
 
 
 def requirement_problems(requires) -> list[str]:

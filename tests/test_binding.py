@@ -52,11 +52,11 @@ def test_preference_list_records_rejections(mistral_checkpoint):
     plan = kernelhub.explain(mistral_checkpoint, attn_implementation=["flex", "sdpa"], mode="training")
     entry = plan["model.layers.0.self_attn.attn"]
     assert entry.chosen == "sdpa"
-    assert entry.rejected == (("flex", ("forward-only, no backward for training",)),)
+    assert entry.rejected == (("flex", ("forward-only on cpu (backward on cuda), no backward for training",)),)
     row = plan.to_dict()[0]
     assert row == {"path": "model.layers.0.self_attn.attn", "kind": "attention", "chosen": "sdpa",
                    "source": "builtin", "request": "['flex', 'sdpa']", "note": "",
-                   "rejected": [{"name": "flex", "reasons": ["forward-only, no backward for training"]}]}
+                   "rejected": [{"name": "flex", "reasons": ["forward-only on cpu (backward on cuda), no backward for training"]}]}
 
 
 def test_plan_is_immutable_and_prints_a_table(mistral_checkpoint):
@@ -176,3 +176,10 @@ def test_plugin_added_in_a_scope_does_not_leak(mistral_checkpoint):
         scoped.add_plugin(PreferEager(), "prefer-eager")
         assert kernelhub.explain(mistral_checkpoint, ["sdpa", "eager"]).chosen() == {"eager"}
     assert kernelhub.explain(mistral_checkpoint, ["sdpa", "eager"]).chosen() == {"sdpa"}
+
+
+def test_capabilities_can_differ_per_device(mistral_checkpoint):
+    """flex has a backward pass on CUDA only: training binds it there and refuses it on CPU."""
+    assert kernelhub.explain(mistral_checkpoint, "flex", device="cuda", mode="training").chosen() == {"flex"}
+    with pytest.raises(kernelhub.BindError, match="flex: forward-only on cpu"):
+        kernelhub.explain(mistral_checkpoint, "flex", device="cpu", mode="training")

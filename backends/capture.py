@@ -8,7 +8,7 @@ and returns at once. Nothing is kept after the call.
 
 >>> import torch
 >>> layers = torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)])
->>> with capturing(layers, {"hidden_states": list(layers)}, ["hidden_states"]) as store:
+>>> with capturing(layers, lambda: {"hidden_states": list(layers)}, ["hidden_states"]) as store:
 ...     _ = layers[1](layers[0](torch.ones(1, 2)))
 >>> len(store["hidden_states"])
 2
@@ -45,11 +45,12 @@ PICK = {"hidden_states": _first, "attentions": _second}
 
 
 @contextlib.contextmanager
-def capturing(model, points: dict, kinds):
-    """Collect the outputs of `points[kind]` modules for each kind in `kinds`, for this call only.
+def capturing(model, points, kinds):
+    """Collect the outputs of `points()[kind]` modules for each kind in `kinds`, for this call only.
 
-    `points` maps "hidden_states" / "attentions" to modules in forward order. Yields a dict
-    of lists (empty when `kinds` is empty, and then nothing is installed or recorded).
+    `points` is a callable returning {"hidden_states" / "attentions": modules in forward
+    order}; it is called only once, when hooks are first installed. Yields a dict of lists
+    (empty when `kinds` is empty, and then nothing is installed or recorded).
     """
     kinds = [k for k in kinds if k]
     if not kinds:
@@ -58,7 +59,7 @@ def capturing(model, points: dict, kinds):
     if not getattr(model, _HOOKED, False):
         with _INSTALL:  # two threads capturing for the first time must not both install hooks
             if not getattr(model, _HOOKED, False):
-                for kind, modules in points.items():
+                for kind, modules in points().items():
                     for module in modules:
                         module.register_forward_hook(_hook(kind, PICK[kind]))
                 setattr(model, _HOOKED, True)

@@ -51,6 +51,10 @@ class AttentionSite(torch.nn.Module):
         self._accepts_is_causal = accepts_is_causal
         self._kwargs = {"softcap": self.softcap} if self.softcap else {}
 
+    def implementation_state(self) -> tuple:
+        """The arguments of `set_implementation` that reproduce the current binding."""
+        return self.implementation, self._fn, self._mask_format, self._accepts_is_causal, self.returns_weights
+
     def unbind(self):
         """Return to the eager reference."""
         self.set_implementation("eager", self.reference, "bool", returns_weights=True)

@@ -16,19 +16,10 @@ import sys
 import torch
 
 
-def _available(backend, device="cpu"):
-    """Reasons a backend cannot run on this machine at all (independent of any model)."""
-    from kernelhub.registry.capabilities import requirement_problems
-
-    reasons = requirement_problems(backend.requires)
-    if device not in backend.capabilities.devices:
-        reasons.append(f"needs {', '.join(backend.capabilities.devices)}")
-    return reasons
-
-
 def cmd_backends(args) -> int:
     from kernelhub.docs_gen import capability_rows
     from kernelhub.registry.api import backend_sources
+    from kernelhub.registry.capabilities import machine_problems
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"attention backends on this machine ({device}):\n")
@@ -37,7 +28,7 @@ def cmd_backends(args) -> int:
     widths = [max(len(str(r[h])) for r in rows + [dict(zip(header, header))]) for h in header]
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)) + "  status")
     for entry, row in zip(backend_sources(), rows):
-        reasons = _available(entry.backend, device)
+        reasons = machine_problems(entry.backend, device)
         status = "available" if not reasons else "unavailable: " + "; ".join(reasons)
         print("  ".join(str(row[h]).ljust(w) for h, w in zip(header, widths)) + "  " + status)
     return 0

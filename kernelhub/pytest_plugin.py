@@ -33,26 +33,18 @@ def pytest_configure(config):
                    "machine, as the parameter `attn_backend`; the others are reported as skips with reasons")
 
 
-def _left_out_reasons(backend, device: str) -> list[str]:
-    from kernelhub.registry.capabilities import requirement_problems
-
-    reasons = requirement_problems(backend.requires)
-    if device not in backend.capabilities.devices:
-        reasons.append(f"runs on {', '.join(backend.capabilities.devices)}, not {device}")
-    return reasons
-
-
 def pytest_generate_tests(metafunc):
     marker = metafunc.definition.get_closest_marker(MARKER)
     if marker is None:
         return
+    from kernelhub.registry.capabilities import machine_problems
     from kernelhub.registry.manager import scoped_registry
 
     device = marker.kwargs.get("device", "cpu")
     params = []
     with scoped_registry(fresh=True, autoload=None) as registry:
         for entry in registry.backends():
-            reasons = _left_out_reasons(entry.backend, device)
+            reasons = machine_problems(entry.backend, device)
             marks = [pytest.mark.skip(reason=f"{entry.backend.name}: {'; '.join(reasons)}")] if reasons else []
             params.append(pytest.param(entry.backend.name, id=entry.backend.name, marks=marks))
     metafunc.parametrize("attn_backend", params)

@@ -197,7 +197,7 @@ class BertModel(nn.Module):
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         kinds = ["hidden_states" if output_hidden_states else None, "attentions" if output_attentions else None]
-        with capturing(self, self.capture_points(), kinds) as captured:
+        with capturing(self, self.capture_points, kinds) as captured:
             x = self.embeddings(input_ids, token_type_ids)
             mask = AttentionMask.build(batch=b, q_len=s, causal=False, padding=attention_mask, device=x.device)
             for layer_ in self.encoder.layer:

@@ -269,7 +269,7 @@ class LlamaModel(nn.Module):
             require_weights((f"model.layers.{i}.self_attn.attn", layer_.self_attn.attn)
                             for i, layer_ in enumerate(self.layers))
         kinds = ["hidden_states" if output_hidden_states else None, "attentions" if output_attentions else None]
-        with capturing(self, self.capture_points(), kinds) as captured:
+        with capturing(self, self.capture_points, kinds) as captured:
             x = self.embed_tokens(input_ids)
             if position_ids is None:
                 past = cache.get_seq_length() if cache is not None else 0

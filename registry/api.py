@@ -67,16 +67,15 @@ def use_kernels(kernels: dict, *models):
 
 def _snapshot(model):
     """Everything binding changes on `model`, so it can be put back exactly."""
-    sites = [(m, m.implementation, m._fn, m._mask_format, m._accepts_is_causal, m.returns_weights)
-             for m in model.modules() if isinstance(m, AttentionSite)]
+    sites = [(m, m.implementation_state()) for m in model.modules() if isinstance(m, AttentionSite)]
     layers = [(m, m.__dict__.get("forward")) for m in model.modules() if layer_name(m)]
     return model, getattr(model, "binding", None), getattr(model, "binding_request", None), sites, layers
 
 
 def _restore(snapshot):
     model, plan, request, sites, layers = snapshot
-    for site, name, fn, fmt, causal, weights in sites:
-        site.set_implementation(name, fn, fmt, causal, weights)
+    for site, state in sites:
+        site.set_implementation(*state)
     for module, forward in layers:
         module.__dict__.pop("forward", None)
         if forward is not None:

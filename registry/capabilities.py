@@ -80,11 +80,9 @@ def unsupported(backend: AttentionBackend, site, device, dtype, mode: str = "inf
     >>> unsupported(SDPA, AttentionSite(head_dim=64, num_heads=4), "cpu", torch.float32)
     []
     """
-    caps, reasons = backend.capabilities, []
+    caps = backend.capabilities
     device_type = torch.device(device).type
-    reasons += requirement_problems(backend.requires)
-    if device_type not in caps.devices:
-        reasons.append(f"runs on {', '.join(caps.devices)}, not {device_type}")
+    reasons = machine_problems(backend, device_type)
     if dtype not in caps.dtypes:
         names = ", ".join(str(d).removeprefix("torch.") for d in caps.dtypes)
         reasons.append(f"supports dtypes {names}, not {str(dtype).removeprefix('torch.')}")
@@ -109,6 +107,14 @@ def unsupported(backend: AttentionBackend, site, device, dtype, mode: str = "inf
             reasons.append(f"no attention dropout in training (site dropout {site.dropout})")
     if mode == "compile" and not caps.compile:
         reasons.append("cannot run under torch.compile")
+    return reasons
+
+
+def machine_problems(backend: AttentionBackend, device_type: str) -> list[str]:
+    """Reasons `backend` cannot run on this machine's `device_type` at all, whatever the model."""
+    reasons = requirement_problems(backend.requires)
+    if device_type not in backend.capabilities.devices:
+        reasons.append(f"runs on {', '.join(backend.capabilities.devices)}, not {device_type}")
     return reasons
 
 

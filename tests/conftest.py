@@ -20,6 +20,16 @@ def isolated_registry():
         yield reg
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A random 4-layer Llama checkpoint in the Hugging Face layout, shared by the whole run."""
+    from kernelhub.samples import write_random_checkpoint
+
+    path = tmp_path_factory.mktemp("tiny")
+    write_random_checkpoint(path)
+    return path
+
+
 @pytest.fixture(autouse=True)
 def seeded():
     torch.manual_seed(0)

@@ -11,16 +11,9 @@ from kernelhub.backends.eager import eager_attention
 from kernelhub.samples import TINY_LLAMA, write_random_checkpoint
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    write_random_checkpoint(path)
-    return path
-
-
 @pytest.fixture
-def model(checkpoint):
-    return kernelhub.from_pretrained(checkpoint, attn_implementation="flex")
+def model(tiny_checkpoint):
+    return kernelhub.from_pretrained(tiny_checkpoint, attn_implementation="flex")
 
 
 def snapshot(model):
@@ -89,11 +82,11 @@ def test_failed_rebind_keeps_previous_binding_and_outputs(model):
         torch.testing.assert_close(model(ids).logits, expected, atol=0, rtol=0)
 
 
-def test_sdpa_cannot_return_attention_weights(checkpoint):
+def test_sdpa_cannot_return_attention_weights(tiny_checkpoint):
     with pytest.raises(kernelhub.BindError) as info:
-        kernelhub.from_pretrained(checkpoint, attn_implementation="sdpa", output_attentions=True)
+        kernelhub.from_pretrained(tiny_checkpoint, attn_implementation="sdpa", output_attentions=True)
     assert "cannot return attention weights" in str(info.value) and "eager can" in str(info.value)
-    model = kernelhub.from_pretrained(checkpoint, attn_implementation=["sdpa", "eager"], output_attentions=True)
+    model = kernelhub.from_pretrained(tiny_checkpoint, attn_implementation=["sdpa", "eager"], output_attentions=True)
     assert model.binding.chosen() == {"eager"}
     assert model.binding.entries[0].rejected[0][0] == "sdpa"
     out = model(torch.tensor([[1, 2, 3]]))
@@ -108,9 +101,9 @@ def test_flex_with_dropout_in_training_is_refused(tmp_path):
     assert "Valid backends: eager, sdpa, flex" in str(info.value)
 
 
-def test_preference_list_where_nothing_fits_lists_every_reason(checkpoint):
+def test_preference_list_where_nothing_fits_lists_every_reason(tiny_checkpoint):
     with pytest.raises(kernelhub.BindError) as info:
-        kernelhub.from_pretrained(checkpoint, attn_implementation=["sdpa", "flex"], output_attentions=True)
+        kernelhub.from_pretrained(tiny_checkpoint, attn_implementation=["sdpa", "flex"], output_attentions=True)
     message = str(info.value)
     assert "none of ['sdpa', 'flex']" in message
     assert "sdpa: cannot return attention weights" in message and "flex: cannot return attention weights" in message
@@ -135,14 +128,14 @@ def test_invalid_config_json(tmp_path):
         kernelhub.from_pretrained(tmp_path)
 
 
-def test_missing_weights(checkpoint, tmp_path):
-    (tmp_path / "config.json").write_text((checkpoint / "config.json").read_text())
+def test_missing_weights(tiny_checkpoint, tmp_path):
+    (tmp_path / "config.json").write_text((tiny_checkpoint / "config.json").read_text())
     with pytest.raises(kernelhub.CheckpointError, match="expected model.safetensors or model.safetensors.index.json"):
         kernelhub.from_pretrained(tmp_path)
 
 
-def test_unsupported_model_type(checkpoint, tmp_path):
-    config = json.loads((checkpoint / "config.json").read_text())
+def test_unsupported_model_type(tiny_checkpoint, tmp_path):
+    config = json.loads((tiny_checkpoint / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "lama"}))
     with pytest.raises(kernelhub.CheckpointError) as info:
         kernelhub.from_pretrained(tmp_path)
@@ -150,9 +143,9 @@ def test_unsupported_model_type(checkpoint, tmp_path):
     assert "llama, mistral, qwen2" in str(info.value)
 
 
-def test_wrong_tensor_shape_is_named(checkpoint, tmp_path):
-    (tmp_path / "config.json").write_text((checkpoint / "config.json").read_text())
-    state = load_file(checkpoint / "model.safetensors")
+def test_wrong_tensor_shape_is_named(tiny_checkpoint, tmp_path):
+    (tmp_path / "config.json").write_text((tiny_checkpoint / "config.json").read_text())
+    state = load_file(tiny_checkpoint / "model.safetensors")
     state["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(5, 64)
     save_file(state, tmp_path / "model.safetensors")
     with pytest.raises(kernelhub.CheckpointError) as info:
@@ -161,9 +154,9 @@ def test_wrong_tensor_shape_is_named(checkpoint, tmp_path):
     assert "expects (32, 64)" in str(info.value)
 
 
-def test_missing_and_unexpected_tensors_are_named(checkpoint, tmp_path):
-    (tmp_path / "config.json").write_text((checkpoint / "config.json").read_text())
-    state = load_file(checkpoint / "model.safetensors")
+def test_missing_and_unexpected_tensors_are_named(tiny_checkpoint, tmp_path):
+    (tmp_path / "config.json").write_text((tiny_checkpoint / "config.json").read_text())
+    state = load_file(tiny_checkpoint / "model.safetensors")
     del state["model.norm.weight"]
     save_file(state, tmp_path / "model.safetensors")
     with pytest.raises(kernelhub.CheckpointError, match="lacks 1 weight.*model.norm.weight"):
@@ -175,18 +168,18 @@ def test_missing_and_unexpected_tensors_are_named(checkpoint, tmp_path):
         kernelhub.from_pretrained(tmp_path)
 
 
-def test_truncated_safetensors_names_the_file(checkpoint, tmp_path):
-    (tmp_path / "config.json").write_text((checkpoint / "config.json").read_text())
-    data = (checkpoint / "model.safetensors").read_bytes()
+def test_truncated_safetensors_names_the_file(tiny_checkpoint, tmp_path):
+    (tmp_path / "config.json").write_text((tiny_checkpoint / "config.json").read_text())
+    data = (tiny_checkpoint / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(kernelhub.CheckpointError, match=r"cannot read .*model.safetensors.*truncated"):
         kernelhub.from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("dtype", ["int8", torch.int8, "float64"])
-def test_unsupported_dtype(checkpoint, dtype):
+def test_unsupported_dtype(tiny_checkpoint, dtype):
     with pytest.raises(kernelhub.CheckpointError, match="unsupported dtype.*(valid|float32)"):
-        kernelhub.from_pretrained(checkpoint, dtype=dtype)
+        kernelhub.from_pretrained(tiny_checkpoint, dtype=dtype)
 
 
 def test_backend_without_mask_format_is_refused():

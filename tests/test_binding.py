@@ -12,6 +12,7 @@ import kernelhub
 from kernelhub.backends.eager import eager_attention
 from kernelhub.samples import TINY_LLAMA, write_random_checkpoint
 from kernelhub.registry import manager
+from threads import run_in_threads
 
 
 @pytest.fixture(scope="module")
@@ -115,25 +116,16 @@ def test_use_kernels_swaps_layers_and_restores(mistral_checkpoint):
 
 
 def test_scoped_registries_are_isolated_across_threads():
-    errors, barrier = [], threading.Barrier(8)
+    registered = threading.Barrier(8)
 
     def worker(i):
-        try:
-            with kernelhub.scoped_registry():
-                kernelhub.register_backend(kernelhub.AttentionBackend(f"thread{i}", eager_attention,
-                                                                      mask_format="bool"))
-                barrier.wait(timeout=10)
-                names = {b.name for b in kernelhub.backends()}
-                assert f"thread{i}" in names and not any(f"thread{j}" in names for j in range(8) if j != i)
-        except Exception as e:  # reported below, in the main thread
-            errors.append(e)
+        with kernelhub.scoped_registry():
+            kernelhub.register_backend(kernelhub.AttentionBackend(f"thread{i}", eager_attention, mask_format="bool"))
+            registered.wait(timeout=10)  # every thread has registered before any looks
+            names = {b.name for b in kernelhub.backends()}
+            assert f"thread{i}" in names and not any(f"thread{j}" in names for j in range(8) if j != i)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    run_in_threads(worker)
     assert not any(b.name.startswith("thread") for b in kernelhub.backends())
 
 
@@ -144,11 +136,7 @@ def test_concurrent_registration_into_one_registry_loses_nothing():
         for j in range(20):
             registry.register_backend(kernelhub.AttentionBackend(f"b{i}_{j}", eager_attention, mask_format="bool"))
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(worker)
     assert sum(n.startswith("b") for n in registry.backend_names()) == 160
 
 

@@ -1,13 +1,13 @@
 """output_hidden_states / output_attentions through lazily installed hooks and a ContextVar."""
 
 import gc
-import threading
 
 import pytest
 import torch
 
 import kernelhub
 from checkpoints import write_hf_checkpoint
+from threads import run_in_threads
 from kernelhub.samples import minilm_dir
 
 
@@ -78,23 +78,14 @@ def test_threads_with_and_without_capture_get_single_thread_results(llama):
     inputs = [torch.randint(0, 96, (1, 6 + i % 3)) for i in range(8)]
     with torch.no_grad():
         expected = [model(x, output_hidden_states=i % 2 == 0) for i, x in enumerate(inputs)]
-    results, errors, barrier = [None] * 8, [], threading.Barrier(8)
+    results = [None] * 8
 
     def worker(i):
-        try:
-            barrier.wait(timeout=10)
-            with torch.no_grad():
-                for _ in range(5):
-                    results[i] = model(inputs[i], output_hidden_states=i % 2 == 0)
-        except Exception as e:
-            errors.append(e)
+        with torch.no_grad():
+            for _ in range(5):
+                results[i] = model(inputs[i], output_hidden_states=i % 2 == 0)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    run_in_threads(worker)
     for i, (got, want) in enumerate(zip(results, expected)):
         assert torch.equal(got.logits, want.logits)
         if i % 2:

@@ -5,18 +5,10 @@ import torch
 
 import kernelhub
 from kernelhub.backends import flex
-from kernelhub.samples import write_random_checkpoint
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    write_random_checkpoint(path)
-    return path
-
-
-def test_static_cache_decode_compiles_fullgraph_and_matches_eager_generation(checkpoint):
-    model = kernelhub.from_pretrained(checkpoint, attn_implementation="sdpa")
+def test_static_cache_decode_compiles_fullgraph_and_matches_eager_generation(tiny_checkpoint):
+    model = kernelhub.from_pretrained(tiny_checkpoint, attn_implementation="sdpa")
     prompt = torch.tensor([[1, 2, 3, 4, 5]])
     cache = model.make_cache("static", batch=1, max_len=16)
     step = torch.compile(model, fullgraph=True)
@@ -29,22 +21,22 @@ def test_static_cache_decode_compiles_fullgraph_and_matches_eager_generation(che
     assert torch.cat(tokens, 1).tolist() == model.generate(prompt, max_new_tokens=6)[:, 5:].tolist()
 
 
-def test_compiled_flex_matches_eager(checkpoint, monkeypatch):
+def test_compiled_flex_matches_eager(tiny_checkpoint, monkeypatch):
     monkeypatch.setattr(flex, "COMPILE", True)
-    compiled = kernelhub.from_pretrained(checkpoint, attn_implementation="flex")
-    eager = kernelhub.from_pretrained(checkpoint, attn_implementation="eager")
+    compiled = kernelhub.from_pretrained(tiny_checkpoint, attn_implementation="flex")
+    eager = kernelhub.from_pretrained(tiny_checkpoint, attn_implementation="eager")
     prompt = torch.tensor([[7, 3, 9, 4]])
     assert compiled.generate(prompt, max_new_tokens=4).tolist() == eager.generate(prompt, max_new_tokens=4).tolist()
 
 
-def test_a_failing_flex_compile_falls_back_with_a_warning(checkpoint, monkeypatch):
+def test_a_failing_flex_compile_falls_back_with_a_warning(tiny_checkpoint, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("C++ compile error (simulated)")
 
     monkeypatch.setattr(flex, "COMPILE", True)
     monkeypatch.setattr(flex, "compiled_flex_attention", lambda: broken)
-    model = kernelhub.from_pretrained(checkpoint, attn_implementation="flex")
-    eager = kernelhub.from_pretrained(checkpoint, attn_implementation="eager")
+    model = kernelhub.from_pretrained(tiny_checkpoint, attn_implementation="flex")
+    eager = kernelhub.from_pretrained(tiny_checkpoint, attn_implementation="eager")
     ids = torch.tensor([[3, 1, 4, 1, 5]])
     with pytest.warns(RuntimeWarning, match="compiling flex_attention failed .*simulated"), torch.no_grad():
         out = model(ids).logits

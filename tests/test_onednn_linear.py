@@ -5,22 +5,14 @@ import torch
 
 import kernelhub
 from kernelhub.backends.onednn_linear import CACHE
-from kernelhub.samples import write_random_checkpoint
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    write_random_checkpoint(path)
-    return path
 
 
 IDS = torch.tensor([[4, 8, 15, 16, 23, 42]])
 
 
-def test_matches_the_reference_and_shows_in_the_plan(checkpoint):
-    fast = kernelhub.from_pretrained(checkpoint, kernels={"Linear": "onednn"})
-    reference = kernelhub.from_pretrained(checkpoint)
+def test_matches_the_reference_and_shows_in_the_plan(tiny_checkpoint):
+    fast = kernelhub.from_pretrained(tiny_checkpoint, kernels={"Linear": "onednn"})
+    reference = kernelhub.from_pretrained(tiny_checkpoint)
     with torch.no_grad():
         torch.testing.assert_close(fast(IDS).logits, reference(IDS).logits, atol=1e-4, rtol=1e-4)
     assert fast.binding["lm_head"].chosen == "onednn"
@@ -28,8 +20,8 @@ def test_matches_the_reference_and_shows_in_the_plan(checkpoint):
     assert fast.generate(IDS, max_new_tokens=8).tolist() == reference.generate(IDS, max_new_tokens=8).tolist()
 
 
-def test_packed_weight_follows_weight_updates_and_is_freed_on_unbind(checkpoint):
-    model = kernelhub.from_pretrained(checkpoint, kernels={"Linear": "onednn"})
+def test_packed_weight_follows_weight_updates_and_is_freed_on_unbind(tiny_checkpoint):
+    model = kernelhub.from_pretrained(tiny_checkpoint, kernels={"Linear": "onednn"})
     with torch.no_grad():
         before = model(IDS).logits
         model.lm_head.weight.mul_(2)  # in-place: bumps the version, the packed copy must follow
@@ -39,12 +31,12 @@ def test_packed_weight_follows_weight_updates_and_is_freed_on_unbind(checkpoint)
     assert CACHE not in model.lm_head.__dict__
 
 
-def test_refused_for_training_and_bf16_with_reasons(checkpoint):
+def test_refused_for_training_and_bf16_with_reasons(tiny_checkpoint):
     with pytest.raises(kernelhub.BindError, match="has_backward=False, cannot train"):
-        kernelhub.from_pretrained(checkpoint, kernels={"Linear": "onednn"}, mode="training")
+        kernelhub.from_pretrained(tiny_checkpoint, kernels={"Linear": "onednn"}, mode="training")
     with pytest.raises(kernelhub.BindError, match="supports float32, not bfloat16"):
-        kernelhub.from_pretrained(checkpoint, kernels={"Linear": "onednn"}, dtype="bfloat16")
-    model = kernelhub.from_pretrained(checkpoint, kernels={"Linear": ["onednn", "reference"]}, mode="training")
+        kernelhub.from_pretrained(tiny_checkpoint, kernels={"Linear": "onednn"}, dtype="bfloat16")
+    model = kernelhub.from_pretrained(tiny_checkpoint, kernels={"Linear": ["onednn", "reference"]}, mode="training")
     entry = model.binding["lm_head"]
     assert entry.chosen == "reference" and entry.rejected == (("onednn", ("has_backward=False, cannot train",)),)
 

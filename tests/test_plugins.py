@@ -11,7 +11,6 @@ import torch
 import kernelhub
 from kernelhub import cli
 from kernelhub.backends.eager import eager_attention
-from kernelhub.samples import write_random_checkpoint
 
 PLUGIN_DIR = Path(__file__).parent / "plugins" / "kernelhub-test-backend"
 
@@ -31,13 +30,6 @@ def plugin_on_path(installed_plugin, monkeypatch):
     yield installed_plugin
     for name in [m for m in sys.modules if m.startswith("kernelhub_test_backend")]:
         del sys.modules[name]
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    write_random_checkpoint(path)
-    return path
 
 
 def tokens():

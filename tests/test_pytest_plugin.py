@@ -5,44 +5,36 @@ import torch
 
 import kernelhub
 from kernelhub.backends.eager import eager_attention
-from kernelhub.samples import write_random_checkpoint
 
 pytest_plugins = ["pytester"]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    write_random_checkpoint(path)
-    return path
 
 
 IDS = torch.tensor([[2, 7, 1, 8, 2, 8]])
 
 
 @pytest.mark.kernelhub_backends
-def test_every_available_backend_matches_eager(attn_backend, checkpoint, assert_bound):
-    model = kernelhub.from_pretrained(checkpoint, attn_implementation=attn_backend)
+def test_every_available_backend_matches_eager(attn_backend, tiny_checkpoint, assert_bound):
+    model = kernelhub.from_pretrained(tiny_checkpoint, attn_implementation=attn_backend)
     assert_bound(model, "model.layers.0.self_attn.attn", attn_backend)
-    reference = kernelhub.from_pretrained(checkpoint, attn_implementation="eager")
+    reference = kernelhub.from_pretrained(tiny_checkpoint, attn_implementation="eager")
     with torch.no_grad():
         torch.testing.assert_close(model(IDS).logits, reference(IDS).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_swap_layer_kernel(swap_kernel, checkpoint, assert_bound):
+def test_swap_layer_kernel(swap_kernel, tiny_checkpoint, assert_bound):
     class Zero(torch.nn.Module):
         def forward(self, x):
             return torch.zeros_like(x)
 
     swap_kernel("RMSNorm", Zero)
-    model = kernelhub.from_pretrained(checkpoint)
+    model = kernelhub.from_pretrained(tiny_checkpoint)
     assert_bound(model, "model.norm", Zero)
     assert model.binding["model.norm"].source == "swap_kernel (RMSNorm)"
     with torch.no_grad():
         assert model(IDS).logits.abs().max() == 0
 
 
-def test_swap_attention_backend(swap_kernel, checkpoint):
+def test_swap_attention_backend(swap_kernel, tiny_checkpoint):
     calls = []
 
     def spy(module, q, k, v, mask, **kw):
@@ -50,14 +42,14 @@ def test_swap_attention_backend(swap_kernel, checkpoint):
         return eager_attention(module, q, k, v, mask, **kw)
 
     swap_kernel("sdpa", spy)
-    model = kernelhub.from_pretrained(checkpoint, attn_implementation="scaled_dot_product")  # aliases follow
+    model = kernelhub.from_pretrained(tiny_checkpoint, attn_implementation="scaled_dot_product")  # aliases follow
     model(IDS)
     assert calls == [0, 1, 2, 3]
     assert model.binding.entries[0].source == "swap_kernel"
 
 
-def test_swap_restores_after_the_test(checkpoint):
-    model = kernelhub.from_pretrained(checkpoint)
+def test_swap_restores_after_the_test(tiny_checkpoint):
+    model = kernelhub.from_pretrained(tiny_checkpoint)
     assert model.binding["model.norm"].chosen == "reference"
     assert kernelhub.get_registry().get("sdpa").backend.fn.__name__ == "sdpa_attention"
 

@@ -30,6 +30,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/forward.py
 	$(PY) bench/generate.py
+	$(PY) bench/bind.py
+	$(PY) bench/kernel_speed.py
 
 docs: $(STAMP)
 	$(PY) -m kernelhub.docs_gen docs/attention.md

@@ -33,6 +33,9 @@ class AttentionMask:
         # "causal": the square lower triangle; "all": nothing masked; None: neither.
         self.shortcut = shortcut
         self.description = description
+        # The structured pieces behind mask_mod (set by `build`); None for a hand-made mask_mod.
+        # Packed (varlen) kernels need them: they take lengths, not a mask.
+        self.parts: dict | None = None
         self._memo: dict = {}
 
     @classmethod
@@ -72,14 +75,17 @@ class AttentionMask:
         elif plain and q_offset == kv_offset and q_len == kv_len:
             shortcut = "causal"
         mod = parts[0] if plain else M.and_masks(*parts)
-        return cls(mod, batch=batch, q_len=q_len, kv_len=kv_len, q_offset=q_offset,
+        mask = cls(mod, batch=batch, q_len=q_len, kv_len=kv_len, q_offset=q_offset,
                    kv_offset=kv_offset, device=device, batch_dependent=padding is not None,
                    shortcut=shortcut, description=" & ".join(names))
+        mask.parts = {"causal": causal, "sliding_window": sliding_window, "chunk_size": chunk_size,
+                      "padding": padding, "custom": mask_mod is not None}
+        return mask
 
     # -- materialisers ---------------------------------------------------------------
 
     def materialize(self, fmt: str):
-        """The mask in `fmt` ("bool", "additive", "block_mask"), built once per forward."""
+        """The mask in `fmt` ("bool", "additive", "block_mask", "varlen"), built once per forward."""
         out = self._memo.get(fmt)
         if out is None:
             try:
@@ -116,6 +122,11 @@ class AttentionMask:
         batch = self.batch if self.batch_dependent else None
         return create_block_mask(shifted, batch, None, self.q_len, self.kv_len, device=self.device)
 
+    def to_varlen(self):
+        """Packed-sequence form (`cu_seqlens`, gather indices) for flash-style kernels."""
+        from kernelhub.backends.varlen import varlen_from_mask
+        return varlen_from_mask(self)
+
     def to_ascii(self, batch_idx: int = 0) -> str:
         """Draw the mask for one batch row: 'x' allowed, '.' masked."""
         grid = self.materialize("bool")[min(batch_idx, self.materialize("bool").shape[0] - 1), 0]
@@ -130,6 +141,7 @@ _BUILDERS = {
     "bool": AttentionMask.to_bool,
     "additive": AttentionMask.to_additive,
     "block_mask": AttentionMask.to_block_mask,
+    "varlen": AttentionMask.to_varlen,
 }
 
 

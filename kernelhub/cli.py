@@ -1,10 +1,11 @@
-"""The `kernelhub` command line: backends, plugins, explain, run, demo.
+"""The `kernelhub` command line: backends, plugins, explain, run, demo, lock, download, kernel.
 
     kernelhub backends              capability matrix on this machine
     kernelhub plugins               loaded plugins and the ones that failed
-    kernelhub explain MODEL_DIR --attn flex
+    kernelhub explain MODEL_DIR --attn flex [--kernels JSON] [--lock kernelhub.lock]
     kernelhub run MODEL --prompt "..." [--attn X] [--max-new-tokens N]
     kernelhub demo
+    kernelhub lock | download | kernel build|check|publish     (see cli_hub.py)
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import json
 import sys
 
 import torch
+
+from kernelhub.cli_hub import add_hub_commands
 
 
 def cmd_backends(args) -> int:
@@ -58,7 +61,9 @@ def _parse_attn(text):
 def cmd_explain(args) -> int:
     from kernelhub.registry.pretrained import explain
 
-    plan = explain(args.model, attn_implementation=_parse_attn(args.attn), dtype=args.dtype, mode=args.mode)
+    kernels = json.loads(args.kernels) if args.kernels else None
+    plan = explain(args.model, attn_implementation=_parse_attn(args.attn), kernels=kernels, dtype=args.dtype,
+                   mode=args.mode, lock=args.lock)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan)
     return 0
 
@@ -112,6 +117,8 @@ def main(argv=None) -> int:
     p.add_argument("--attn", default=None, help="attn_implementation: a name, paged|NAME, or JSON list/dict")
     p.add_argument("--dtype", default=None)
     p.add_argument("--mode", default="inference", choices=["inference", "training", "compile"])
+    p.add_argument("--kernels", default=None, help='layer kernels as JSON, e.g. \'{"RMSNorm": "org/rmsnorm@v1"}\'')
+    p.add_argument("--lock", default=None, help="verify Hub kernels against this lock file")
     p.add_argument("--json", action="store_true", help="print plan.to_dict() as JSON")
     p.set_defaults(fn=cmd_explain)
     p = sub.add_parser("demo", help="embed with MiniLM under each backend, chat with SmolLM2")
@@ -128,6 +135,7 @@ def main(argv=None) -> int:
     p.add_argument("--kernels", default=None, help='layer kernels as JSON, e.g. \'{"Linear": "onednn"}\'')
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.set_defaults(fn=cmd_run)
+    add_hub_commands(sub)
     args = parser.parse_args(argv)
     from kernelhub.registry.errors import KernelhubError
 

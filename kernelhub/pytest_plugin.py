@@ -5,6 +5,8 @@ Fixtures:
     kernelhub_registry          an isolated registry for this test (built-ins only)
     swap_kernel(name, impl)     replace an attention backend or a layer kernel for this test
     assert_bound(model, path, impl)   assert what the binding plan chose for one site
+    hub_kernel_repo(name, layers=[Cls], functions=[fn])   a built Hub-layout kernel repo in tmp_path
+    offline_hub_cache(repo_id, repo_dir)   a pre-populated HF cache with HF_HUB_OFFLINE on
 
 Marker:
 
@@ -112,3 +114,47 @@ def assert_bound():
         assert entry.chosen == want, f"{path} is bound to {entry.chosen!r}, not {want!r}\n{plan}"
 
     return check
+
+
+@pytest.fixture
+def hub_kernel_repo(tmp_path):
+    """`hub_kernel_repo(name, layers=[Cls], functions=[fn], ...)`: the Path of a built kernel repo.
+
+    Classes and functions are written out by source (they may use `torch` and `F` only), with
+    build.toml, a card, a test and a benchmark, and built, so the repo can be bound by path,
+    checked, published or cached. Keyword arguments are those of
+    `kernelhub.testing.write_kernel_repo` (version, backends, kernelhub_json, kernels_minver).
+    """
+    from kernelhub.testing import write_kernel_repo
+
+    def make(name: str = "test-kernel", **kwargs):
+        return write_kernel_repo(tmp_path / "kernel-repos" / name, name, **kwargs)
+
+    return make
+
+
+@pytest.fixture
+def offline_hub_cache(tmp_path, monkeypatch):
+    """`offline_hub_cache(repo_id, repo_dir, branches=("main", "v1"))` -> the commit it is cached at.
+
+    Points huggingface_hub at an empty cache in tmp_path, turns on offline mode (no request
+    can be made), and lays each given built repo out as a download would have; the repo is
+    also trusted for this test. Refs like `repo_id@v1` then bind from the cache alone.
+    """
+    from huggingface_hub import constants
+
+    from kernelhub.registry.hub_loader import forget_loaded
+    from kernelhub.testing import populate_hub_cache
+
+    cache, trusted = tmp_path / "offline-hf-cache", []
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    forget_loaded()
+
+    def add(repo_id: str, repo_dir, branches=("main", "v1")) -> str:
+        trusted.append(repo_id)
+        monkeypatch.setenv("KERNELHUB_TRUSTED", ",".join(trusted))
+        return populate_hub_cache(cache, repo_id, repo_dir, branches=branches)
+
+    yield add
+    forget_loaded()

@@ -175,6 +175,14 @@ def apply_rope(q, k, cos, sin):
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
+@layer("ApplyRotary")
+class ApplyRotary(nn.Module):
+    """Rotary position embedding of q and k ([B, H, S, D]) by cos/sin ([B, S, D]), rotate-half style."""
+
+    def forward(self, q, k, cos, sin):
+        return apply_rope(q, k, cos, sin)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer_idx: int):
         super().__init__()
@@ -183,6 +191,7 @@ class Attention(nn.Module):
         self.qkv_sizes = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.num_key_value_heads * d)
         self.qkv_proj = Linear(cfg.hidden_size, sum(self.qkv_sizes), bias=cfg.attention_bias)
         self.o_proj = Linear(cfg.num_attention_heads * d, cfg.hidden_size, bias=cfg.o_proj_bias)
+        self.rotary = ApplyRotary()
         layer_type = cfg.layer_types[layer_idx]
         self.attn = AttentionSite(
             head_dim=d, num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
@@ -195,7 +204,7 @@ class Attention(nn.Module):
         b, s, _ = x.shape
         q, k, v = (t.view(b, s, -1, self.attn.head_dim).transpose(1, 2)
                    for t in self.qkv_proj(x).split(self.qkv_sizes, dim=-1))
-        q, k = apply_rope(q, k, cos, sin)
+        q, k = self.rotary(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         out, weights = self.attn(q, k, v, mask)

@@ -14,13 +14,18 @@ the model exactly as it was (including a previous binding).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from kernelhub.backends.layer import layer_name, reset_layer_forward, set_layer_forward
 from kernelhub.backends.site import AttentionSite
 from kernelhub.registry.capabilities import MODES, unsupported
 from kernelhub.registry.errors import BindError, KernelhubError
+from kernelhub.registry.hub_attention import hub_backend
+from kernelhub.registry.hub_ref import looks_like_kernel_ref
 from kernelhub.registry.layer_kernels import LayerChoice, choose_layer_kernel, parse_kernels
+from kernelhub.registry.lock import KernelLock
 from kernelhub.registry.manager import get_registry
 from kernelhub.registry.plan import BindingPlan, PlanEntry
 from kernelhub.registry.request import parse_attn_implementation
@@ -36,11 +41,11 @@ def _device_and_dtype(model, device, dtype):
     return device, dtype or (param.dtype if param is not None else torch.float32)
 
 
-def choose_backend(site, path, request, registry, device, dtype, mode):
+def choose_backend(site, path, request, registry, device, dtype, mode, lookup=None):
     """A PlanEntry for one attention site, or BindError listing every reason."""
     fitting, rejected = [], []
     for name in request.names:
-        entry = registry.get(name)
+        entry = (lookup or registry.get)(name)
         reasons = unsupported(entry.backend, site, device, dtype, mode)
         if request.paged and not entry.backend.capabilities.paged:
             reasons.append("does not support a paged KV cache (asked for 'paged|...')")
@@ -61,30 +66,51 @@ def choose_backend(site, path, request, registry, device, dtype, mode):
         chosen.backend
 
 
+def _lookup_for(registry, device, lock):
+    """name -> Registered, for registered names and Hub attention references alike (memoised)."""
+    memo = {}
+
+    def lookup(name):
+        if name not in memo:
+            memo[name] = hub_backend(name, device, lock) if looks_like_kernel_ref(name) else registry.get(name)
+        return memo[name]
+
+    return lookup
+
+
+def _read_lock(lock):
+    if lock is None:
+        return KernelLock.from_env()
+    return lock if isinstance(lock, KernelLock) else KernelLock.read(lock)
+
+
 def bind(model: torch.nn.Module, attn_implementation=None, kernels=None, *, device=None, dtype=None,
-         mode: str = "inference") -> BindingPlan:
+         mode: str = "inference", lock=None) -> BindingPlan:
     """Bind every attention site and declared layer of `model`; returns the `BindingPlan`.
 
     Also sets `model.binding` (the plan) and `model.binding_request` (what was asked,
-    saved by `save_pretrained` so a reload binds the same way).
+    saved by `save_pretrained` so a reload binds the same way). `lock` (a path or
+    `KernelLock`; default $KERNELHUB_LOCK) pins and verifies every Hub kernel.
     """
     if mode not in MODES:
         raise KernelhubError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
     registry = get_registry()
     device, dtype = _device_and_dtype(model, device, dtype)
+    lock = _read_lock(lock)
+    lookup = _lookup_for(registry, device, lock)
     sites = {path: m for path, m in model.named_modules() if isinstance(m, AttentionSite)}
     layers = {path: m for path, m in model.named_modules() if layer_name(m)}
     spec = parse_attn_implementation(attn_implementation, {s.layer_type for s in sites.values()})
     spec.check_keys({p: s.layer_type for p, s in sites.items()})
     for request in spec.requests():
         for name in request.names:
-            registry.get(name)  # unknown names fail even where no site (or an earlier choice) uses them
-    layer_spec = parse_kernels(kernels, layers, registry)
+            lookup(name)  # unknown names fail even where no site (or an earlier choice) uses them
+    layer_spec = parse_kernels(kernels, layers, registry, device, lock)
 
     entries, attention_actions, layer_actions = [], [], []
     for path, site in sites.items():
         request = spec.request_for(path, site.layer_type)
-        entry, backend = choose_backend(site, path, request, registry, device, dtype, mode)
+        entry, backend = choose_backend(site, path, request, registry, device, dtype, mode, lookup)
         entries.append(entry)
         attention_actions.append((site, backend))
     for path, module in layers.items():
@@ -123,8 +149,8 @@ def _serialisable_request(attn_implementation, kernels):
     if attn_implementation is not None:
         request["attn_implementation"] = attn_implementation
     if kernels:
-        named = {k: v for k, v in kernels.items() if isinstance(v, str) or
-                 (isinstance(v, list) and all(isinstance(i, str) for i in v))}
+        named = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in kernels.items()
+                 if isinstance(v, (str, os.PathLike)) or (isinstance(v, list) and all(isinstance(i, str) for i in v))}
         if named:
             request["kernels"] = named
     return request or None

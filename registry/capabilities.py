@@ -8,6 +8,7 @@ capabilities; it returns human reasons, never a bare bool.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
 
 import torch
@@ -93,6 +94,8 @@ def unsupported(backend: AttentionBackend, site, device, dtype, mode: str = "inf
         reasons.append(f"no grouped-query attention ({site.num_heads} query heads, {site.num_kv_heads} kv heads)")
     if site.sliding_window and not caps.sliding_window:
         reasons.append(f"no sliding window (site uses window {site.sliding_window})")
+    if site.chunk_size and not caps.arbitrary_mask:
+        reasons.append(f"no chunked attention (site uses chunks of {site.chunk_size}; needs an arbitrary mask)")
     if site.softcap and not caps.softcap:
         reasons.append(f"no logit softcap (site uses softcap {site.softcap})")
     if site.sinks and not caps.sinks:
@@ -125,6 +128,12 @@ def on_device(flag, device_type: str) -> bool:
 
 def requirement_problems(requires) -> list[str]:
     """Reasons why requirement strings like 'torch>=2.5' are not met in this environment."""
+    return list(_requirement_problems(tuple(requires)))
+
+
+@functools.lru_cache(maxsize=256)
+def _requirement_problems(requires: tuple) -> tuple:
+    # Reading package metadata costs ~3 ms; a bind checks every site, so remember the answer.
     problems = []
     for text in requires:
         try:
@@ -139,4 +148,4 @@ def requirement_problems(requires) -> list[str]:
             continue
         if req.specifier and not req.specifier.contains(have.split("+")[0], prereleases=True):
             problems.append(f"needs {text}, found {req.name} {have}")
-    return problems
+    return tuple(problems)

@@ -4,6 +4,8 @@
     kernels = {"RMSNorm": "fast"}                      a kernel a plugin registered for RMSNorm
     kernels = {"model.layers.0.*": ...}                per module-path glob (wins over the layer name)
     kernels = {"RMSNorm": ["fast", "reference"]}       a fallback chain: the first that fits
+    kernels = {"RMSNorm": "my-org/rmsnorm@v1"}          a Hub kernel repo (`layers.RMSNorm`)
+    kernels = {"RMSNorm": "./hub_kernels/rmsnorm"}      a local directory in the Hub kernel layout
 
 An implementation follows the Hugging Face `kernels` layer contract: a class whose
 `forward(self, x)` runs with `self` being the host module (so it reads `weight`,
@@ -18,6 +20,8 @@ import fnmatch
 
 from kernelhub.backends.layer import layer_name
 from kernelhub.registry.errors import BindError, KernelhubError, closest_first, suggestion
+from kernelhub.registry.hub_layers import load_hub_layer
+from kernelhub.registry.hub_ref import looks_like_kernel_ref
 from kernelhub.registry.plan import PlanEntry
 
 REFERENCE = "reference"
@@ -35,17 +39,18 @@ class Candidate:
     forward: object
     source: str
     impl: object
+    problems: tuple = ()          # found while loading (Hub kernels): reasons it cannot serve
+    compile_default: bool = True  # Hub kernels follow `kernels`: no torch.compile unless declared
 
 
-def _candidate(value, layer: str, registry, origin: str) -> Candidate:
+def _candidate(value, layer: str, registry, origin: str, declared_cls, device, lock) -> Candidate:
     if value is None or value == REFERENCE:
         return Candidate(REFERENCE, None, "model", None)
+    if looks_like_kernel_ref(value):
+        name, impl, source, problems = load_hub_layer(value, layer, declared_cls, device, lock, origin)
+        forward = impl.forward if impl is not None and not problems else None
+        return Candidate(name, forward, source, impl, tuple(problems), compile_default=False)
     if isinstance(value, str):
-        if "/" in value or value.startswith("."):
-            raise KernelhubError(
-                f"{origin}: {value!r} is a Hub repo or local kernel directory; loading layer kernels from the Hub "
-                "or from disk is not available in this version of kernelhub. Pass an implementation class or a "
-                "plugin-registered kernel name")
         known = registry.layer_kernels.get(layer, {})
         if value not in known:
             valid = closest_first(value, [*known, REFERENCE])
@@ -75,8 +80,11 @@ class KernelSpec:
     origins: dict    # key -> repr of what the user wrote
 
 
-def parse_kernels(kernels, layers: dict, registry) -> KernelSpec:
-    """Validate the `kernels=` request against the model's declared layers (path -> module)."""
+def parse_kernels(kernels, layers: dict, registry, device=None, lock=None) -> KernelSpec:
+    """Validate the `kernels=` request against the model's declared layers (path -> module).
+
+    Hub and local kernels are resolved and imported here, for `device`, verified against
+    `lock` when one is given."""
     if kernels is None:
         return KernelSpec({}, (), {})
     if not isinstance(kernels, dict):
@@ -94,7 +102,8 @@ def parse_kernels(kernels, layers: dict, registry) -> KernelSpec:
         if not chain:
             raise KernelhubError(f"kernels[{key!r}] is an empty fallback chain")
         layer = key if key in names else layer_name(layers[matched[0]])
-        candidates = [_candidate(v, layer, registry, f"kernels[{key!r}]") for v in chain]
+        declared_cls = type(next(m for p, m in layers.items() if layer_name(m) == layer))
+        candidates = [_candidate(v, layer, registry, f"kernels[{key!r}]", declared_cls, device, lock) for v in chain]
         origins[key] = repr(value if isinstance(value, (str, list)) else getattr(value, "__name__", value))
         if key in names:
             by_layer[key] = candidates
@@ -104,8 +113,8 @@ def parse_kernels(kernels, layers: dict, registry) -> KernelSpec:
 
 
 def _reasons(candidate: Candidate, mode: str, device, dtype) -> list[str]:
-    impl, reasons = candidate.impl, []
-    if impl is None:
+    impl, reasons = candidate.impl, list(candidate.problems)
+    if impl is None or reasons:
         return reasons
     devices = getattr(impl, "devices", None)
     if devices and device.type not in devices:
@@ -116,7 +125,7 @@ def _reasons(candidate: Candidate, mode: str, device, dtype) -> list[str]:
                        f"not {str(dtype).removeprefix('torch.')}")
     if mode == "training" and not getattr(impl, "has_backward", True):
         reasons.append("has_backward=False, cannot train")
-    if mode == "compile" and not getattr(impl, "can_torch_compile", True):
+    if mode == "compile" and not getattr(impl, "can_torch_compile", candidate.compile_default):
         reasons.append("can_torch_compile=False")
     return reasons
 

@@ -68,11 +68,12 @@ def _requested(config, attn_implementation, kernels):
 
 
 def from_pretrained(path, attn_implementation=None, kernels=None, *, dtype=None, device=None,
-                    mode: str = "inference", output_attentions: bool = False):
+                    mode: str = "inference", output_attentions: bool = False, lock=None):
     """Load a Hugging Face-layout checkpoint directory (or a .gguf file) and bind it.
 
     `attn_implementation=None` uses what `save_pretrained` recorded, else sdpa (falling
-    back to eager). `dtype=None` uses the checkpoint's dtype.
+    back to eager). `dtype=None` uses the checkpoint's dtype. `lock` pins Hub kernels
+    (see `bind`).
 
     >>> model = kernelhub.from_pretrained("path/to/checkpoint", attn_implementation="sdpa")  # doctest: +SKIP
     >>> print(model.binding)                                                                 # doctest: +SKIP
@@ -84,14 +85,14 @@ def from_pretrained(path, attn_implementation=None, kernels=None, *, dtype=None,
     device = torch.device(device or "cpu")
     attn, kern = _requested(config, attn_implementation, kernels)
     # Bind before loading weights: a bad request fails fast, before any tensor is read.
-    bind(model, attn, kern, device=device, dtype=dtype, mode=mode)
+    bind(model, attn, kern, device=device, dtype=dtype, mode=mode, lock=lock)
     load_weights(model, read_state_dict(path), dtype=dtype, device=device, source=str(Path(path)))
     model.train(mode == "training")
     return model
 
 
 def explain(path, attn_implementation=None, kernels=None, *, dtype=None, device="cpu",
-            mode: str = "inference") -> BindingPlan:
+            mode: str = "inference", lock=None) -> BindingPlan:
     """The BindingPlan `from_pretrained` would produce, without reading any weights.
 
     >>> print(kernelhub.explain("path/to/checkpoint", attn_implementation="flex"))  # doctest: +SKIP
@@ -104,4 +105,4 @@ def explain(path, attn_implementation=None, kernels=None, *, dtype=None, device=
         config = read_config(path)
     model = build_model(config)
     attn, kern = _requested(config, attn_implementation, kernels)
-    return bind(model, attn, kern, device=device, dtype=resolve_dtype(dtype, config), mode=mode)
+    return bind(model, attn, kern, device=device, dtype=resolve_dtype(dtype, config), mode=mode, lock=lock)

@@ -4,6 +4,7 @@ Accepted forms (DESIGN 2.4):
 
     "sdpa"                                   one explicit choice: an error if it cannot serve a site
     "paged|sdpa"                             sdpa, and the model will serve from a paged KV cache
+    "org/repo@v1:my_attention"               an attention function from a Hub kernel repo
     ["flash", "sdpa"]                        a preference list: the first that fits, reasons recorded
     {"sliding_attention": "flex", "*": "sdpa"}   per layer type or module-path glob
 
@@ -19,12 +20,13 @@ import dataclasses
 import fnmatch
 
 from kernelhub.registry.errors import BindError, KernelhubError
+from kernelhub.registry.hub_ref import looks_like_kernel_ref, parse_kernel_ref
 
 DEFAULT_PREFERENCE = ("sdpa", "eager")
 # Layer types of transformers configs; valid dict keys even for models without such layers,
 # so one request can serve many models.
 KNOWN_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
-FORMS = ("a backend name such as 'sdpa'", "'paged|NAME'", "a preference list such as ['flex', 'sdpa']",
+FORMS = ("a backend name such as 'sdpa'", "'paged|NAME'", "a Hub kernel 'org/repo@rev:symbol'", "a preference list such as ['flex', 'sdpa']",
          "a dict such as {'sliding_attention': 'flex', '*': 'sdpa'}")
 
 
@@ -53,11 +55,8 @@ def parse_name(text, origin: str) -> tuple[str, bool]:
         raise _bad(f"{origin} is an empty name")
     if "|" in name:
         raise _bad(f"{origin} {text!r} has an unknown prefix; only 'paged|' is understood")
-    if "/" in name:
-        raise KernelhubError(
-            f"{origin} {text!r} is a Hub attention kernel reference (org/repo[@rev][:symbol]); binding attention "
-            "kernels from the Hub is not available in this version of kernelhub. Register the function as a "
-            "backend with kernelhub.register_backend(...) instead")
+    if looks_like_kernel_ref(name):
+        parse_kernel_ref(name, f"attn_implementation {origin}")  # shape only; loaded at bind time
     return name, paged
 
 

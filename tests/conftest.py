@@ -30,6 +30,44 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def loopback_hub(tmp_path_factory):
+    """olah on loopback serving our hub_kernels and the test kernels as git repos (org kernelhub-test)."""
+    from tests.hub_test_kernels import ORG, build_all
+    from tests.loopback_hub import LoopbackHub
+
+    root = tmp_path_factory.mktemp("hub")
+    server = LoopbackHub(root / "server").start()
+    server.repos = build_all(root / "sources")
+    server.commits = {name: server.publish(f"{ORG}/{name}", path) for name, path in server.repos.items()}
+    yield server
+    server.stop()
+
+
+def point_hub_at(monkeypatch, endpoint: str, cache_dir) -> None:
+    """Make huggingface_hub (and so kernels) talk to `endpoint` and cache under `cache_dir`."""
+    from huggingface_hub import constants
+
+    from kernelhub.registry.hub_loader import forget_loaded
+
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache_dir))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    forget_loaded()
+
+
+@pytest.fixture
+def hub(loopback_hub, monkeypatch, tmp_path):
+    """The loopback Hub as this test's endpoint, an empty HF cache, and the test org trusted."""
+    from kernelhub.registry.hub_loader import forget_loaded
+
+    point_hub_at(monkeypatch, loopback_hub.endpoint, tmp_path / "hf-cache")
+    monkeypatch.setenv("KERNELHUB_TRUSTED", "kernelhub-test")
+    yield loopback_hub
+    forget_loaded()
+
+
 @pytest.fixture(autouse=True)
 def seeded():
     torch.manual_seed(0)

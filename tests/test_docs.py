@@ -25,5 +25,6 @@ def test_docs_site_builds_strictly(tmp_path):
     out = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    for page in ("index.html", "attention/index.html", "plugins/index.html", "testing/index.html"):
+    for page in ("index.html", "attention/index.html", "plugins/index.html", "testing/index.html", "hub/index.html",
+                 "publishing/index.html"):
         assert (tmp_path / page).is_file(), page

@@ -103,3 +103,29 @@ def test_plugin_in_a_fresh_pytest_run(pytester):
     result = pytester.runpytest_subprocess("-rs")  # in a child: the conftest patches kernelhub
     result.assert_outcomes(passed=4, skipped=1)
     result.stdout.fnmatch_lines(["*needs_cuda: runs on cuda, not cpu*"])
+
+
+def test_hub_fixtures_in_a_fresh_pytest_run(pytester):
+    """hub_kernel_repo + offline_hub_cache: define a kernel, cache it, bind it by Hub ref offline."""
+    pytester.makepyfile(
+        """
+        import socket
+        import torch, kernelhub
+        from kernelhub.models.llama import LlamaForCausalLM
+
+        def test_cached_kernel_binds_offline(hub_kernel_repo, offline_hub_cache, monkeypatch):
+            class RMSNorm(torch.nn.Module):
+                def forward(self, x):
+                    return 3 * x
+
+            commit = offline_hub_cache("my-org/triple", hub_kernel_repo("triple", layers=[RMSNorm]))
+            monkeypatch.setattr(socket.socket, "connect", lambda *a: 1 / 0)  # no request may leave
+            model = LlamaForCausalLM({"vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
+                                      "num_hidden_layers": 1, "num_attention_heads": 2})
+            plan = kernelhub.bind(model, "sdpa", kernels={"RMSNorm": "my-org/triple@v1"})
+            assert plan["model.norm"].source == f"hub my-org/triple@{commit} (RMSNorm)"
+            assert torch.equal(model.model.norm(torch.ones(2)), torch.full((2,), 3.0))
+        """
+    )
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=1)

@@ -1,0 +1,13 @@
+"""The Hugging Face `kernels` layer contract: stateless classes reading the host module."""
+
+import torch
+
+from ._ops import layer_norm
+
+
+class LayerNorm(torch.nn.Module):
+    has_backward = False
+    can_torch_compile = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm(x, self.weight, self.bias, self.variance_epsilon)

@@ -1,0 +1,38 @@
+"""`kernels benchmark` workloads: the kernel vs the PyTorch reference it replaces."""
+
+import torch
+
+from kernels.benchmark import Benchmark
+
+
+class RMSNormBenchmark(Benchmark):
+    seed = 0
+    eps = 1e-6
+
+    def _setup(self, rows, hidden):
+        dtype = torch.bfloat16 if self.device != "cpu" else torch.float32
+        self.x = torch.randn(rows, hidden, device=self.device, dtype=dtype)
+        self.weight = torch.rand(hidden, device=self.device, dtype=dtype) + 0.5
+        self.out = torch.empty_like(self.x)
+
+    def _verify(self):
+        x = self.x.float()
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(self.x.dtype)
+
+    def setup_small(self):
+        self._setup(64, 1024)
+
+    def benchmark_small(self):
+        self.out = self.kernel.rms_norm(self.x, self.weight, self.eps)
+
+    def verify_small(self):
+        return self._verify()
+
+    def setup_large(self):
+        self._setup(4096, 4096)
+
+    def benchmark_large(self):
+        self.out = self.kernel.rms_norm(self.x, self.weight, self.eps)
+
+    def verify_large(self):
+        return self._verify()

@@ -1,0 +1,72 @@
+"""Which Hub kernel repos may run code in this process.
+
+A repo is trusted when its org or its full id is on the allowlist, gathered from:
+
+    built in                 kernels-community
+    config file              trusted = ["my-org", "other-org/one-kernel"]   in
+                             $KERNELHUB_CONFIG or ~/.config/kernelhub/config.toml
+    environment              KERNELHUB_TRUSTED="my-org,other-org/one-kernel"   ("*" trusts all)
+
+The check runs before anything from the repo is downloaded or imported. Local kernel
+directories are trusted: the user pointed at them.
+
+>>> import os; os.environ["KERNELHUB_TRUSTED"] = "my-org"
+>>> is_trusted("my-org/rmsnorm"), is_trusted("stranger/rmsnorm")
+(True, False)
+>>> del os.environ["KERNELHUB_TRUSTED"]
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+
+from kernelhub.registry.errors import KernelhubError
+
+BUILT_IN = ("kernels-community",)
+ENV = "KERNELHUB_TRUSTED"
+CONFIG_ENV = "KERNELHUB_CONFIG"
+
+
+class UntrustedKernelError(KernelhubError):
+    """A Hub kernel repo that is not on the trust allowlist."""
+
+
+def config_path() -> Path:
+    return Path(os.environ.get(CONFIG_ENV) or Path.home() / ".config" / "kernelhub" / "config.toml")
+
+
+def _from_config() -> list[str]:
+    path = config_path()
+    if not path.is_file():
+        return []
+    try:
+        entries = tomllib.loads(path.read_text()).get("trusted", [])
+    except tomllib.TOMLDecodeError as e:
+        raise KernelhubError(f"cannot read the kernelhub config {str(path)!r}: {e}") from None
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        raise KernelhubError(f"{str(path)!r}: 'trusted' must be a list of strings like [\"my-org\"]")
+    return entries
+
+
+def trusted_sources() -> list[str]:
+    """Every allowlist entry in effect, built-ins first."""
+    env = [e.strip() for e in os.environ.get(ENV, "").split(",") if e.strip()]
+    return [*BUILT_IN, *_from_config(), *env]
+
+
+def is_trusted(repo_id: str) -> bool:
+    sources = trusted_sources()
+    return "*" in sources or repo_id in sources or repo_id.split("/")[0] in sources
+
+
+def check_trusted(repo_id: str) -> None:
+    """Raise `UntrustedKernelError` naming the exact setting to change, unless trusted."""
+    if is_trusted(repo_id):
+        return
+    org = repo_id.split("/")[0]
+    raise UntrustedKernelError(
+        f"kernel repo {repo_id!r} is not trusted, so none of its code was downloaded or imported. "
+        f"Trusted: {', '.join(trusted_sources())}. To trust it, set {ENV}={org} (or {ENV}={repo_id} "
+        f"for this repo only), or add \"{org}\" to trusted = [...] in {config_path()}")

@@ -1,0 +1,91 @@
+"""A Hub-compatible server on loopback: `olah` serving git repositories as a Hub mirror.
+
+Each kernel repo is a real git repository under `mirrors/kernels/<org>/<name>` with real
+branches (`main`, `v1`, ...); olah answers the Hub API (refs, revision info, file
+resolve) from them, so the real `kernels` / `huggingface_hub` code resolves versions,
+branches and commit pins against it exactly as against huggingface.co.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+GIT = ["git", "-c", "user.name=kernelhub-tests", "-c", "user.email=tests@kernelhub.invalid",
+       "-c", "init.defaultBranch=main", "-c", "commit.gpgsign=false"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _git(repo: Path, *args) -> str:
+    return subprocess.run([*GIT, *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
+
+
+class LoopbackHub:
+    """olah on 127.0.0.1 with a mirrors directory we commit kernel repos into."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.mirrors = self.root / "mirrors"
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.process = None
+
+    def start(self, timeout: float = 60.0) -> "LoopbackHub":
+        (self.mirrors / "kernels").mkdir(parents=True, exist_ok=True)
+        config = self.root / "olah.toml"
+        config.write_text(
+            f'[basic]\nhost = "127.0.0.1"\nport = {self.port}\nrepos-path = "{self.root / "repos"}"\n'
+            f'mirrors-path = ["{self.mirrors}"]\nmirror-netloc = "127.0.0.1:{self.port}"\n'
+            f'mirror-lfs-netloc = "127.0.0.1:{self.port}"\nmetadata-cache-ttl = 0\n'
+            "[accessibility]\noffline = true\n")
+        self.log = open(self.root / "olah.log", "w")
+        self.process = subprocess.Popen([sys.executable, "-c", "from olah.server import cli; cli()", "-c", str(config)],
+                                        cwd=self.root, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"olah exited: {(self.root / 'olah.log').read_text()[-2000:]}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return self
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("olah did not start listening in time")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.log.close()
+
+    def git_dir(self, repo_id: str) -> Path:
+        return self.mirrors / "kernels" / repo_id
+
+    def publish(self, repo_id: str, source: Path, *, branches=("main", "v1")) -> str:
+        """Commit the contents of `source` (a built kernel repo) and point `branches` at it."""
+        repo = self.git_dir(repo_id)
+        if not (repo / ".git").exists():
+            repo.mkdir(parents=True)
+            _git(repo, "init", "-q")
+        else:
+            _git(repo, "checkout", "-q", "main")
+        for child in repo.iterdir():
+            if child.name != ".git":
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        shutil.copytree(source, repo, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        _git(repo, "add", "-A")
+        _git(repo, "commit", "-q", "--allow-empty", "-m", f"publish {repo_id}")
+        commit = _git(repo, "rev-parse", "HEAD")
+        for branch in branches:
+            if branch != "main":
+                _git(repo, "branch", "-f", branch, commit)
+        return commit

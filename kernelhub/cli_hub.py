@@ -15,14 +15,14 @@ from kernelhub.registry.lock import DEFAULT_NAME
 
 def _refs_from_model(path) -> list[str]:
     from kernelhub.models.checkpoint import read_config
-    from kernelhub.registry.hub_ref import looks_like_kernel_ref
+    from kernelhub.registry.hub_ref import is_local_ref, looks_like_kernel_ref
 
     request = read_config(path).get("kernelhub") or {}
     values = list((request.get("kernels") or {}).values())
     attn = request.get("attn_implementation")
     values += list(attn.values()) if isinstance(attn, dict) else [attn]
     flat = [v for value in values for v in (value if isinstance(value, list) else [value])]
-    return [v for v in flat if isinstance(v, str) and looks_like_kernel_ref(v) and not v.startswith((".", "/", "~"))]
+    return [v for v in flat if isinstance(v, str) and looks_like_kernel_ref(v) and not is_local_ref(v)]
 
 
 def cmd_lock(args) -> int:

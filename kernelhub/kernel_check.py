@@ -25,7 +25,7 @@ from kernelhub.backends.layer import set_layer_forward
 from kernelhub.kernel_build import build_kernel, python_name, read_build_toml
 from kernelhub.registry.errors import KernelhubError
 from kernelhub.registry.hub_layers import contract_problems
-from kernelhub.registry.kernel_metadata import read_kernel_metadata
+from kernelhub.registry.kernel_metadata import attention_specs, read_kernel_metadata
 
 
 @dataclasses.dataclass
@@ -85,8 +85,8 @@ def _benchmark(repo: Path, report: CheckReport) -> None:
         report.lines.append(f"benchmarks: {', '.join(found)}")
 
 
-def _numbers(name, impl, report: CheckReport) -> None:
-    host, inputs = reference_layers()[name]
+def _numbers(name, impl, reference, report: CheckReport) -> None:
+    host, inputs = reference
     with torch.no_grad():
         want = host(*inputs)
         set_layer_forward(host, impl.forward)
@@ -113,7 +113,7 @@ def check_kernel(repo) -> CheckReport:
         for variant in build_kernel(scratch):
             try:
                 Metadata.read_from_file(variant / "metadata.json")
-                read_kernel_metadata(variant)
+                attention_specs(read_kernel_metadata(variant), variant.name)
             except (ValueError, KernelhubError) as e:
                 report.problems.append(f"{variant.name}: {e}")
         report.lines.append(f"metadata: {len(general['backends'])} variants parse with kernels")
@@ -138,5 +138,5 @@ def check_kernel(repo) -> CheckReport:
             problems = contract_problems(impl, declared)
             report.problems.extend(f"{name}: {p}" for p in problems)
             if not problems:
-                _numbers(name, impl, report)
+                _numbers(name, impl, references[name], report)
     return report

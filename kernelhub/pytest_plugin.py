@@ -141,15 +141,11 @@ def offline_hub_cache(tmp_path, monkeypatch):
     can be made), and lays each given built repo out as a download would have; the repo is
     also trusted for this test. Refs like `repo_id@v1` then bind from the cache alone.
     """
-    from huggingface_hub import constants
-
     from kernelhub.registry.hub_loader import forget_loaded
-    from kernelhub.testing import populate_hub_cache
+    from kernelhub.testing import point_hub_at, populate_hub_cache
 
     cache, trusted = tmp_path / "offline-hf-cache", []
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    forget_loaded()
+    point_hub_at(monkeypatch, None, cache, offline=True)
 
     def add(repo_id: str, repo_dir, branches=("main", "v1")) -> str:
         trusted.append(repo_id)

@@ -43,8 +43,7 @@ def write_kernel_repo(path, name: str, *, layers=(), functions=(), version: int 
     pkg.mkdir(parents=True, exist_ok=True)
     (pkg / "layers.py").write_text(HEADER + "\n\n".join(_source(c) for c in layers))
     (pkg / "_functions.py").write_text(HEADER + "\n\n".join(_source(f) for f in functions))
-    exported = [f.__name__ if not isinstance(f, str) else None for f in functions]
-    imports = "".join(f"from ._functions import {n}\n" for n in exported if n)
+    imports = "".join(f"from ._functions import {f.__name__}\n" for f in functions if not isinstance(f, str))
     (pkg / "__init__.py").write_text(f"from . import layers\n{imports}{init_source}")
     toml = [f'name = "{name}"', f"version = {version}", 'license = "Apache-2.0"',
             f"backends = {json.dumps(list(backends))}", "python-depends = []"]
@@ -61,6 +60,26 @@ def write_kernel_repo(path, name: str, *, layers=(), functions=(), version: int 
         (repo / "kernelhub.json").write_text(json.dumps(kernelhub_json, indent=2))
     build_kernel(repo)
     return repo
+
+
+def point_hub_at(monkeypatch, endpoint: str | None, cache_dir, *, offline: bool = False) -> None:
+    """Make huggingface_hub (and so `kernels`) use `endpoint` (None: keep it) and `cache_dir`,
+    online or offline, for one test; kernelhub's memo of loaded kernels is cleared.
+
+    `monkeypatch` is pytest's: everything is restored when the test ends.
+    """
+    from huggingface_hub import constants
+
+    from kernelhub.registry.hub_loader import forget_loaded
+
+    if endpoint is not None:
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+        # Download URLs are built from this template, not from ENDPOINT.
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache_dir))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    forget_loaded()
 
 
 def populate_hub_cache(cache_dir, repo_id: str, repo_dir, *, branches=("main", "v1")) -> str:

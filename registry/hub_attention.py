@@ -16,7 +16,6 @@ from kernelhub.backends.flash_style import flash_varlen_attention
 from kernelhub.registry.capabilities import AttentionBackend, Capabilities
 from kernelhub.registry.hub_loader import HubKernelError, load_kernel
 from kernelhub.registry.hub_ref import HubRef, parse_kernel_ref
-from kernelhub.registry.kernel_metadata import attention_specs
 from kernelhub.registry.manager import Registered
 
 FLASH_VARLEN = "flash_attn_varlen_func"
@@ -32,7 +31,7 @@ def hub_backend(name: str, device: torch.device, lock=None) -> Registered:
     """The backend a Hub attention reference names, loaded for `device`."""
     ref = parse_kernel_ref(name, "attn_implementation")
     loaded = load_kernel(ref, device, lock if isinstance(ref, HubRef) else None)
-    specs = attention_specs(loaded.metadata, loaded.source)
+    specs = loaded.attention
     symbol = ref.symbol or loaded.metadata.get("default_attention")
     if symbol is None and hasattr(loaded.module, FLASH_VARLEN):
         symbol = FLASH_VARLEN

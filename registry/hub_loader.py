@@ -26,7 +26,7 @@ import torch
 
 from kernelhub.registry.errors import KernelhubError
 from kernelhub.registry.hub_ref import HubRef, LocalRef
-from kernelhub.registry.kernel_metadata import read_kernel_metadata
+from kernelhub.registry.kernel_metadata import attention_specs, read_kernel_metadata
 from kernelhub.registry.lock import KernelLock
 from kernelhub.registry.trust import check_trusted
 
@@ -44,10 +44,8 @@ class LoadedKernel:
 
     module: ModuleType
     source: str          # "hub org/name@<commit>" or "local <dir>"
-    variant: str
-    path: Path
-    commit: str | None = None
-    metadata: dict = dataclasses.field(default_factory=dict)  # the kernel's kernelhub.json
+    metadata: dict       # the kernel's kernelhub.json ({} without one)
+    attention: dict      # symbol -> AttentionSpec, parsed from `metadata` before import
 
 
 def kernels_backend(device: torch.device) -> str:
@@ -67,7 +65,7 @@ def _endpoint() -> str:
     return constants.ENDPOINT
 
 
-def _probe_hub(repo_id: str) -> str | None:
+def probe_hub(repo_id: str) -> str | None:
     """None if the Hub answers within the timeout, else why not. huggingface_hub's own API
     calls have no timeout, so a silent endpoint would otherwise hang a bind."""
     from huggingface_hub.utils import get_session
@@ -87,7 +85,7 @@ def _install(ref: HubRef, revision, version, backend, local_only) -> Path:
                                local_files_only=local_only, trust_remote_code=[ref.repo_id]))
 
 
-def _explain(ref, e: Exception) -> HubKernelError:
+def explain_failure(ref, e: Exception) -> HubKernelError:
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
     if isinstance(e, RepositoryNotFoundError):
         return HubKernelError(f"{ref}: no kernel repo {ref.repo_id!r} on {_endpoint()}")
@@ -117,26 +115,22 @@ def resolve_variant_path(ref: HubRef, backend: str, lock: KernelLock | None = No
             if offline():
                 raise HubKernelError(f"{ref} is not in the local cache and HF_HUB_OFFLINE=1 forbids downloading "
                                      f"it ({str(e).splitlines()[0]}). Run `kernelhub download` while online") from e
-    why = _probe_hub(ref.repo_id)
+    why = probe_hub(ref.repo_id)
     if why is not None:
         raise HubKernelError(f"the Hub at {_endpoint()} is unreachable ({why}) and {ref} is not in the local "
                              "cache. Check the network or HF_ENDPOINT, or prefetch with `kernelhub download`")
     try:
         return _install(ref, revision, version, backend, local_only=False)
-    except KernelhubError:
-        raise
     except Exception as e:  # noqa: BLE001 - translated into one clear error
-        raise _explain(ref, e) from e
+        raise explain_failure(ref, e) from e
 
 
 _LOADED: dict[tuple, LoadedKernel] = {}
 _LOCK = threading.Lock()
-IMPORT_COUNT = {"n": 0}  # how many kernel imports this process did (tests check "exactly once")
 
 
 def _import(variant_path: Path, backend: str, origin) -> ModuleType:
     from kernels import get_local_kernel
-    IMPORT_COUNT["n"] += 1
     try:
         return get_local_kernel(variant_path, backend=backend)
     except Exception as e:  # noqa: BLE001 - any failure inside the kernel's own code
@@ -159,17 +153,15 @@ def load_kernel(ref: HubRef | LocalRef, device: torch.device, lock: KernelLock |
 
 def _load(ref, backend, lock) -> LoadedKernel:
     if isinstance(ref, LocalRef):
-        variant_path = local_variant_path(ref.path, backend)
-        metadata = read_kernel_metadata(variant_path)
-        module = _import(variant_path, backend, ref)
-        return LoadedKernel(module, f"local {ref.path}", variant_path.name, variant_path, metadata=metadata)
-    variant_path = resolve_variant_path(ref, backend, lock)
-    commit = variant_path.parents[1].name
-    if lock is not None:
-        lock.entry_for(ref).verify(variant_path.name, variant_path)  # before a line of it is imported
+        variant_path, source = local_variant_path(ref.path, backend), f"local {ref.path}"
+    else:
+        variant_path = resolve_variant_path(ref, backend, lock)
+        source = f"hub {ref.repo_id}@{variant_path.parents[1].name}"  # snapshots/<commit>/build/<variant>
+        if lock is not None:
+            lock.entry_for(ref).verify(variant_path.name, variant_path)  # before a line of it is imported
     metadata = read_kernel_metadata(variant_path)
-    module = _import(variant_path, backend, ref)
-    return LoadedKernel(module, f"hub {ref.repo_id}@{commit}", variant_path.name, variant_path, commit, metadata)
+    attention = attention_specs(metadata, source)  # a bad declaration is refused before import
+    return LoadedKernel(_import(variant_path, backend, ref), source, metadata, attention)
 
 
 def local_variant_path(path: Path, backend: str) -> Path:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kernelhub.registry.errors import KernelhubError
-from kernelhub.registry.hub_loader import HubKernelError, _explain, _probe_hub
+from kernelhub.registry.hub_loader import HubKernelError, explain_failure, probe_hub
 from kernelhub.registry.hub_ref import HubRef, parse_kernel_ref
 from kernelhub.registry.lock import KernelLock, LockEntry, file_digests, lock_key
 from kernelhub.registry.trust import check_trusted
@@ -23,7 +23,7 @@ def _all_variants(ref: HubRef, revision: str | None, version: int | None) -> Pat
     """The `build/` folder of `ref` at the resolved commit, every variant downloaded."""
     from huggingface_hub import HfApi
     from kernels._versions import select_revision_or_version
-    why = _probe_hub(ref.repo_id)
+    why = probe_hub(ref.repo_id)
     if why is not None:
         raise HubKernelError(f"cannot lock or download {ref}: the Hub is unreachable ({why})")
     try:  # kernels resolves v<N> to its branch; the snapshot folder is named by the commit
@@ -31,7 +31,7 @@ def _all_variants(ref: HubRef, revision: str | None, version: int | None) -> Pat
         path = HfApi().snapshot_download(ref.repo_id, repo_type="kernel", revision=revision,
                                          allow_patterns=["build/*"], ignore_patterns=["*.pyc", "**/__pycache__/**"])
     except Exception as e:  # noqa: BLE001 - translated into one clear error
-        raise _explain(ref, e) from e
+        raise explain_failure(ref, e) from e
     return Path(path) / "build"
 
 

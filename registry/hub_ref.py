@@ -66,6 +66,12 @@ def looks_like_kernel_ref(value) -> bool:
     return isinstance(value, str) and ("/" in value or value.startswith((".", "~")) or "@" in value)
 
 
+def is_local_ref(value) -> bool:
+    """True for what names a directory rather than a Hub repo: a path object, or text
+    starting with '.', '/' or '~'."""
+    return isinstance(value, os.PathLike) or (isinstance(value, str) and value.startswith((".", "/", "~")))
+
+
 def _split_symbol(text, origin):
     body, sep, symbol = text.rpartition(":")
     if not sep:
@@ -92,7 +98,7 @@ def parse_local_ref(value, origin: str) -> LocalRef:
 
 def parse_kernel_ref(value, origin: str) -> HubRef | LocalRef:
     """A `HubRef` or `LocalRef` from what the user wrote; a clear error for a malformed one."""
-    if isinstance(value, os.PathLike) or (isinstance(value, str) and value.startswith((".", "/", "~"))):
+    if is_local_ref(value):
         return parse_local_ref(value, origin)
     if not isinstance(value, str):
         raise _bad(value, origin, f"got {type(value).__name__}")

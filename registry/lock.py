@@ -9,9 +9,9 @@ a line of the kernel is imported. A changed, missing or extra file is refused.
      "kernels": {"my-org/rmsnorm@v1": {"repo_id": "my-org/rmsnorm", "requested": "v1",
                                        "commit": "3f2a...", "variants": {"torch-cpu": {"files": {...}}}}}}
 
->>> lock = KernelLock({})
->>> lock.entry_for_key("my-org/rmsnorm@v1") is None
-True
+>>> from kernelhub.registry.hub_ref import parse_kernel_ref
+>>> lock_key(parse_kernel_ref("my-org/rmsnorm@v1:RMSNorm", "example"))
+'my-org/rmsnorm@v1'
 """
 
 from __future__ import annotations
@@ -100,9 +100,6 @@ class KernelLock:
         """The lock named by $KERNELHUB_LOCK, if set."""
         path = os.environ.get(ENV)
         return cls.read(path) if path else None
-
-    def entry_for_key(self, key: str) -> LockEntry | None:
-        return self.entries.get(key)
 
     def entry_for(self, ref) -> LockEntry:
         entry = self.entries.get(lock_key(ref))

@@ -44,23 +44,11 @@ def loopback_hub(tmp_path_factory):
     server.stop()
 
 
-def point_hub_at(monkeypatch, endpoint: str, cache_dir) -> None:
-    """Make huggingface_hub (and so kernels) talk to `endpoint` and cache under `cache_dir`."""
-    from huggingface_hub import constants
-
-    from kernelhub.registry.hub_loader import forget_loaded
-
-    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache_dir))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    forget_loaded()
-
-
 @pytest.fixture
 def hub(loopback_hub, monkeypatch, tmp_path):
     """The loopback Hub as this test's endpoint, an empty HF cache, and the test org trusted."""
     from kernelhub.registry.hub_loader import forget_loaded
+    from kernelhub.testing import point_hub_at
 
     point_hub_at(monkeypatch, loopback_hub.endpoint, tmp_path / "hf-cache")
     monkeypatch.setenv("KERNELHUB_TRUSTED", "kernelhub-test")

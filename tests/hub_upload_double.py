@@ -15,7 +15,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from tests.loopback_hub import _git
+from tests.loopback_hub import git
 
 
 class UploadDouble:
@@ -62,8 +62,8 @@ class UploadDouble:
             repo = self.hub.git_dir(repo_id)
             if not (repo / ".git").exists():
                 repo.mkdir(parents=True)
-                _git(repo, "init", "-q")
-                _git(repo, "commit", "-q", "--allow-empty", "-m", "initial commit")
+                git(repo, "init", "-q")
+                git(repo, "commit", "-q", "--allow-empty", "-m", "initial commit")
             return 200, {"url": f"{self.endpoint}/kernels/{repo_id}", "name": repo_id}
         match = re.fullmatch(r"/api/kernels/([^/]+/[^/]+)/(branch|preupload|commit)/(.+)", path)
         if not match:
@@ -71,8 +71,8 @@ class UploadDouble:
         repo_id, action, revision = match.groups()
         repo = self.hub.git_dir(repo_id)
         if action == "branch":
-            if revision not in _git(repo, "branch", "--format=%(refname:short)").split():
-                _git(repo, "branch", revision, "main")
+            if revision not in git(repo, "branch", "--format=%(refname:short)").split():
+                git(repo, "branch", revision, "main")
             return 200, {}
         if action == "preupload":
             files = json.loads(body)["files"]
@@ -81,15 +81,15 @@ class UploadDouble:
 
     def _commit(self, repo_id: str, repo: Path, branch: str, body: bytes) -> dict:
         lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
-        _git(repo, "checkout", "-q", branch)
+        git(repo, "checkout", "-q", branch)
         for line in lines:
             if line["key"] == "file":
                 dest = repo / line["value"]["path"]
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 dest.write_bytes(base64.b64decode(line["value"]["content"]))
         summary = next(line["value"]["summary"] for line in lines if line["key"] == "header")
-        _git(repo, "add", "-A")
-        _git(repo, "commit", "-q", "--allow-empty", "-m", summary)
-        commit = _git(repo, "rev-parse", "HEAD")
-        _git(repo, "checkout", "-q", "main")
+        git(repo, "add", "-A")
+        git(repo, "commit", "-q", "--allow-empty", "-m", summary)
+        commit = git(repo, "rev-parse", "HEAD")
+        git(repo, "checkout", "-q", "main")
         return {"commitUrl": f"{self.endpoint}/kernels/{repo_id}/commit/{commit}", "commitOid": commit}

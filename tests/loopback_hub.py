@@ -25,7 +25,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _git(repo: Path, *args) -> str:
+def git(repo: Path, *args) -> str:
     return subprocess.run([*GIT, *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
 
 
@@ -75,17 +75,17 @@ class LoopbackHub:
         repo = self.git_dir(repo_id)
         if not (repo / ".git").exists():
             repo.mkdir(parents=True)
-            _git(repo, "init", "-q")
+            git(repo, "init", "-q")
         else:
-            _git(repo, "checkout", "-q", "main")
+            git(repo, "checkout", "-q", "main")
         for child in repo.iterdir():
             if child.name != ".git":
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
         shutil.copytree(source, repo, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        _git(repo, "add", "-A")
-        _git(repo, "commit", "-q", "--allow-empty", "-m", f"publish {repo_id}")
-        commit = _git(repo, "rev-parse", "HEAD")
+        git(repo, "add", "-A")
+        git(repo, "commit", "-q", "--allow-empty", "-m", f"publish {repo_id}")
+        commit = git(repo, "rev-parse", "HEAD")
         for branch in branches:
             if branch != "main":
-                _git(repo, "branch", "-f", branch, commit)
+                git(repo, "branch", "-f", branch, commit)
         return commit

@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) bench/generate.py
 	$(PY) bench/bind.py
 	$(PY) bench/kernel_speed.py
+	$(PY) bench/batching.py --plot build/batching.png
 
 docs: $(STAMP)
 	$(PY) -m kernelhub.docs_gen docs/attention.md

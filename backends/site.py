@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from kernelhub.backends.eager import eager_attention
+from kernelhub.backends.paged_attention import PagedMask, paged_dense
 
 
 class AttentionSite(torch.nn.Module):
@@ -44,24 +45,36 @@ class AttentionSite(torch.nn.Module):
         self.unbind()
 
     def set_implementation(self, name: str, fn, mask_format: str, accepts_is_causal: bool = False,
-                           returns_weights: bool = False):
-        """Point this site at `fn` (called by kernelhub's binder, not by model code)."""
+                           returns_weights: bool = False, paged_fn=None):
+        """Point this site at `fn` (called by kernelhub's binder, not by model code).
+
+        `paged_fn` serves forwards over a paged KV cache (see `backends.paged_attention`);
+        None when the backend cannot read one."""
         self.implementation, self._fn, self._mask_format = name, fn, mask_format
-        self.returns_weights = returns_weights
+        self.returns_weights, self.paged_fn = returns_weights, paged_fn
         self._accepts_is_causal = accepts_is_causal
         self._kwargs = {"softcap": self.softcap} if self.softcap else {}
 
     def implementation_state(self) -> tuple:
         """The arguments of `set_implementation` that reproduce the current binding."""
-        return self.implementation, self._fn, self._mask_format, self._accepts_is_causal, self.returns_weights
+        return (self.implementation, self._fn, self._mask_format, self._accepts_is_causal, self.returns_weights,
+                self.paged_fn)
 
     def unbind(self):
         """Return to the eager reference."""
-        self.set_implementation("eager", self.reference, "bool", returns_weights=True)
+        self.set_implementation("eager", self.reference, "bool", returns_weights=True,
+                                paged_fn=paged_dense(self.reference, "bool"))
 
     def forward(self, q, k, v, mask):
-        """q: [B, H, Q, D], k/v: [B, H_kv, KV, D], mask: AttentionMask -> (out [B, Q, H, D], weights|None)."""
+        """q: [B, H, Q, D], k/v: [B, H_kv, KV, D], mask: AttentionMask -> (out [B, Q, H, D], weights|None).
+
+        With a `PagedMask`, q is one packed row [1, H, T, D] and k/v are block pools."""
         dropout = self.dropout if self.training else 0.0
+        if isinstance(mask, PagedMask):  # k/v are block pools; see backends.paged_attention
+            if self.paged_fn is None:
+                raise RuntimeError(f"attention backend {self.implementation!r} cannot read a paged KV cache; "
+                                   "bind a backend with paged support (eager, sdpa, flex, flash)")
+            return self.paged_fn(self, q, k, v, mask, scaling=self.scaling, dropout=dropout, **self._kwargs)
         if self._accepts_is_causal and mask.shortcut is not None:
             return self._fn(self, q, k, v, None, scaling=self.scaling, dropout=dropout,
                             is_causal=mask.shortcut == "causal", **self._kwargs)

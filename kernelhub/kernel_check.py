@@ -99,6 +99,35 @@ def _numbers(name, impl, reference, report: CheckReport) -> None:
         report.lines.append(f"{name}: matches kernelhub {name} (max abs diff {diff:.1e})")
 
 
+def _attention_numbers(module, symbol, spec, report):
+    """A declared attention function against kernelhub's eager reference on a small causal GQA case."""
+    from kernelhub.backends.attention_mask import AttentionMask
+    from kernelhub.backends.eager import eager_attention
+    from kernelhub.backends.flash_style import flash_varlen_attention
+
+    fn = getattr(module, symbol, None)
+    if not callable(fn):
+        report.problems.append(f"kernelhub.json declares attention function {symbol!r}, which the kernel lacks")
+        return
+    if spec.mask_format == "varlen":
+        fn = flash_varlen_attention(fn)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 7, 32, generator=g)
+    k, v = torch.randn(2, 2, 7, 32, generator=g), torch.randn(2, 2, 7, 32, generator=g)
+    mask = AttentionMask.build(batch=2, q_len=7)
+    try:
+        got, _ = fn(None, q, k, v, mask.materialize(spec.mask_format) if spec.mask_format != "none" else None,
+                    scaling=32 ** -0.5)
+    except Exception as e:  # noqa: BLE001 - report any failure
+        report.problems.append(f"{symbol}: fails on a causal float32 case: {type(e).__name__}: {e}")
+        return
+    diff = float((got - eager_attention(None, q, k, v, mask.materialize("bool"), scaling=32 ** -0.5)[0]).abs().max())
+    if diff > 1e-5:
+        report.problems.append(f"{symbol}: differs from kernelhub eager attention by {diff:.2e} (> 1e-5 in float32)")
+    else:
+        report.lines.append(f"{symbol}: matches kernelhub eager attention (max abs diff {diff:.1e})")
+
+
 def check_kernel(repo) -> CheckReport:
     """Validate a kernel repo; `report.problems` is empty when it is ready to publish."""
     from kernels import get_local_kernel
@@ -110,10 +139,11 @@ def check_kernel(repo) -> CheckReport:
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp) / repo.name
         shutil.copytree(repo, scratch, ignore=shutil.ignore_patterns("build", "__pycache__", "*.pyc"))
+        specs = {}
         for variant in build_kernel(scratch):
             try:
                 Metadata.read_from_file(variant / "metadata.json")
-                attention_specs(read_kernel_metadata(variant), variant.name)
+                specs = attention_specs(read_kernel_metadata(variant), variant.name)
             except (ValueError, KernelhubError) as e:
                 report.problems.append(f"{variant.name}: {e}")
         report.lines.append(f"metadata: {len(general['backends'])} variants parse with kernels")
@@ -122,9 +152,13 @@ def check_kernel(repo) -> CheckReport:
         except Exception as e:  # noqa: BLE001 - report any import failure
             report.problems.append(f"the cpu variant does not import: {type(e).__name__}: {e}")
             return report
+        for symbol, spec in sorted(specs.items()):
+            _attention_numbers(module, symbol, spec, report)
         layers = getattr(module, "layers", None)
         if layers is None:
-            report.problems.append(f"{python_name(general['name'])} has no `layers` module")
+            if not specs:
+                report.problems.append(f"{python_name(general['name'])} has no `layers` module and declares no "
+                                       "attention function in kernelhub.json")
             return report
         references = reference_layers()
         for name, impl in sorted(vars(layers).items()):

@@ -255,7 +255,10 @@ class LlamaModel(nn.Module):
         self.first_layer_of_type = {t: cfg.layer_types.index(t) for t in dict.fromkeys(cfg.layer_types)}
 
     def build_masks(self, batch, q_len, attention_mask, cache, device):
-        """One semantic AttentionMask per layer type for this forward."""
+        """One semantic AttentionMask per layer type for this forward (a paged cache has built
+        its per-step `PagedMask`s already)."""
+        if getattr(cache, "paged", False):
+            return cache.step_masks
         masks = {}
         for layer_type, idx in self.first_layer_of_type.items():
             past = cache.get_seq_length(idx) if cache is not None else 0
@@ -312,16 +315,21 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.binding = None
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, logits_to_keep: int = 0,
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, logits_to_keep=0,
                 output_hidden_states: bool = False, output_attentions: bool | None = None):
-        """`logits_to_keep=N` computes logits for the last N positions only (0 = all); generation
-        needs just the last one, and the vocabulary projection is the largest matmul of the model.
+        """`logits_to_keep=N` computes logits for the last N positions only (0 = all), or for the
+        positions in a 1-D index tensor; generation needs few, and the vocabulary projection is
+        the largest matmul of the model.
         `output_hidden_states` / `output_attentions` (default: the config's) fill those fields."""
         if output_attentions is None:
             output_attentions = self.config.output_attentions
         hidden, captured = self.model(input_ids, attention_mask, position_ids, cache,
                                       output_hidden_states, output_attentions)
-        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        if isinstance(logits_to_keep, torch.Tensor):  # positions (packed batches: each sequence's last)
+            hidden = hidden[:, logits_to_keep]
+        elif logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
         return CausalLMOutput(logits, _tuple(captured.get("attentions")), _tuple(captured.get("hidden_states")))
 
     def get_input_embeddings(self):
@@ -345,6 +353,12 @@ class LlamaForCausalLM(nn.Module):
         from kernelhub.models.generate import generate
 
         return generate(self, input_ids, **kwargs)
+
+    def generate_batch(self, prompts, **kwargs):
+        """Continuous batching over a paged KV cache; see `kernelhub.models.batching.generate_batch`."""
+        from kernelhub.models.batching import generate_batch
+
+        return generate_batch(self, prompts, **kwargs)
 
     def save_pretrained(self, path):
         """Write config.json (with the binding request) and model.safetensors."""

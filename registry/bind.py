@@ -61,9 +61,11 @@ def choose_backend(site, path, request, registry, device, dtype, mode, lookup=No
     picked = registry.pm.hook.kernelhub_select_backend(
         site=site, candidates=[e.backend.name for e in fitting], device=device, dtype=dtype, mode=mode)
     chosen = next((e for e in fitting if e.backend.name == picked), fitting[0])
-    note = "selected by policy hook" if picked and chosen is not fitting[0] else ""
+    resolution = chosen.backend.resolution(device, dtype)
+    notes = ["selected by policy hook" if picked and chosen is not fitting[0] else "", resolution.note]
+    note = "; ".join(n for n in notes if n)
     return PlanEntry(path, "attention", chosen.backend.name, chosen.source, request.origin, tuple(rejected), note), \
-        chosen.backend
+        (chosen.backend, resolution)
 
 
 def _lookup_for(registry, device, lock):
@@ -119,9 +121,9 @@ def bind(model: torch.nn.Module, attn_implementation=None, kernels=None, *, devi
         layer_actions.append((module, choice.forward))
 
     # Everything is decided: now apply, which cannot fail half-way.
-    for site, backend in attention_actions:
-        site.set_implementation(backend.name, backend.fn, backend.mask_format, backend.accepts_is_causal,
-                                backend.capabilities.returns_weights)
+    for site, (backend, resolution) in attention_actions:
+        site.set_implementation(backend.name, resolution.fn, backend.mask_format, backend.accepts_is_causal,
+                                backend.capabilities.returns_weights, resolution.paged_fn)
     for module, forward in layer_actions:
         reset_layer_forward(module)  # also drops what a previous kernel cached on the module
         if forward is not None:

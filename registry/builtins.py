@@ -1,11 +1,14 @@
-"""kernelhub's built-in plugin: eager, sdpa and flex attention, the oneDNN Linear kernel,
+"""kernelhub's built-in plugin: eager, sdpa, flex and flash attention, the oneDNN Linear kernel,
 and the Llama and BERT families.
 
 Registered through the same hooks as any third-party plugin.
 """
 
 
+import torch
+
 from kernelhub.backends.eager import eager_attention
+from kernelhub.backends.flash import flash_unresolved, resolve_flash
 from kernelhub.backends.flex import flex_attention_backend
 from kernelhub.backends.sdpa import sdpa_attention
 from kernelhub.registry.capabilities import AttentionBackend, Capabilities
@@ -15,7 +18,7 @@ EAGER = AttentionBackend(
     name="eager",
     fn=eager_attention,
     mask_format="bool",
-    capabilities=Capabilities(softcap=True, dropout=True, returns_weights=True),
+    capabilities=Capabilities(softcap=True, dropout=True, returns_weights=True, paged=True),
     description="matmul + softmax reference; returns attention weights",
 )
 
@@ -25,7 +28,7 @@ SDPA = AttentionBackend(
     fn=sdpa_attention,
     mask_format="bool",
     accepts_is_causal=True,
-    capabilities=Capabilities(dropout=True),
+    capabilities=Capabilities(dropout=True, paged=True),
     requires=("torch>=2.5",),
     description="torch.nn.functional.scaled_dot_product_attention",
 )
@@ -36,16 +39,29 @@ FLEX = AttentionBackend(
     fn=flex_attention_backend,
     mask_format="block_mask",
     capabilities=Capabilities(
-        head_dim=(16, 256), softcap=True, backward=("cuda",),  # the CPU path is forward-only
+        head_dim=(16, 256), softcap=True, paged=True, backward=("cuda",),  # the CPU path is forward-only
     ),
     requires=("torch>=2.5",),
     description="torch flex_attention with a BlockMask (compiled once per process)",
 )
 
+FLASH = AttentionBackend(
+    name="flash",
+    aliases=("flash_attn", "flash_attention"),
+    fn=flash_unresolved,
+    mask_format="varlen",
+    resolve=resolve_flash,
+    capabilities=Capabilities(
+        dtypes=(torch.float16, torch.bfloat16, torch.float32), head_dim=(8, 256), softcap=True, varlen=True,
+        paged=True, arbitrary_mask=False, compile=False, backward=False,
+    ),
+    description="flash-attn on CUDA, else kernelhub's Triton FlashAttention-2 kernel (packed sequences, block tables)",
+)
+
 
 @hookimpl
 def kernelhub_attention_backends():
-    return [EAGER, SDPA, FLEX]
+    return [EAGER, SDPA, FLEX, FLASH]
 
 
 @hookimpl

@@ -49,6 +49,18 @@ class Capabilities:
 
 
 @dataclasses.dataclass(frozen=True)
+class Resolution:
+    """What serves a backend on one device and dtype, decided at bind time: the function for
+    plain forwards, the one for paged-cache forwards, a note for the plan, or the problems
+    that leave nothing to serve it."""
+
+    fn: object = None
+    paged_fn: object = None
+    note: str = ""
+    problems: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class AttentionBackend:
     """An attention implementation: data plus one function.
 
@@ -71,6 +83,19 @@ class AttentionBackend:
     # Opt-in: receive mask=None plus is_causal when the mask is the plain causal triangle
     # or masks nothing, instead of a materialised tensor.
     accepts_is_causal: bool = False
+    # Optional `resolve(device, dtype) -> Resolution`, for backends whose implementation depends
+    # on the machine (flash: flash-attn on CUDA, a Triton kernel elsewhere). None: `fn` everywhere.
+    resolve: object = None
+
+    def resolution(self, device, dtype) -> Resolution:
+        """The functions serving this backend on `device`/`dtype`, with paged support composed
+        from `fn` and `mask_format` unless the backend reads block tables itself."""
+        from kernelhub.backends.paged_attention import paged_adapter
+
+        res = self.resolve(torch.device(device), dtype) if self.resolve else Resolution(self.fn)
+        if res.problems or res.paged_fn is not None or not self.capabilities.paged:
+            return res
+        return dataclasses.replace(res, paged_fn=paged_adapter(res.fn, self.mask_format))
 
 
 def unsupported(backend: AttentionBackend, site, device, dtype, mode: str = "inference") -> list[str]:
@@ -84,6 +109,8 @@ def unsupported(backend: AttentionBackend, site, device, dtype, mode: str = "inf
     caps = backend.capabilities
     device_type = torch.device(device).type
     reasons = machine_problems(backend, device_type)
+    if backend.resolve and not reasons:  # problems that depend on the dtype
+        reasons += backend.resolve(torch.device(device), dtype).problems
     if dtype not in caps.dtypes:
         names = ", ".join(str(d).removeprefix("torch.") for d in caps.dtypes)
         reasons.append(f"supports dtypes {names}, not {str(dtype).removeprefix('torch.')}")
@@ -118,6 +145,8 @@ def machine_problems(backend: AttentionBackend, device_type: str) -> list[str]:
     reasons = requirement_problems(backend.requires)
     if device_type not in backend.capabilities.devices:
         reasons.append(f"runs on {', '.join(backend.capabilities.devices)}, not {device_type}")
+    elif backend.resolve is not None:
+        reasons += backend.resolve(torch.device(device_type), None).problems
     return reasons
 
 

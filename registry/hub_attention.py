@@ -3,8 +3,8 @@
 The repo's `kernelhub.json` declares each attention function's mask format and
 capabilities (read before import); the function then serves sites like any registered
 backend, with the same `unsupported()` checks. A repo exposing the flash-attn varlen API
-(`flash_attn_varlen_func`) needs no declaration: it is recognised as flash-style and
-adapted to packed sequences. Hub backends are not added to the registry: binding one
+(`flash_attn_varlen_func`) is recognised as flash-style and adapted to packed sequences;
+a declaration for it only refines the capabilities. Hub backends are not added to the registry: binding one
 leaves the registry as it was.
 """
 
@@ -44,6 +44,11 @@ def hub_backend(name: str, device: torch.device, lock=None) -> Registered:
                              f"(declared: {', '.join(specs) or 'none'})")
     if symbol in specs:
         spec = specs[symbol]
+        if symbol == FLASH_VARLEN:  # the flash-attn API, with capabilities the repo declares
+            if spec.mask_format != "varlen":
+                raise HubKernelError(f"{name}: {FLASH_VARLEN} takes packed sequences; kernelhub.json must declare "
+                                     f"mask_format 'varlen', not {spec.mask_format!r}")
+            fn = flash_varlen_attention(fn)
         backend = AttentionBackend(name=name, fn=fn, mask_format=spec.mask_format, capabilities=spec.capabilities,
                                    accepts_is_causal=spec.accepts_is_causal, description=f"{loaded.source}:{symbol}")
     elif symbol == FLASH_VARLEN:

@@ -150,8 +150,8 @@ def test_cli_explain_prints_plan_without_loading_weights(mistral_checkpoint, tmp
     assert "model.layers.{0,2}.self_attn.attn" in out.stdout and "model.layers.{1,3}.self_attn.attn" in out.stdout
     rows = json.loads(subprocess.run(run + ["--attn", "flex", "--json"], capture_output=True, text=True).stdout)
     assert {r["chosen"] for r in rows if r["kind"] == "attention"} == {"flex"}
-    bad = subprocess.run(run + ["--attn", "flash_attention_3"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "unknown attention implementation 'flash_attention_3'" in bad.stderr
+    bad = subprocess.run(run + ["--attn", "flesh"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown attention implementation 'flesh'" in bad.stderr
 
 
 def test_plugin_added_in_a_scope_does_not_leak(mistral_checkpoint):

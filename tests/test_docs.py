@@ -26,5 +26,5 @@ def test_docs_site_builds_strictly(tmp_path):
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     for page in ("index.html", "attention/index.html", "plugins/index.html", "testing/index.html", "hub/index.html",
-                 "publishing/index.html"):
+                 "publishing/index.html", "serving/index.html"):
         assert (tmp_path / page).is_file(), page

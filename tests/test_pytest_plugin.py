@@ -63,7 +63,7 @@ def test_swap_kernel_bad_input(swap_kernel):
         swap_kernel("sdpa", 42)
 
 
-def test_plugin_in_a_fresh_pytest_run(pytester):
+def test_plugin_in_a_fresh_pytest_run(pytester, monkeypatch):
     """The plugin loads through its pytest11 entry point and reports each backend left out."""
     pytester.makepyfile(
         """
@@ -71,7 +71,7 @@ def test_plugin_in_a_fresh_pytest_run(pytester):
 
         @pytest.mark.kernelhub_backends
         def test_backend(attn_backend):
-            assert attn_backend in ("eager", "sdpa", "flex", "needs_cuda")
+            assert attn_backend in ("eager", "sdpa", "flex", "flash", "needs_cuda")
 
         def test_assert_bound_message(assert_bound):
             class M: binding = None
@@ -100,9 +100,11 @@ def test_plugin_in_a_fresh_pytest_run(pytester):
             m.Registry.__init__ = init
         """
     )
+    monkeypatch.delenv("TRITON_INTERPRET")  # a plain CPU machine: flash cannot run either
     result = pytester.runpytest_subprocess("-rs")  # in a child: the conftest patches kernelhub
-    result.assert_outcomes(passed=4, skipped=1)
+    result.assert_outcomes(passed=4, skipped=2)
     result.stdout.fnmatch_lines(["*needs_cuda: runs on cuda, not cpu*"])
+    result.stdout.fnmatch_lines(["*flash: flash needs CUDA*"])
 
 
 def test_hub_fixtures_in_a_fresh_pytest_run(pytester):

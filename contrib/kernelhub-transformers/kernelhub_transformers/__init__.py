@@ -61,8 +61,24 @@ def _attention_function(backend):
     return attention
 
 
+BRIDGED_MASK_FORMATS = ("block_mask", "additive", "bool", "none")
+
+
+def bridge_problem(backend) -> str | None:
+    """Why `backend` cannot run inside transformers' attention interface, or None."""
+    if backend.mask_format not in BRIDGED_MASK_FORMATS:
+        return (f"mask format {backend.mask_format!r} is not one transformers builds "
+                f"({', '.join(BRIDGED_MASK_FORMATS)}); use transformers' own flash_attention_2 for varlen kernels")
+    if backend.resolve is not None:
+        return "it is resolved per device at bind time, which transformers' interface has no step for"
+    return None
+
+
 def register(names=None) -> list[str]:
-    """Register kernelhub backends (all, or `names`) with transformers; returns the registered keys."""
+    """Register kernelhub backends with transformers; returns the registered keys.
+
+    With `names=None`, every backend that can be bridged (see `bridge_problem`); a backend
+    named explicitly that cannot be is an error saying why."""
     import kernelhub
     from transformers import AttentionInterface, AttentionMaskInterface
 
@@ -70,6 +86,11 @@ def register(names=None) -> list[str]:
     for backend in kernelhub.backends():
         if names is not None and backend.name not in names:
             continue
+        problem = bridge_problem(backend)
+        if problem and names is None:
+            continue
+        if problem:
+            raise ValueError(f"kernelhub backend {backend.name!r} cannot be bridged to transformers: {problem}")
         key = PREFIX + backend.name
         AttentionInterface.register(key, _attention_function(backend))
         AttentionMaskInterface.register(key, _mask_builder(backend))

@@ -77,3 +77,9 @@ def test_a_backend_registered_later_is_bridged_with_register(llama_dir):
     ids, _ = padded()
     model(ids)  # unpadded and causal: transformers would skip the mask, but "spy" never opted in to None
     assert calls == [torch.bool, torch.bool]
+
+
+def test_backends_transformers_cannot_feed_are_left_out_and_refused_by_name():
+    assert "kernelhub:flash" not in kernelhub_transformers.register()
+    with pytest.raises(ValueError, match="'flash' cannot be bridged to transformers: mask format 'varlen'"):
+        kernelhub_transformers.register(["flash"])

@@ -1,0 +1,302 @@
+"""Continuous batching: many requests share each forward, over a paged KV cache.
+
+Every step the scheduler packs work into one row of at most `max_batch_tokens` tokens:
+
+1. **decode first**: each running request that has finished its prompt brings its one
+   newest token;
+2. **chunked prefill** fills the rest of the budget with prompt chunks, oldest request first,
+   admitting waiting requests while blocks last;
+3. **preemption**: when a decode needs a block and none is free, the most recently admitted
+   request gives back all its blocks and is requeued at the front with the tokens it has
+   (prompt and generated). It later recomputes them, so nothing is lost or duplicated.
+
+The forward is packed (varlen): no padding and no [tokens x tokens] mask; each attention
+backend reads keys through the block tables (see `backends.paged_attention`).
+
+>>> from kernelhub.models.llama import LlamaForCausalLM
+>>> model = LlamaForCausalLM({"vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
+...                           "num_hidden_layers": 1, "num_attention_heads": 2})
+>>> results = generate_batch(model, [[1, 2, 3], [4]], max_new_tokens=2)
+>>> [len(r.tokens) for r in results], results[0].finish_reason
+([2, 2], 'length')
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+
+import torch
+
+from kernelhub.backends.paged_cache import PagedKVCache
+from kernelhub.backends.site import AttentionSite
+from kernelhub.models.generate import sample_next
+
+DEFAULT_BATCH_TOKENS = 2048
+DEFAULT_BLOCK_SIZE = 16
+
+
+def default_kv_memory(device) -> int:
+    """The KV pool budget when none is given: half the free memory of a GPU, 1 GiB on a CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    return 1 << 30
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """A finished request: `tokens` are the generated ids (eos included when it ended one)."""
+
+    request_id: object
+    prompt: list[int]
+    tokens: list[int]
+    finish_reason: str  # "length" | "eos" | "cancelled" | "error"
+    error: str | None = None
+
+
+@dataclasses.dataclass(eq=False)  # identity: `in`/`remove` on queues must not compare token lists
+class _Request:
+    id: object
+    prompt: list[int]
+    max_new_tokens: int
+    eos_token_id: int | None
+    tokens: list[int] = dataclasses.field(default_factory=list)  # prompt + generated
+    computed: int = 0  # positions whose keys/values are in the cache
+
+    @property
+    def pending(self) -> int:
+        return len(self.tokens) - self.computed
+
+    def result(self, reason, error=None):
+        return GenerationResult(self.id, self.prompt, self.tokens[len(self.prompt):], reason, error)
+
+
+def _check_max_new_tokens(n):
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ValueError(f"max_new_tokens must be a positive int, got {n!r}")
+
+
+def _as_token_list(prompt, where: str, vocab_size: int) -> list[int]:
+    if isinstance(prompt, torch.Tensor):
+        if prompt.ndim != 1:
+            raise ValueError(f"{where} must be a 1-D tensor of token ids, got shape {tuple(prompt.shape)}")
+        prompt = prompt.tolist()
+    if isinstance(prompt, str) or not hasattr(prompt, "__iter__"):
+        raise ValueError(f"{where} must be a list of token ids, got {type(prompt).__name__} "
+                         "(tokenize text first)")
+    tokens = list(prompt)
+    if not tokens:
+        raise ValueError(f"{where} is empty; every prompt needs at least one token")
+    bad = [t for t in tokens if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"{where} has token ids outside 0..{vocab_size - 1}: {bad[:5]}")
+    return tokens
+
+
+def _paged_problems(model) -> list[str]:
+    return [f"{path} ({site.implementation})" for path, site in model.named_modules()
+            if isinstance(site, AttentionSite) and site.paged_fn is None]
+
+
+class ContinuousBatcher:
+    """A streaming manager: add requests at any time, iterate results as they finish, cancel.
+
+    >>> from kernelhub.models.llama import LlamaForCausalLM
+    >>> model = LlamaForCausalLM({"vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
+    ...                           "num_hidden_layers": 1, "num_attention_heads": 2})
+    >>> batcher = ContinuousBatcher(model, kv_memory=1 << 20)
+    >>> a = batcher.add_request([1, 2, 3], max_new_tokens=4)
+    >>> b = batcher.add_request([5, 6], max_new_tokens=100)
+    >>> batcher.cancel(b)
+    >>> sorted((r.request_id, r.finish_reason) for r in batcher)
+    [(0, 'length'), (1, 'cancelled')]
+    """
+
+    def __init__(self, model, *, max_batch_tokens: int = DEFAULT_BATCH_TOKENS, block_size: int = DEFAULT_BLOCK_SIZE,
+                 kv_memory: int | None = None, max_blocks: int | None = None, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 eos_token_id: int | None = None, generator: torch.Generator | None = None):
+        not_paged = _paged_problems(model)
+        if not_paged:
+            raise ValueError(f"continuous batching reads a paged KV cache, and these attention sites are bound "
+                             f"to backends without paged support: {', '.join(not_paged[:4])}; bind with "
+                             "attn_implementation='paged|sdpa' (or eager, flex, flash)")
+        if max_batch_tokens < 1 or block_size < 1:
+            raise ValueError(f"max_batch_tokens and block_size must be >= 1, got {max_batch_tokens}, {block_size}")
+        if do_sample and temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.max_batch_tokens = max_batch_tokens
+        self.cache = PagedKVCache.for_model(model, memory_bytes=kv_memory or default_kv_memory(self.device),
+                                            block_size=block_size, max_blocks=max_blocks)
+        self.sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                             generator=generator)
+        self.eos_token_id = eos_token_id
+        self.waiting: collections.deque[_Request] = collections.deque()
+        self.running: list[_Request] = []  # in admission order
+        self.finished: list[GenerationResult] = []
+        self._ids = itertools.count()
+        self.stats = collections.Counter()
+
+    # -- requests --------------------------------------------------------------------
+
+    def add_request(self, prompt, *, max_new_tokens: int = 32, request_id=None, eos_token_id=...):
+        """Queue a prompt (token ids); returns its id. A prompt that can never fit the KV cache
+        finishes at once with `finish_reason="error"` and the reason, without affecting others."""
+        _check_max_new_tokens(max_new_tokens)
+        tokens = _as_token_list(prompt, "prompt", self.model.config.vocab_size)
+        request_id = next(self._ids) if request_id is None else request_id
+        if request_id in self._active_ids():
+            raise ValueError(f"request id {request_id!r} is already in use")
+        eos = self.eos_token_id if eos_token_id is ... else eos_token_id
+        request = _Request(request_id, tokens, max_new_tokens, eos, tokens=list(tokens))
+        need = len(tokens) + max_new_tokens
+        if need > self.cache.capacity():
+            self.finished.append(request.result("error", (
+                f"prompt of {len(tokens)} tokens plus max_new_tokens={max_new_tokens} needs {need} KV positions; "
+                f"the cache holds {self.cache.capacity()} ({self.cache.num_blocks - 1} blocks of "
+                f"{self.cache.block_size}); raise kv_memory or shorten the request")))
+        else:
+            self.waiting.append(request)
+        return request_id
+
+    def cancel(self, request_id):
+        """Stop a waiting or running request; it finishes with `finish_reason="cancelled"`."""
+        for queue in (self.waiting, self.running):
+            for request in queue:
+                if request.id == request_id:
+                    queue.remove(request)
+                    self.cache.free(request.id)
+                    self.finished.append(request.result("cancelled"))
+                    return
+        active = sorted(map(repr, self._active_ids()))
+        raise KeyError(f"no waiting or running request {request_id!r} to cancel; active: "
+                       f"{', '.join(active[:8]) or 'none'}")
+
+    def _active_ids(self):
+        return {r.id for r in itertools.chain(self.waiting, self.running)}
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.finished)
+
+    def __iter__(self):
+        """Run steps until every request has finished, yielding each result as it finishes."""
+        while self.has_work:
+            yield from self.step()
+
+    # -- one step --------------------------------------------------------------------
+
+    def step(self) -> list[GenerationResult]:
+        """Schedule and run one forward; return the requests that finished."""
+        scheduled = self._schedule()
+        if scheduled:
+            self._run(scheduled)
+        done, self.finished = self.finished, []
+        return done
+
+    def _preempt(self, victim: _Request):
+        self.running.remove(victim)
+        self.cache.free(victim.id)
+        victim.computed = 0
+        self.waiting.appendleft(victim)
+        self.stats["preemptions"] += 1
+
+    def _schedule(self) -> list[tuple[_Request, int]]:
+        cache, budget, scheduled = self.cache, self.max_batch_tokens, []
+        # 1. decode first, preempting the newest requests for blocks
+        for request in list(self.running):
+            if request.pending != 1 or request not in self.running or budget == 0:
+                continue
+            while not cache.can_reserve(request.id, request.computed + 1):
+                self._preempt(self.running[-1])
+                if request not in self.running:
+                    break
+            else:
+                cache.reserve(request.id, request.computed + 1)
+                scheduled.append((request, 1))
+                budget -= 1
+        # 2. chunked prefill: running requests part-way through a prompt, then new ones
+        for request in [r for r in self.running if r.pending > 1] + list(self.waiting):
+            if budget == 0:
+                break
+            fits = self._positions_free(request) - request.computed
+            chunk = min(request.pending, budget, fits)
+            if chunk <= 0:
+                break  # no blocks left: admit nothing newer (first come, first served)
+            cache.reserve(request.id, request.computed + chunk)
+            if request in self.waiting:
+                self.waiting.remove(request)
+                self.running.append(request)
+            scheduled.append((request, chunk))
+            budget -= chunk
+        return scheduled
+
+    def _positions_free(self, request) -> int:
+        """Positions `request` could hold with its blocks plus every free block."""
+        table = self.cache.tables.get(request.id)
+        held = len(next(iter(table.values()))) if table else 0
+        return (held + min(self.cache.free_blocks().values())) * self.cache.block_size
+
+    @torch.inference_mode()
+    def _run(self, scheduled):
+        cache = self.cache
+        q_lens = [n for _, n in scheduled]
+        kv_lens = [r.computed + n for r, n in scheduled]
+        positions = cache.begin_step([r.id for r, _ in scheduled], q_lens, kv_lens)
+        ids = torch.tensor([t for r, n in scheduled for t in r.tokens[r.computed:r.computed + n]],
+                           device=self.device)[None]
+        ends = list(itertools.accumulate(q_lens))
+        sampling = [i for i, (r, n) in enumerate(scheduled) if r.computed + n == len(r.tokens)]
+        keep = torch.tensor([ends[i] - 1 for i in sampling], dtype=torch.long, device=self.device)
+        logits = self.model(ids, position_ids=positions.to(self.device)[None], cache=cache,
+                            logits_to_keep=keep).logits[0]
+        nxt = sample_next(logits, **self.sampling).tolist() if sampling else []
+        self.stats["steps"] += 1
+        self.stats["tokens"] += len(q_lens)
+        self.stats["peak_blocks"] = max(self.stats["peak_blocks"], cache.used_blocks())
+        for (request, n) in scheduled:
+            request.computed += n
+        for i, token in zip(sampling, nxt):
+            request = scheduled[i][0]
+            request.tokens.append(token)
+            generated = len(request.tokens) - len(request.prompt)
+            if token == request.eos_token_id or generated >= request.max_new_tokens:
+                self.running.remove(request)
+                cache.free(request.id)
+                self.finished.append(request.result("eos" if token == request.eos_token_id else "length"))
+        for request, _ in scheduled:
+            if request in self.running:
+                cache.release_outside_window(request.id, request.computed)
+
+
+def generate_batch(model, prompts, *, max_new_tokens: int = 32, max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
+                   block_size: int = DEFAULT_BLOCK_SIZE, kv_memory: int | None = None, do_sample: bool = False,
+                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                   eos_token_id: int | None = None, generator: torch.Generator | None = None
+                   ) -> list[GenerationResult]:
+    """Generate for every prompt (lists of token ids) with continuous batching; results in prompt order.
+
+    The KV pool is sized from `kv_memory` (bytes; default `default_kv_memory`) but never larger
+    than this workload can use. A request that cannot fit it finishes with an error; the others run.
+    """
+    prompts = list(prompts) if not isinstance(prompts, torch.Tensor) else list(prompts)
+    if not prompts:
+        raise ValueError("prompts is empty; generate_batch needs at least one prompt")
+    _check_max_new_tokens(max_new_tokens)
+    vocab = model.config.vocab_size
+    prompts = [_as_token_list(p, f"prompt {i}", vocab) for i, p in enumerate(prompts)]
+    workload = 1 + sum(-(-(len(p) + max_new_tokens) // block_size) for p in prompts)
+    batcher = ContinuousBatcher(model, max_batch_tokens=max_batch_tokens, block_size=block_size,
+                                kv_memory=kv_memory, max_blocks=workload, do_sample=do_sample,
+                                temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+                                generator=generator)
+    for i, prompt in enumerate(prompts):
+        batcher.add_request(prompt, max_new_tokens=max_new_tokens, request_id=i)
+    results = {r.request_id: r for r in batcher}
+    generate_batch.last_stats = dict(batcher.stats, kv_memory_bytes=batcher.cache.memory_bytes,
+                                     block_size=block_size, num_blocks=batcher.cache.num_blocks)
+    return [results[i] for i in range(len(prompts))]

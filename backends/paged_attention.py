@@ -171,14 +171,19 @@ def paged_dense(fn, mask_format: str):
 
     def gathered(module, q, k_pool, v_pool, mask: PagedMask, *, scaling, dropout=0.0, **kw):
         h, d = q.shape[1], q.shape[3]
-        rows = mask.padded_rows()
-        padded = q.new_zeros(mask.batch * mask.max_seqlen_q, h, d)
-        padded[rows] = q[0].transpose(0, 1)
-        padded = padded.view(mask.batch, mask.max_seqlen_q, h, d).transpose(1, 2)
+        decode = mask.max_seqlen_q == 1  # one query per sequence: the packed row is already the batch
+        if decode:
+            padded = q[0].transpose(0, 1).unsqueeze(2)
+        else:
+            rows = mask.padded_rows()
+            padded = q.new_zeros(mask.batch * mask.max_seqlen_q, h, d)
+            padded[rows] = q[0].transpose(0, 1)
+            padded = padded.view(mask.batch, mask.max_seqlen_q, h, d).transpose(1, 2)
         k, v = gather_keys(k_pool, mask), gather_keys(v_pool, mask)
         dense = mask.materialize(mask_format, q.dtype) if mask_format != "none" else None
         out, _ = fn(module, padded, k, v, dense, scaling=scaling, dropout=dropout, **kw)
-        return out.reshape(mask.batch * mask.max_seqlen_q, h, d)[rows][None], None
+        out = out.reshape(mask.batch * mask.max_seqlen_q, h, d)
+        return (out if decode else out[rows])[None], None
 
     return attention
 

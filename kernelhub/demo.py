@@ -2,7 +2,8 @@
 
 (a) all-MiniLM-L6-v2 embeds sentences under each attention backend: similarities, the
     binding plan, and agreement with the eager reference.
-(b) SmolLM2-135M-Instruct answers chat prompts under the chosen backend, with tokens/s.
+(b) SmolLM2-135M-Instruct answers chat prompts under the chosen backend, with tokens/s, then
+    answers eight prompts at once with continuous batching (`generate_batch`).
 
 The GGUF conversion is cached in the user cache directory, so the second run starts fast.
 """
@@ -17,6 +18,8 @@ SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.", "The 
              "A man is riding a horse.", "The stock market fell sharply on Monday."]
 QUESTIONS = ["What is the capital of France?", "Name three primary colors.",
              "Write a haiku about the sea."]
+MORE_QUESTIONS = ["Explain gravity to a child.", "What is 12 times 7?", "List four animals that live in the ocean.",
+                  "Who wrote Romeo and Juliet?", "Give me a tip for learning to code."]
 
 
 def embed(model, batch):
@@ -67,6 +70,7 @@ def chat_demo(attn: str, max_new_tokens: int) -> None:
     linear = sorted(model.binding.chosen("layer") - {"reference"})
     print(f"  loaded in {time.perf_counter() - start:.1f} s (GGUF conversion is cached after the first run); "
           f"attention {sorted(model.binding.chosen())}, Linear {linear}\n")
+    answers = []
     for question in QUESTIONS:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}])
         ids = torch.tensor([tokenizer.encode(prompt)])
@@ -74,8 +78,25 @@ def chat_demo(attn: str, max_new_tokens: int) -> None:
         out = model.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id)
         seconds = time.perf_counter() - start
         new = out.shape[1] - ids.shape[1]
-        answer = tokenizer.decode(out[0, ids.shape[1]:]).strip().replace("\n", "\n      ")
+        answers.append(out[0, ids.shape[1]:].tolist())
+        answer = tokenizer.decode(answers[-1]).strip().replace("\n", "\n      ")
         print(f"  Q: {question}\n  A: {answer}\n     ({new} tokens, {new / seconds:.1f} tokens/s)\n")
+    batch_demo(model, tokenizer, max_new_tokens, answers)
+
+
+def batch_demo(model, tokenizer, max_new_tokens: int, answers: list) -> None:
+    questions = QUESTIONS + MORE_QUESTIONS
+    prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}])) for q in questions]
+    print(f"== the same model, {len(prompts)} prompts at once: model.generate_batch (continuous batching) ==\n")
+    start = time.perf_counter()
+    results = model.generate_batch(prompts, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id)
+    seconds = time.perf_counter() - start
+    for question, result in zip(questions[len(QUESTIONS):], results[len(QUESTIONS):]):
+        print(f"  Q: {question}\n  A: {tokenizer.decode(result.tokens).strip()[:70]!r}")
+    new = sum(len(r.tokens) for r in results)
+    same = all(r.tokens == a for r, a in zip(results, answers))
+    print(f"\n  {new} tokens in {seconds:.1f} s ({new / seconds:.1f} tokens/s); the first {len(answers)} answers "
+          f"{'equal' if same else 'DIFFER FROM'} the one-by-one answers above\n")
 
 
 def run_demo(attn: str = "sdpa", max_new_tokens: int = 48) -> int:

@@ -4,8 +4,10 @@
 records what was chosen and why:
 
 1. CUDA with the `flash_attn` package, float16/bfloat16: flash-attn's
-   `flash_attn_varlen_func` (paged caches through its `block_table` when the block size is
-   a multiple of 256, which flash-attn requires; gathered into packed runs otherwise).
+   `flash_attn_varlen_func`. Over a paged cache whose block size is a multiple of 256 (which
+   flash-attn requires) it reads the block tables itself: decode-only steps through
+   `flash_attn_with_kvcache`, others through `flash_attn_varlen_func(block_table=)`; smaller
+   blocks are gathered into packed runs first.
 2. Otherwise, where Triton runs (a GPU, or a CPU under the Triton interpreter): the
    FlashAttention-2 kernel published from `hub_kernels/flash-attention` (shipped inside
    kernelhub as `kernelhub.flash_kernel`), which reads block tables itself. float32
@@ -71,9 +73,12 @@ def _flash_attn_resolution(fa) -> Resolution:
     version = getattr(fa, "__version__", None) or importlib.metadata.version("flash_attn")
     varlen = fa.flash_attn_varlen_func
     gathered, native = paged_varlen(flash_varlen_attention(varlen)), paged_block_table(varlen)
+    decode = paged_kvcache_decode(fa.flash_attn_with_kvcache)
 
     def paged(module, q, k_pool, v_pool, mask, **kw):
-        fn = native if mask.block_size % FLASH_ATTN_PAGE_MULTIPLE == 0 else gathered
+        if mask.block_size % FLASH_ATTN_PAGE_MULTIPLE:
+            return gathered(module, q, k_pool, v_pool, mask, **kw)
+        fn = decode if mask.max_seqlen_q == 1 else native
         return fn(module, q, k_pool, v_pool, mask, **kw)
 
     return Resolution(flash_varlen_attention(varlen), paged, note=f"flash-attn {version}")
@@ -94,6 +99,19 @@ def _triton_resolution(device_type: str, fa_problem: str, interpreted: bool) -> 
     return Resolution(flash_varlen_attention(kernel.flash_attn_varlen_func),
                       paged_block_table(kernel.flash_attn_varlen_func),
                       note=f"{why}kernelhub Triton flash kernel ({where})")
+
+
+def paged_kvcache_decode(with_kvcache):
+    """A decode step (one query per sequence) through flash-attn's `flash_attn_with_kvcache`,
+    its split-KV decode kernel. The new keys are in the pool already, so none are passed."""
+
+    def attention(module, q, k_pool, v_pool, mask, *, scaling, dropout=0.0, softcap=None, **kw):
+        out = with_kvcache(q[0].transpose(0, 1).unsqueeze(1), k_pool, v_pool, cache_seqlens=mask.kv_lens,
+                           block_table=mask.block_tables, softmax_scale=scaling, causal=True,
+                           window_size=mask.window, softcap=softcap or 0.0)
+        return out.transpose(0, 1), None
+
+    return attention
 
 
 def flash_unresolved(module, *args, **kwargs):

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 HUB_KERNELS = Path(__file__).resolve().parents[1] / "hub_kernels"
-for name in ("rmsnorm", "silu-and-mul", "layernorm", "rotary"):
+for name in ("rmsnorm", "silu-and-mul", "layernorm", "rotary", "flash-attention"):
     sys.path.insert(0, str(HUB_KERNELS / name / "torch-ext"))
 
 
@@ -44,6 +44,7 @@ def compare(kernel, eager, device, repeat=50, rounds=5):
 
 
 def workloads(device, dtype, hidden):
+    import flash_attention
     import layernorm
     import rmsnorm
     import rotary
@@ -57,6 +58,7 @@ def workloads(device, dtype, hidden):
     k = torch.randn(8, rows // 8, 8, 128, device=device, dtype=dtype).transpose(1, 2)
     cos = torch.randn(8, rows // 8, 128, device=device, dtype=dtype)
     sin = torch.randn(8, rows // 8, 128, device=device, dtype=dtype)
+    qf, kf = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous()  # [B, S, H, D], flash-attn's layout
     return {
         "rmsnorm": (lambda: rmsnorm.rms_norm(x, w, 1e-6), lambda: rmsnorm.reference_rms_norm(x, w, 1e-6),
                     2 * x.numel() * x.element_size()),
@@ -66,6 +68,11 @@ def workloads(device, dtype, hidden):
                       lambda: layernorm.reference_layer_norm(x, w, bias, 1e-5), 2 * x.numel() * x.element_size()),
         "rotary": (lambda: rotary.apply_rotary(q, k, cos, sin), lambda: rotary.reference_apply_rotary(q, k, cos, sin),
                    2 * (q.numel() + k.numel()) * q.element_size()),
+        # causal GQA attention against torch's sdpa (the eager column is sdpa here)
+        "flash-attention": (lambda: flash_attention.flash_attn_func(qf, kf, kf, causal=True),
+                            lambda: torch.nn.functional.scaled_dot_product_attention(q, k, k, is_causal=True,
+                                                                                     enable_gqa=True),
+                            (2 * q.numel() + 2 * k.numel()) * q.element_size()),
     }
 
 

@@ -27,7 +27,21 @@ def make_flash_attn(version="2.7.4"):
         return reference_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, seq_k, block_table, softmax_scale,
                                           softcap, left, right)
 
+    def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, block_table=None,
+                                softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, **kw):
+        if k_cache.shape[1] % 256:
+            raise RuntimeError("Paged KV cache block size must be divisible by 256")
+        module.calls.append({"paged": True, "kvcache": True, "causal": causal, "window": window_size})
+        b, s_q = q.shape[:2]
+        cu_q = torch.arange(0, (b + 1) * s_q, s_q, dtype=torch.int32)
+        cu_k = torch.nn.functional.pad(cache_seqlens.cumsum(0), (1, 0)).to(torch.int32)
+        left, right = window_size[0], 0 if causal else window_size[1]
+        out = reference_varlen_attention(q.reshape(b * s_q, *q.shape[2:]), k_cache, v_cache, cu_q, cu_k,
+                                         cache_seqlens, block_table, softmax_scale, softcap, left, right)
+        return out.view(q.shape)
+
     module.flash_attn_varlen_func = flash_attn_varlen_func
+    module.flash_attn_with_kvcache = flash_attn_with_kvcache
     return module
 
 

@@ -123,21 +123,26 @@ def test_float32_on_cuda_takes_the_triton_kernel_and_says_why(monkeypatch):
     assert flash("cuda", torch.bfloat16).note == "flash-attn 2.7.4"
 
 
-@pytest.mark.parametrize("block_size, native", [(256, True), (16, False)])
-def test_flash_attn_reads_block_tables_natively_when_its_page_size_allows(monkeypatch, block_size, native):
-    """flash-attn 2 pages must be multiples of 256 positions; smaller blocks are gathered first."""
+@pytest.mark.parametrize("block_size, q_lens, call", [
+    (256, [1, 3], "varlen with block_table"), (256, [1, 1], "with_kvcache"), (16, [1, 3], "varlen, gathered"),
+])
+def test_flash_attn_reads_block_tables_natively_when_its_page_size_allows(monkeypatch, block_size, q_lens, call):
+    """flash-attn 2 pages must be multiples of 256 positions; smaller blocks are gathered first.
+    Decode-only steps take flash-attn's kvcache (split-KV decode) kernel."""
     from kernelhub.backends.paged_attention import PagedMask
 
     fa = install_flash_attn(monkeypatch)
     resolution = flash("cuda", torch.bfloat16)
     pool_k = torch.randn(4, block_size, 2, 32, dtype=torch.bfloat16)
     pool_v = torch.randn(4, block_size, 2, 32, dtype=torch.bfloat16)
-    mask = PagedMask.build(q_lens=[1, 3], kv_lens=[5, block_size + 3], block_tables=[[2], [3, 1]],
+    mask = PagedMask.build(q_lens=q_lens, kv_lens=[5, block_size + 3], block_tables=[[2], [3, 1]],
                            block_size=block_size)
-    q = torch.randn(1, 4, 4, 32, dtype=torch.bfloat16)
+    q = torch.randn(1, 4, sum(q_lens), 32, dtype=torch.bfloat16)
     site = AttentionSite(head_dim=32, num_heads=4, num_kv_heads=2)
     out = run(resolution, q, pool_k, pool_v, mask, site)
-    assert fa.calls[-1]["paged"] is native
+    made = fa.calls[-1]
+    assert {"varlen with block_table": made["paged"] and "kvcache" not in made, "with_kvcache": "kvcache" in made,
+            "varlen, gathered": not made["paged"]}[call]
     site.unbind()
     torch.testing.assert_close(out, site(q, pool_k, pool_v, mask)[0], atol=3e-2, rtol=3e-2)
 

@@ -203,6 +203,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     return out.view(b, s_q, h, d)
 
 
+# Tile sizes on a GPU (prefill): queries per program (x the padded query group), keys per step.
+GPU_TILE = {"queries": 16, "keys": 64, "warps": 4, "stages": 2}
+
+
 def _launch(q, k, v, cu_q, cu_k, seq_k, block_table, max_seqlen_q, scale, softcap, left, right):
     if not uses_triton(q):
         return reference_varlen_attention(q, k, v, cu_q, cu_k, seq_k, block_table, scale, softcap, left, right)
@@ -217,9 +221,9 @@ def _launch(q, k, v, cu_q, cu_k, seq_k, block_table, max_seqlen_q, scale, softca
     block_d = max(16, triton.next_power_of_2(d))
     # rows = queries x grouped heads; decode (one query) needs few rows, prefill many. The CPU
     # interpreter pays per program, not per element, so it gets fewer, larger tiles.
-    queries = 1 if max_seqlen_q == 1 else 16 if q.is_cuda else min(64, triton.next_power_of_2(max_seqlen_q))
+    queries = 1 if max_seqlen_q == 1 else GPU_TILE["queries"] if q.is_cuda else min(64, triton.next_power_of_2(max_seqlen_q))
     block_m = max(16, group_pad * queries)
-    block_n = 64 if q.is_cuda else 128
+    block_n = GPU_TILE["keys"] if q.is_cuda else 128
     k_rows, v_rows = k.view(-1, *k.shape[-2:]), v.view(-1, *v.shape[-2:])  # paged: [blocks * page, H_kv, D]
     dummy = cu_q  # an unused pointer argument still needs a tensor
     grid = (triton.cdiv(max_seqlen_q, block_m // group_pad), batch, k.shape[-2])
@@ -232,7 +236,8 @@ def _launch(q, k, v, cu_q, cu_k, seq_k, block_table, max_seqlen_q, scale, softca
         PAGED=paged, SOFTCAP=bool(softcap), PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         # The interpreter multiplies 16-bit floats wrongly; it gets float32 operands (same rounding of p).
         DOT=tl.float32 if q.device.type == "cpu" else {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(q.dtype, tl.float32),
-        BLOCK_M=block_m, GROUP_PAD=group_pad, BLOCK_N=block_n, BLOCK_D=block_d)
+        BLOCK_M=block_m, GROUP_PAD=group_pad, BLOCK_N=block_n, BLOCK_D=block_d,
+        **({"num_warps": GPU_TILE["warps"], "num_stages": GPU_TILE["stages"]} if q.is_cuda else {}))
     return out
 
 

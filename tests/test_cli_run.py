@@ -49,3 +49,5 @@ def test_demo_runs_on_the_real_models(tmp_path):
     assert "max |difference| to eager over all backends" in out.stdout
     assert "The capital of France is Paris" in out.stdout
     assert "encoder.layer.{0..5}.attention.self.attn" in out.stdout
+    assert "8 prompts at once: model.generate_batch" in out.stdout
+    assert "the first 3 answers equal the one-by-one answers above" in out.stdout

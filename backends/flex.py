@@ -6,6 +6,9 @@ family). Set `KERNELHUB_FLEX_COMPILE=0` (read on first use) or
 scores and suits tests and debugging. If compiling fails (inductor's CPU code generation
 has failed for some dynamic shapes), the call is retried uncompiled, a warning says why,
 and later calls stay uncompiled: never a crash, never a wrong result.
+
+Over a paged KV cache (continuous batching) flex always runs uncompiled: every step has new
+shapes, and each would cost a compilation.
 """
 
 import functools
@@ -61,3 +64,18 @@ def flex_attention_backend(module, q, k, v, block_mask, *, scaling, softcap=None
             warnings.warn(f"compiling flex_attention failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                           "kernelhub uses the uncompiled flex path from now on", RuntimeWarning, stacklevel=2)
     return flex_attention(q, k, v, **args).transpose(1, 2), None
+
+
+def flex_attention_uncompiled(module, q, k, v, block_mask, *, scaling, softcap=None, **kw):
+    """flex_attention without torch.compile (materialises scores; for shapes that change every call)."""
+    score_mod = softcap_score_mod(float(softcap)) if softcap else None
+    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scaling,
+                          enable_gqa=q.shape[1] != k.shape[1]).transpose(1, 2), None
+
+
+def resolve_flex(device, dtype):
+    """Compiled flex for plain forwards; uncompiled over a paged cache (see the module docstring)."""
+    from kernelhub.backends.paged_attention import paged_dense
+    from kernelhub.registry.capabilities import Resolution
+
+    return Resolution(flex_attention_backend, paged_dense(flex_attention_uncompiled, "block_mask"))

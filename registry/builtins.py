@@ -9,7 +9,7 @@ import torch
 
 from kernelhub.backends.eager import eager_attention
 from kernelhub.backends.flash import flash_unresolved, resolve_flash
-from kernelhub.backends.flex import flex_attention_backend
+from kernelhub.backends.flex import flex_attention_backend, resolve_flex
 from kernelhub.backends.sdpa import sdpa_attention
 from kernelhub.registry.capabilities import AttentionBackend, Capabilities
 from kernelhub.registry.hookspecs import hookimpl
@@ -38,6 +38,7 @@ FLEX = AttentionBackend(
     aliases=("flex_attention",),
     fn=flex_attention_backend,
     mask_format="block_mask",
+    resolve=resolve_flex,
     capabilities=Capabilities(
         head_dim=(16, 256), softcap=True, paged=True, backward=("cuda",),  # the CPU path is forward-only
     ),

@@ -95,6 +95,20 @@ def test_smollm2_batch_equals_per_prompt_generate(smollm2, backend, new_tokens):
     assert [r.tokens for r in results] == [e[:new_tokens] for e in expected]
 
 
+def test_paged_flex_never_compiles(tiny, tiny_expected, monkeypatch):
+    """Shapes change every step, so flex over a paged cache runs uncompiled even with compiling on."""
+    from kernelhub.backends import flex
+
+    def no_compiling():
+        raise AssertionError("flex was compiled for a paged step")
+
+    monkeypatch.setattr(flex, "COMPILE", True)
+    monkeypatch.setattr(flex, "compiled_flex_attention", no_compiling)
+    batch, expected = tiny_expected
+    model = kernelhub.from_pretrained(tiny, attn_implementation="paged|flex")
+    assert [r.tokens for r in model.generate_batch(batch[:4], max_new_tokens=10)] == expected[:4]
+
+
 def test_streaming_manager_adds_cancels_and_streams(tiny, tiny_expected):
     batch, expected = tiny_expected
     model = kernelhub.from_pretrained(tiny, attn_implementation="sdpa")

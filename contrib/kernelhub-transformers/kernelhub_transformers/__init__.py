@@ -43,9 +43,23 @@ def _mask_builder(backend):
 
 
 def _attention_function(backend):
-    fn = backend.fn
+    resolved = {}
+
+    def function_for(query):
+        """The backend's function for this device/dtype (kernelhub resolves some backends per device)."""
+        if backend.resolve is None:
+            return backend.fn
+        where = (query.device, query.dtype)
+        if where not in resolved:
+            res = backend.resolution(query.device, query.dtype)
+            if res.problems:
+                raise ValueError(f"kernelhub backend {backend.name!r} cannot run on {query.device}: "
+                                 f"{'; '.join(res.problems)}")
+            resolved[where] = res.fn
+        return resolved[where]
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        fn = function_for(query)
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         extra = {}
         if backend.accepts_is_causal and attention_mask is None:
@@ -69,8 +83,6 @@ def bridge_problem(backend) -> str | None:
     if backend.mask_format not in BRIDGED_MASK_FORMATS:
         return (f"mask format {backend.mask_format!r} is not one transformers builds "
                 f"({', '.join(BRIDGED_MASK_FORMATS)}); use transformers' own flash_attention_2 for varlen kernels")
-    if backend.resolve is not None:
-        return "it is resolved per device at bind time, which transformers' interface has no step for"
     return None
 
 

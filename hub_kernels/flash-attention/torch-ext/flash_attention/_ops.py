@@ -221,11 +221,19 @@ def _launch(q, k, v, cu_q, cu_k, seq_k, block_table, max_seqlen_q, scale, softca
     block_d = max(16, triton.next_power_of_2(d))
     # rows = queries x grouped heads; decode (one query) needs few rows, prefill many. The CPU
     # interpreter pays per program, not per element, so it gets fewer, larger tiles.
-    queries = 1 if max_seqlen_q == 1 else GPU_TILE["queries"] if q.is_cuda else min(64, triton.next_power_of_2(max_seqlen_q))
+    if max_seqlen_q == 1:
+        queries = 1
+    else:
+        queries = GPU_TILE["queries"] if q.is_cuda else min(64, triton.next_power_of_2(max_seqlen_q))
     block_m = max(16, group_pad * queries)
     block_n = GPU_TILE["keys"] if q.is_cuda else 128
     k_rows, v_rows = k.view(-1, *k.shape[-2:]), v.view(-1, *v.shape[-2:])  # paged: [blocks * page, H_kv, D]
     dummy = cu_q  # an unused pointer argument still needs a tensor
+    # The interpreter multiplies 16-bit floats wrongly: on CPU the dots get float32 operands (p is
+    # still rounded to the input dtype first). float32 inputs use IEEE products, never TF32.
+    dot = tl.float32 if q.device.type == "cpu" else {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(
+        q.dtype, tl.float32)
+    tiles = {"num_warps": GPU_TILE["warps"], "num_stages": GPU_TILE["stages"]} if q.is_cuda else {}
     grid = (triton.cdiv(max_seqlen_q, block_m // group_pad), batch, k.shape[-2])
     _flash_forward[grid](
         q, k_rows, v_rows, out, cu_q, cu_k if cu_k is not None else dummy, seq_k if paged else dummy,
@@ -233,11 +241,8 @@ def _launch(q, k, v, cu_q, cu_k, seq_k, block_table, max_seqlen_q, scale, softca
         q.stride(0), q.stride(1), k_rows.stride(0), k_rows.stride(1), v_rows.stride(0), v_rows.stride(1),
         out.stride(0), out.stride(1), block_table.stride(0) if paged else 0, k.shape[1] if paged else 1,
         groups, d, scale, float(softcap or 0.0), left, right,
-        PAGED=paged, SOFTCAP=bool(softcap), PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        # The interpreter multiplies 16-bit floats wrongly; it gets float32 operands (same rounding of p).
-        DOT=tl.float32 if q.device.type == "cpu" else {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(q.dtype, tl.float32),
-        BLOCK_M=block_m, GROUP_PAD=group_pad, BLOCK_N=block_n, BLOCK_D=block_d,
-        **({"num_warps": GPU_TILE["warps"], "num_stages": GPU_TILE["stages"]} if q.is_cuda else {}))
+        PAGED=paged, SOFTCAP=bool(softcap), PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DOT=dot,
+        BLOCK_M=block_m, GROUP_PAD=group_pad, BLOCK_N=block_n, BLOCK_D=block_d, **tiles)
     return out
 
 

@@ -32,7 +32,7 @@ from kernelhub.backends.paged_attention import paged_block_table, paged_varlen
 from kernelhub.registry.capabilities import Resolution
 
 FLASH_ATTN_DTYPES = (torch.float16, torch.bfloat16)
-FLASH_ATTN_PAGE_MULTIPLE = 256  # flash-attn 2 reads a paged cache only with blocks of 256k positions
+FLASH_ATTN_PAGE_MULTIPLE = 256  # flash-attn 2 reads a paged cache only in blocks of a multiple of 256 positions
 
 
 def flash_attn_module():
@@ -73,7 +73,8 @@ def _flash_attn_resolution(fa) -> Resolution:
     version = getattr(fa, "__version__", None) or importlib.metadata.version("flash_attn")
     varlen = fa.flash_attn_varlen_func
     gathered, native = paged_varlen(flash_varlen_attention(varlen)), paged_block_table(varlen)
-    decode = paged_kvcache_decode(fa.flash_attn_with_kvcache)
+    with_kvcache = getattr(fa, "flash_attn_with_kvcache", None)  # absent before flash-attn 2.2
+    decode = paged_kvcache_decode(with_kvcache) if with_kvcache else native
 
     def paged(module, q, k_pool, v_pool, mask, **kw):
         if mask.block_size % FLASH_ATTN_PAGE_MULTIPLE:

@@ -66,6 +66,7 @@ class _Request:
     eos_token_id: int | None
     tokens: list[int] = dataclasses.field(default_factory=list)  # prompt + generated
     computed: int = 0  # positions whose keys/values are in the cache
+    sampling: dict | None = None  # this request's own sampling options (None: the batcher's)
 
     @property
     def pending(self) -> int:
@@ -145,16 +146,26 @@ class ContinuousBatcher:
 
     # -- requests --------------------------------------------------------------------
 
-    def add_request(self, prompt, *, max_new_tokens: int = 32, request_id=None, eos_token_id=...):
+    def add_request(self, prompt, *, max_new_tokens: int = 32, request_id=None, eos_token_id=...,
+                    **sampling):
         """Queue a prompt (token ids); returns its id. A prompt that can never fit the KV cache
-        finishes at once with `finish_reason="error"` and the reason, without affecting others."""
+        finishes at once with `finish_reason="error"` and the reason, without affecting others.
+
+        `sampling` overrides the batcher's options for this request only: `do_sample`,
+        `temperature`, `top_k`, `top_p`."""
         _check_max_new_tokens(max_new_tokens)
+        unknown = sorted(set(sampling) - {"do_sample", "temperature", "top_k", "top_p"})
+        if unknown:
+            raise ValueError(f"unknown sampling options {unknown}; valid: do_sample, temperature, top_k, top_p")
+        options = {**self.sampling, **sampling} if sampling else None
+        if options and options["do_sample"] and options["temperature"] <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {options['temperature']}")
         tokens = _as_token_list(prompt, "prompt", self.model.config.vocab_size)
         request_id = next(self._ids) if request_id is None else request_id
         if request_id in self._active_ids():
             raise ValueError(f"request id {request_id!r} is already in use")
         eos = self.eos_token_id if eos_token_id is ... else eos_token_id
-        request = _Request(request_id, tokens, max_new_tokens, eos, tokens=list(tokens))
+        request = _Request(request_id, tokens, max_new_tokens, eos, tokens=list(tokens), sampling=options)
         need = len(tokens) + max_new_tokens
         if need > self.cache.capacity():
             self.finished.append(request.result("error", (
@@ -237,6 +248,14 @@ class ContinuousBatcher:
             budget -= chunk
         return scheduled
 
+    def _sample(self, logits, requests) -> list[int]:
+        """Next tokens: one batched draw with the batcher's options, per request where a request has its own."""
+        if not requests:
+            return []
+        if all(r.sampling is None for r in requests):
+            return sample_next(logits, **self.sampling).tolist()
+        return [int(sample_next(logits[i:i + 1], **(r.sampling or self.sampling))[0]) for i, r in enumerate(requests)]
+
     def _positions_free(self, request) -> int:
         """Positions `request` could hold with its blocks plus every free block."""
         table = self.cache.tables.get(request.id)
@@ -256,7 +275,7 @@ class ContinuousBatcher:
         keep = torch.tensor([ends[i] - 1 for i in sampling], dtype=torch.long, device=self.device)
         logits = self.model(ids, position_ids=positions.to(self.device)[None], cache=cache,
                             logits_to_keep=keep).logits[0]
-        nxt = sample_next(logits, **self.sampling).tolist() if sampling else []
+        nxt = self._sample(logits, [scheduled[i][0] for i in sampling])
         self.stats["steps"] += 1
         self.stats["tokens"] += len(q_lens)
         self.stats["peak_blocks"] = max(self.stats["peak_blocks"], cache.used_blocks())

@@ -147,6 +147,19 @@ def test_sampling_is_reproducible_with_a_seeded_generator(tiny, tiny_expected):
     assert sample() == sample()
 
 
+def test_a_request_can_sample_while_others_stay_greedy(tiny, tiny_expected):
+    batch, expected = tiny_expected
+    model = kernelhub.from_pretrained(tiny, attn_implementation="sdpa")
+    batcher = ContinuousBatcher(model, kv_memory=1 << 20, generator=torch.Generator().manual_seed(3))
+    greedy = [batcher.add_request(p, max_new_tokens=10) for p in batch[:3]]
+    hot = batcher.add_request(batch[3], max_new_tokens=10, do_sample=True, temperature=5.0)
+    results = {r.request_id: r.tokens for r in batcher}
+    assert [results[i] for i in greedy] == expected[:3]
+    assert results[hot] != expected[3]  # temperature 5 over 256 tokens: greedy odds are nil
+    with pytest.raises(ValueError, match="unknown sampling options \\['temprature'\\]"):
+        batcher.add_request([1], temprature=0.5)
+
+
 def test_a_paged_bound_model_still_runs_a_plain_forward(tiny):
     model = kernelhub.from_pretrained(tiny, attn_implementation="paged|sdpa")
     ids = torch.randint(0, 256, (2, 5))

@@ -35,6 +35,7 @@ FLASH_ATTN_DTYPES = (torch.float16, torch.bfloat16)
 FLASH_ATTN_PAGE_MULTIPLE = 256  # flash-attn 2 reads a paged cache only in blocks of a multiple of 256 positions
 
 
+@functools.cache  # a failed import searches every path entry again; ask once per process
 def flash_attn_module():
     """The installed `flash_attn` package, or None."""
     try:

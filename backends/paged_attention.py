@@ -28,6 +28,11 @@ import torch
 from kernelhub.backends.varlen import VarlenMask
 
 
+def leading_decodes(q_lens) -> int:
+    """How many sequences at the front of a step bring one query each (the scheduler puts decodes first)."""
+    return next((i for i, n in enumerate(q_lens) if n != 1), len(q_lens))
+
+
 class PagedMask:
     """Which cached keys each packed query sees, for one step and one layer group."""
 
@@ -53,10 +58,9 @@ class PagedMask:
         tables = torch.tensor([list(t) + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32,
                               device=device)
         cu_q = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
-        decodes = next((i for i, n in enumerate(q_lens) if n != 1), len(q_lens))
         return cls(cu_seqlens_q=cu_q, kv_lens=torch.tensor(kv_lens, dtype=torch.int32, device=device),
                    block_tables=tables, max_seqlen_q=max(q_lens), max_seqlen_k=max(kv_lens),
-                   block_size=block_size, sliding_window=sliding_window, num_decodes=decodes)
+                   block_size=block_size, sliding_window=sliding_window, num_decodes=leading_decodes(q_lens))
 
     @property
     def batch(self) -> int:

@@ -26,7 +26,7 @@ import collections
 
 import torch
 
-from kernelhub.backends.paged_attention import PagedMask
+from kernelhub.backends.paged_attention import PagedMask, leading_decodes
 
 
 class OutOfBlocks(RuntimeError):
@@ -143,23 +143,25 @@ class PagedKVCache:
     def block_table(self, seq) -> dict[str, list[int]]:
         return {g: list(t) for g, t in self.tables[seq].items()}
 
+    def _missing_blocks(self, seq, positions: int) -> dict[str, int]:
+        """Blocks each group must add for `seq` to hold `positions` positions."""
+        tables = self.tables.get(seq)
+        return {g: max(0, self.blocks_for(positions) - (len(tables[g]) if tables else 0)) for g in self.groups}
+
     def reserve(self, seq, positions: int):
         """Make room for `positions` positions of `seq`; raises OutOfBlocks and allocates nothing
         when a group lacks blocks."""
-        tables = self.tables.get(seq) or {g: [] for g in self.groups}
-        need = {g: max(0, self.blocks_for(positions) - len(tables[g])) for g in self.groups}
+        need = self._missing_blocks(seq, positions)
         short = [g for g in self.groups if need[g] > len(self.pools[g].free_ids)]
         if short:
             raise OutOfBlocks(f"{seq!r} needs {need[short[0]]} more blocks of {short[0]}; "
                               f"{len(self.pools[short[0]].free_ids)} free")
+        tables = self.tables.setdefault(seq, {g: [] for g in self.groups})
         for g in self.groups:
             tables[g].extend(self.pools[g].allocate(need[g]))
-        self.tables[seq] = tables
 
     def can_reserve(self, seq, positions: int) -> bool:
-        tables = self.tables.get(seq)
-        return all(self.blocks_for(positions) - (len(tables[g]) if tables else 0) <= len(self.pools[g].free_ids)
-                   for g in self.groups)
+        return all(n <= len(self.pools[g].free_ids) for g, n in self._missing_blocks(seq, positions).items())
 
     def free(self, seq):
         """Give back every block of `seq` (unknown sequences are ignored)."""
@@ -219,7 +221,7 @@ class PagedKVCache:
                 cu_seqlens_q=cu_q.to(dev), kv_lens=kv.to(dev), block_tables=tables.to(dev),
                 max_seqlen_q=max(q_lens), max_seqlen_k=max(kv_lens), block_size=self.block_size,
                 sliding_window=self.sliding_window if g == "sliding_attention" else None,
-                num_decodes=next((i for i, n in enumerate(q_lens) if n != 1), len(q_lens)))
+                num_decodes=leading_decodes(q_lens))
         return positions
 
     def update(self, k, v, layer_idx: int):

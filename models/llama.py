@@ -17,7 +17,6 @@ torch.Size([1, 3, 32])
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 from torch import nn
@@ -26,9 +25,9 @@ from kernelhub.backends.attention_mask import AttentionMask
 from kernelhub.backends.capture import capturing, require_weights
 from kernelhub.backends.layer import Linear, layer
 from kernelhub.backends.site import AttentionSite
+from kernelhub.models.rope import ROPE_TYPES, RotaryEmbedding, apply_rope
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
-ROPE_TYPES = ("default", "linear", "llama3")
 
 
 # -- configuration ---------------------------------------------------------------------
@@ -127,52 +126,6 @@ class SiLUAndMul(nn.Module):
     def forward(self, x):
         d = x.shape[-1] // 2
         return nn.functional.silu(x[..., :d]) * x[..., d:]
-
-
-def rope_inverse_frequencies(cfg: LlamaConfig) -> torch.Tensor:
-    """RoPE inverse frequencies for the default, linear and llama3 rope types."""
-    rope, dim = cfg.rope, cfg.head_dim
-    inv_freq = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    if rope["rope_type"] == "linear":
-        inv_freq = inv_freq / rope["factor"]
-    elif rope["rope_type"] == "llama3":
-        factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
-        old_len = rope["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
-        inv_freq = torch.where(medium, smoothed, scaled)
-    return inv_freq
-
-
-class RotaryEmbedding(nn.Module):
-    """cos/sin tables for the given positions, in float32 then cast to the model dtype."""
-
-    def __init__(self, cfg: LlamaConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.register_buffer("inv_freq", rope_inverse_frequencies(cfg), persistent=False)
-
-    def reset_buffers(self):
-        """Recompute the buffer after the model was built on the meta device."""
-        self.inv_freq = rope_inverse_frequencies(self.cfg).to(self.inv_freq.device)
-
-    def forward(self, position_ids, dtype):
-        freqs = position_ids[..., None].float() * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(q, k, cos, sin):
-    cos, sin = cos[:, None], sin[:, None]
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
 @layer("ApplyRotary")

@@ -25,25 +25,16 @@ def one_by_one(model, batch, max_new_tokens):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from kernelhub.samples import write_random_checkpoint
-
-    path = tmp_path_factory.mktemp("tiny-batching")
-    write_random_checkpoint(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_expected(tiny):
-    model = kernelhub.from_pretrained(tiny, attn_implementation="sdpa")
+def tiny_expected(tiny_checkpoint):
+    model = kernelhub.from_pretrained(tiny_checkpoint, attn_implementation="sdpa")
     batch = prompts(model.config.vocab_size)
     return batch, one_by_one(model, batch, 10)
 
 
 @pytest.mark.parametrize("backend", PAGED_BACKENDS)
-def test_tiny_llama_batch_equals_per_prompt_generate(tiny, tiny_expected, backend):
+def test_tiny_llama_batch_equals_per_prompt_generate(tiny_checkpoint, tiny_expected, backend):
     batch, expected = tiny_expected
-    model = kernelhub.from_pretrained(tiny, attn_implementation=f"paged|{backend}")
+    model = kernelhub.from_pretrained(tiny_checkpoint, attn_implementation=f"paged|{backend}")
     # A small token budget forces chunked prefill: the 40-token prompt spans three steps.
     results = model.generate_batch(batch, max_new_tokens=10, max_batch_tokens=24, block_size=8)
     assert [r.tokens for r in results] == expected
@@ -52,9 +43,9 @@ def test_tiny_llama_batch_equals_per_prompt_generate(tiny, tiny_expected, backen
 
 
 @pytest.mark.parametrize("backend", ["eager", "sdpa", "flash"])
-def test_forced_preemption_keeps_every_token(tiny, tiny_expected, backend):
+def test_forced_preemption_keeps_every_token(tiny_checkpoint, tiny_expected, backend):
     batch, expected = tiny_expected
-    model = kernelhub.from_pretrained(tiny, attn_implementation=f"paged|{backend}")
+    model = kernelhub.from_pretrained(tiny_checkpoint, attn_implementation=f"paged|{backend}")
     cfg = model.config
     per_block = 2 * cfg.num_hidden_layers * 4 * cfg.num_key_value_heads * cfg.head_dim * 4
     results = model.generate_batch(batch, max_new_tokens=10, block_size=4, kv_memory=16 * per_block)
@@ -95,7 +86,7 @@ def test_smollm2_batch_equals_per_prompt_generate(smollm2, backend, new_tokens):
     assert [r.tokens for r in results] == [e[:new_tokens] for e in expected]
 
 
-def test_paged_flex_never_compiles(tiny, tiny_expected, monkeypatch):
+def test_paged_flex_never_compiles(tiny_checkpoint, tiny_expected, monkeypatch):
     """Shapes change every step, so flex over a paged cache runs uncompiled even with compiling on."""
     from kernelhub.backends import flex
 
@@ -105,13 +96,13 @@ def test_paged_flex_never_compiles(tiny, tiny_expected, monkeypatch):
     monkeypatch.setattr(flex, "COMPILE", True)
     monkeypatch.setattr(flex, "compiled_flex_attention", no_compiling)
     batch, expected = tiny_expected
-    model = kernelhub.from_pretrained(tiny, attn_implementation="paged|flex")
+    model = kernelhub.from_pretrained(tiny_checkpoint, attn_implementation="paged|flex")
     assert [r.tokens for r in model.generate_batch(batch[:4], max_new_tokens=10)] == expected[:4]
 
 
-def test_streaming_manager_adds_cancels_and_streams(tiny, tiny_expected):
+def test_streaming_manager_adds_cancels_and_streams(tiny_checkpoint, tiny_expected):
     batch, expected = tiny_expected
-    model = kernelhub.from_pretrained(tiny, attn_implementation="sdpa")
+    model = kernelhub.from_pretrained(tiny_checkpoint, attn_implementation="sdpa")
     batcher = ContinuousBatcher(model, max_batch_tokens=32, block_size=8, kv_memory=1 << 20)
     first = [batcher.add_request(p, max_new_tokens=10) for p in batch[:4]]
     doomed = batcher.add_request(batch[4], max_new_tokens=10, request_id="doomed")
@@ -127,18 +118,18 @@ def test_streaming_manager_adds_cancels_and_streams(tiny, tiny_expected):
     assert batcher.cache.free_blocks() == {"full_attention": batcher.cache.num_blocks - 1}, "every block returned"
 
 
-def test_eos_ends_a_request_early(tiny, tiny_expected):
+def test_eos_ends_a_request_early(tiny_checkpoint, tiny_expected):
     batch, expected = tiny_expected
-    model = kernelhub.from_pretrained(tiny, attn_implementation="sdpa")
+    model = kernelhub.from_pretrained(tiny_checkpoint, attn_implementation="sdpa")
     eos = expected[2][3]
     results = model.generate_batch(batch[:3], max_new_tokens=10, eos_token_id=eos)
     cut = expected[2].index(eos) + 1
     assert results[2].tokens == expected[2][:cut] and results[2].finish_reason == "eos"
 
 
-def test_sampling_is_reproducible_with_a_seeded_generator(tiny, tiny_expected):
+def test_sampling_is_reproducible_with_a_seeded_generator(tiny_checkpoint, tiny_expected):
     batch, _ = tiny_expected
-    model = kernelhub.from_pretrained(tiny, attn_implementation="sdpa")
+    model = kernelhub.from_pretrained(tiny_checkpoint, attn_implementation="sdpa")
 
     def sample():
         g = torch.Generator().manual_seed(7)
@@ -147,9 +138,9 @@ def test_sampling_is_reproducible_with_a_seeded_generator(tiny, tiny_expected):
     assert sample() == sample()
 
 
-def test_a_request_can_sample_while_others_stay_greedy(tiny, tiny_expected):
+def test_a_request_can_sample_while_others_stay_greedy(tiny_checkpoint, tiny_expected):
     batch, expected = tiny_expected
-    model = kernelhub.from_pretrained(tiny, attn_implementation="sdpa")
+    model = kernelhub.from_pretrained(tiny_checkpoint, attn_implementation="sdpa")
     batcher = ContinuousBatcher(model, kv_memory=1 << 20, generator=torch.Generator().manual_seed(3))
     greedy = [batcher.add_request(p, max_new_tokens=10) for p in batch[:3]]
     hot = batcher.add_request(batch[3], max_new_tokens=10, do_sample=True, temperature=5.0)
@@ -160,8 +151,8 @@ def test_a_request_can_sample_while_others_stay_greedy(tiny, tiny_expected):
         batcher.add_request([1], temprature=0.5)
 
 
-def test_a_paged_bound_model_still_runs_a_plain_forward(tiny):
-    model = kernelhub.from_pretrained(tiny, attn_implementation="paged|sdpa")
+def test_a_paged_bound_model_still_runs_a_plain_forward(tiny_checkpoint):
+    model = kernelhub.from_pretrained(tiny_checkpoint, attn_implementation="paged|sdpa")
     ids = torch.randint(0, 256, (2, 5))
     with torch.no_grad():
         out = model(ids).logits
@@ -181,27 +172,28 @@ def test_a_paged_bound_model_still_runs_a_plain_forward(tiny):
     (["hello"], {}, "prompt 0 must be a list of token ids, got str"),
     ([[1, 2]], {"do_sample": True, "temperature": 0}, "temperature must be > 0"),
 ])
-def test_bad_requests_fail_before_any_work(tiny, batch, kwargs, message):
-    model = kernelhub.from_pretrained(tiny, attn_implementation="sdpa")
+def test_bad_requests_fail_before_any_work(tiny_checkpoint, batch, kwargs, message):
+    model = kernelhub.from_pretrained(tiny_checkpoint, attn_implementation="sdpa")
     before = snapshot(model)
     with pytest.raises(ValueError, match=message):
         model.generate_batch(batch, **kwargs)
     assert_unchanged(model, before)
 
 
-def test_a_prompt_longer_than_the_cache_fails_alone(tiny, tiny_expected):
+def test_a_prompt_longer_than_the_cache_fails_alone(tiny_checkpoint, tiny_expected):
     batch, expected = tiny_expected
-    model = kernelhub.from_pretrained(tiny, attn_implementation="sdpa")
+    model = kernelhub.from_pretrained(tiny_checkpoint, attn_implementation="sdpa")
     cfg = model.config
     per_block = 2 * cfg.num_hidden_layers * 16 * cfg.num_key_value_heads * cfg.head_dim * 4
-    long = model.generate_batch([batch[0], list(range(70)), batch[2]], max_new_tokens=10, kv_memory=5 * per_block)  # 4 usable blocks
+    long = model.generate_batch([batch[0], list(range(70)), batch[2]], max_new_tokens=10,
+                                kv_memory=5 * per_block)  # 4 usable blocks of 16: 64 positions
     assert long[1].finish_reason == "error" and long[1].tokens == []
     assert "prompt of 70 tokens plus max_new_tokens=10 needs 80 KV positions; the cache holds 64" in long[1].error
     assert [long[0].tokens, long[2].tokens] == [expected[0], expected[2]]
 
 
-def test_cancelling_an_unknown_request_names_the_active_ones(tiny):
-    model = kernelhub.from_pretrained(tiny, attn_implementation="sdpa")
+def test_cancelling_an_unknown_request_names_the_active_ones(tiny_checkpoint):
+    model = kernelhub.from_pretrained(tiny_checkpoint, attn_implementation="sdpa")
     batcher = ContinuousBatcher(model, kv_memory=1 << 20)
     batcher.add_request([1, 2, 3], request_id="a")
     with pytest.raises(KeyError, match="no waiting or running request 'b' to cancel; active: 'a'"):
@@ -211,9 +203,9 @@ def test_cancelling_an_unknown_request_names_the_active_ones(tiny):
     assert [r.request_id for r in batcher] == ["a"]
 
 
-def test_paged_with_a_backend_lacking_paged_support_is_refused_at_bind(tiny):
+def test_paged_with_a_backend_lacking_paged_support_is_refused_at_bind(tiny_checkpoint):
     kernelhub.register_backend(AttentionBackend(name="dense_only", fn=eager_attention, mask_format="bool"))
-    model = kernelhub.from_pretrained(tiny, attn_implementation="sdpa")
+    model = kernelhub.from_pretrained(tiny_checkpoint, attn_implementation="sdpa")
     before, registry_before = snapshot(model), registry_snapshot()
     with pytest.raises(kernelhub.BindError, match=r"dense_only: does not support a paged KV cache \(asked for "):
         kernelhub.bind(model, "paged|dense_only")

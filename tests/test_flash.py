@@ -1,6 +1,5 @@
-"""`flash`: kernelhub's Triton kernel (under the interpreter) against the eager reference over
-the backend matrix, the choice per device recorded in the plan, and flash-attn's API bound
-through a test double."""
+"""`flash`: the choice per device recorded in the plan, refusals, and flash-attn's API bound
+through a test double. Its numbers against eager and the oracle are in test_backend_parity."""
 
 import pytest
 import torch
@@ -8,12 +7,8 @@ import torch
 import kernelhub
 from kernelhub.backends.site import AttentionSite
 from kernelhub.registry.capabilities import unsupported
-from oracle import dense_attention
-from test_backend_parity import MASKS, TOLERANCE, make_mask
 from test_bad_input import assert_unchanged, snapshot
 from flash_attn_double import install_flash_attn
-
-FLASH_MASKS = [m for m in MASKS if m != "chunked"]
 
 
 def flash(device="cpu", dtype=torch.float32):
@@ -23,49 +18,6 @@ def flash(device="cpu", dtype=torch.float32):
 def run(resolution, q, k, v, mask, site):
     site.set_implementation("flash", resolution.fn, "varlen", paged_fn=resolution.paged_fn)
     return site(q, k, v, mask)[0]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("head_dim", [32, 64])
-@pytest.mark.parametrize("groups", [1, 2, 4])
-@pytest.mark.parametrize("mask_kind", FLASH_MASKS)
-def test_triton_flash_matches_reference_and_oracle(mask_kind, groups, head_dim, dtype):
-    batch, kv_heads, seq = 2, 2, 11
-    q = torch.randn(batch, kv_heads * groups, seq, head_dim, dtype=dtype)
-    k = torch.randn(batch, kv_heads, seq, head_dim, dtype=dtype)
-    v = torch.randn(batch, kv_heads, seq, head_dim, dtype=dtype)
-    site = AttentionSite(head_dim=head_dim, num_heads=kv_heads * groups, num_kv_heads=kv_heads)
-    mask = make_mask(mask_kind, batch, seq, seq)
-    out = run(flash("cpu", dtype), q, k, v, mask, site)
-    real = mask.materialize("bool")[:, 0].any(-1)[..., None, None].expand(batch, seq, 1, 1)  # rows with a key
-    site.unbind()
-    reference = site(q, k, v, mask)[0]
-    oracle = dense_attention(q, k, v, mask.materialize("bool"), site.scaling)
-    assert out.shape == (batch, seq, kv_heads * groups, head_dim) and out.dtype == dtype
-    torch.testing.assert_close(torch.where(real, out.double(), 0.0), torch.where(real, oracle, 0.0),
-                               **TOLERANCE[dtype])
-    torch.testing.assert_close(torch.where(real, out, 0.0), torch.where(real, reference, 0.0), **TOLERANCE[dtype])
-
-
-@pytest.mark.parametrize("mask_kind", ["causal", "sliding", "padded"])
-def test_decode_step_over_a_longer_cache(mask_kind):
-    batch, heads, kv_len, d = 2, 4, 9, 32
-    q = torch.randn(batch, heads, 1, d)
-    k, v = torch.randn(batch, 2, kv_len, d), torch.randn(batch, 2, kv_len, d)
-    mask = make_mask(mask_kind, batch, 1, kv_len, q_offset=kv_len - 1)
-    site = AttentionSite(head_dim=d, num_heads=heads, num_kv_heads=2)
-    out = run(flash(), q, k, v, mask, site)
-    oracle = dense_attention(q, k, v, mask.materialize("bool"), site.scaling)
-    torch.testing.assert_close(out.double(), oracle, atol=1e-5, rtol=1e-5)
-
-
-def test_softcap():
-    q, k, v = (torch.randn(1, 2, 6, 32) * 3 for _ in range(3))
-    site = AttentionSite(head_dim=32, num_heads=2, softcap=5.0)
-    mask = make_mask("causal", 1, 6, 6)
-    out = run(flash(), q, k, v, mask, site)
-    oracle = dense_attention(q, k, v, mask.materialize("bool"), site.scaling, softcap=5.0)
-    torch.testing.assert_close(out.double(), oracle, atol=1e-5, rtol=1e-5)
 
 
 def test_chunked_attention_is_refused_with_the_reason():

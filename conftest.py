@@ -13,5 +13,7 @@ os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="kernelhub-test-hf-")
 os.environ.pop("HF_HUB_OFFLINE", None)
 os.environ.pop("KERNELHUB_TRUSTED", None)
 os.environ.pop("KERNELHUB_LOCK", None)
+os.environ["KERNELHUB_CACHE"] = os.path.join(os.environ["HF_HOME"], "kernelhub")  # verified kernel copies
+os.environ.pop("KERNELHUB_HUB_TIMEOUT", None)
 os.environ["KERNELHUB_CONFIG"] = os.path.join(os.environ["HF_HOME"], "no-kernelhub-config.toml")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -1,7 +1,8 @@
 """The Hub half of the command line: lock, download, kernel build|check|publish.
 
-    kernelhub lock my-org/rmsnorm@v1 [more refs] [--output kernelhub.lock]
-    kernelhub lock --from-model CHECKPOINT        (the Hub kernels its saved binding uses)
+    kernelhub lock my-org/rmsnorm@v1 ./my-kernel [more refs] [--output kernelhub.lock]
+    kernelhub lock --from-model CHECKPOINT        (the kernels its saved binding uses)
+    kernelhub lock --check [--output kernelhub.lock]   (verify against the cache; imports nothing)
     kernelhub download [--lock kernelhub.lock]
     kernelhub kernel build DIR | check DIR | publish DIR --repo org/name [--version N]
 """
@@ -10,41 +11,50 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kernelhub.registry.lock import DEFAULT_NAME
+from kernelhub.registry.hub.lockfile import DEFAULT_NAME
 
 
 def _refs_from_model(path) -> list[str]:
     from kernelhub.models.checkpoint import read_config
-    from kernelhub.registry.hub_ref import is_local_ref, looks_like_kernel_ref
+    from kernelhub.registry.hub.ref import looks_like_kernel_ref
 
     request = read_config(path).get("kernelhub") or {}
     values = list((request.get("kernels") or {}).values())
     attn = request.get("attn_implementation")
     values += list(attn.values()) if isinstance(attn, dict) else [attn]
     flat = [v for value in values for v in (value if isinstance(value, list) else [value])]
-    return [v for v in flat if isinstance(v, str) and looks_like_kernel_ref(v) and not is_local_ref(v)]
+    return [v for v in flat if isinstance(v, str) and looks_like_kernel_ref(v)]
 
 
 def cmd_lock(args) -> int:
-    from kernelhub.registry.hub_lock import lock_kernels
-    from kernelhub.registry.lock import KernelLock
+    from kernelhub.registry.hub.locking import check_lock, lock_kernels
+    from kernelhub.registry.hub.lockfile import KernelLock
 
+    output = Path(args.output)
+    if args.check:
+        lines, problems = check_lock(KernelLock.read(output))
+        for line in lines:
+            print(line)
+        for problem in problems:
+            print(f"PROBLEM  {problem}")
+        print(f"{output}: {'does not match' if problems else 'matches'} the cache")
+        return 1 if problems else 0
     refs = list(args.refs) + (_refs_from_model(args.from_model) if args.from_model else [])
     if not refs:
-        print("error: nothing to lock: pass Hub refs like my-org/rmsnorm@v1, or --from-model CHECKPOINT")
+        print("error: nothing to lock: pass Hub refs like my-org/rmsnorm@v1, local directories like ./my-kernel, "
+              "or --from-model CHECKPOINT")
         return 2
-    output = Path(args.output)
-    lock = lock_kernels(refs, KernelLock.read(output) if output.exists() else None)
+    lock = lock_kernels(refs, KernelLock.read(output) if output.exists() else None, output)
     lock.write(output)
     for key, entry in sorted(lock.entries.items()):
-        print(f"{key}: {entry.commit}  variants: {', '.join(sorted(entry.variants))}")
+        print(f"{key}: {entry.commit or 'local'}  variants: {', '.join(sorted(entry.variants))}")
     print(f"wrote {output}")
     return 0
 
 
 def cmd_download(args) -> int:
-    from kernelhub.registry.hub_lock import download_locked
-    from kernelhub.registry.lock import KernelLock
+    from kernelhub.registry.hub.locking import download_locked
+    from kernelhub.registry.hub.lockfile import KernelLock
 
     for line in download_locked(KernelLock.read(args.lock)):
         print(line)
@@ -78,9 +88,12 @@ def cmd_kernel(args) -> int:
 
 
 def add_hub_commands(sub) -> None:
-    p = sub.add_parser("lock", help="pin Hub kernels (commit + sha256 of every file) in kernelhub.lock")
-    p.add_argument("refs", nargs="*", help="Hub kernel refs, e.g. my-org/rmsnorm@v1")
-    p.add_argument("--from-model", default=None, help="lock the Hub kernels a saved checkpoint binds")
+    p = sub.add_parser("lock", help="pin kernels and their dependencies (commit + sha256 of every file) "
+                                    "in kernelhub.lock; offline, pins what is in the cache")
+    p.add_argument("refs", nargs="*", help="Hub kernel refs (my-org/rmsnorm@v1) or local directories (./dir)")
+    p.add_argument("--from-model", default=None, help="lock the kernels a saved checkpoint binds")
+    p.add_argument("--check", action="store_true", help="verify the lock against the cache and local "
+                                                        "directories, without importing anything")
     p.add_argument("--output", "-o", default=DEFAULT_NAME)
     p.set_defaults(fn=cmd_lock)
     p = sub.add_parser("download", help="prefetch and verify every kernel in a lock file")

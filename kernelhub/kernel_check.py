@@ -24,8 +24,9 @@ import torch
 from kernelhub.backends.layer import set_layer_forward
 from kernelhub.kernel_build import build_kernel, python_name, read_build_toml
 from kernelhub.registry.errors import KernelhubError
-from kernelhub.registry.hub_layers import contract_problems
-from kernelhub.registry.kernel_metadata import attention_specs, read_kernel_metadata
+from kernelhub.registry.hub.layers import contract_problems
+from kernelhub.registry.hub.metadata import attention_specs, read_kernel_metadata, read_variant_metadata
+from kernelhub.registry.hub.snapshot import read_variant
 
 
 @dataclasses.dataclass
@@ -143,7 +144,9 @@ def check_kernel(repo) -> CheckReport:
         for variant in build_kernel(scratch):
             try:
                 Metadata.read_from_file(variant / "metadata.json")
-                specs = attention_specs(read_kernel_metadata(variant), variant.name)
+                snapshot = read_variant(variant)
+                read_variant_metadata(snapshot.files, str(variant))
+                specs = attention_specs(read_kernel_metadata(snapshot.files, str(variant)), variant.name)
             except (ValueError, KernelhubError) as e:
                 report.problems.append(f"{variant.name}: {e}")
         report.lines.append(f"metadata: {len(general['backends'])} variants parse with kernels")

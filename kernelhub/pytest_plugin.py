@@ -141,7 +141,7 @@ def offline_hub_cache(tmp_path, monkeypatch):
     can be made), and lays each given built repo out as a download would have; the repo is
     also trusted for this test. Refs like `repo_id@v1` then bind from the cache alone.
     """
-    from kernelhub.registry.hub_loader import forget_loaded
+    from kernelhub.registry.hub.loader import forget_loaded
     from kernelhub.testing import point_hub_at, populate_hub_cache
 
     cache, trusted = tmp_path / "offline-hf-cache", []

@@ -70,7 +70,7 @@ def point_hub_at(monkeypatch, endpoint: str | None, cache_dir, *, offline: bool 
     """
     from huggingface_hub import constants
 
-    from kernelhub.registry.hub_loader import forget_loaded
+    from kernelhub.registry.hub.loader import forget_loaded
 
     if endpoint is not None:
         monkeypatch.setattr(constants, "ENDPOINT", endpoint)

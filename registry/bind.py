@@ -22,10 +22,11 @@ from kernelhub.backends.layer import layer_name, reset_layer_forward, set_layer_
 from kernelhub.backends.site import AttentionSite
 from kernelhub.registry.capabilities import MODES, unsupported
 from kernelhub.registry.errors import BindError, KernelhubError
-from kernelhub.registry.hub_attention import hub_backend
-from kernelhub.registry.hub_ref import looks_like_kernel_ref
+from kernelhub.registry.hub.attention import hub_backend
+from kernelhub.registry.hub.fetch import hub_budget
+from kernelhub.registry.hub.ref import looks_like_kernel_ref
 from kernelhub.registry.layer_kernels import LayerChoice, choose_layer_kernel, parse_kernels
-from kernelhub.registry.lock import KernelLock
+from kernelhub.registry.hub.lockfile import KernelLock
 from kernelhub.registry.manager import get_registry
 from kernelhub.registry.plan import BindingPlan, PlanEntry
 from kernelhub.registry.request import parse_attn_implementation
@@ -96,6 +97,11 @@ def bind(model: torch.nn.Module, attn_implementation=None, kernels=None, *, devi
     """
     if mode not in MODES:
         raise KernelhubError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
+    with hub_budget():  # one Hub deadline for the whole bind, however many refs it names
+        return _bind(model, attn_implementation, kernels, device, dtype, mode, lock)
+
+
+def _bind(model, attn_implementation, kernels, device, dtype, mode, lock) -> BindingPlan:
     registry = get_registry()
     device, dtype = _device_and_dtype(model, device, dtype)
     lock = _read_lock(lock)

@@ -20,8 +20,8 @@ import fnmatch
 
 from kernelhub.backends.layer import layer_name
 from kernelhub.registry.errors import BindError, KernelhubError, closest_first, suggestion
-from kernelhub.registry.hub_layers import load_hub_layer
-from kernelhub.registry.hub_ref import looks_like_kernel_ref
+from kernelhub.registry.hub.layers import load_hub_layer
+from kernelhub.registry.hub.ref import looks_like_kernel_ref
 from kernelhub.registry.plan import PlanEntry
 
 REFERENCE = "reference"

@@ -20,7 +20,7 @@ import dataclasses
 import fnmatch
 
 from kernelhub.registry.errors import BindError, KernelhubError
-from kernelhub.registry.hub_ref import looks_like_kernel_ref, parse_kernel_ref
+from kernelhub.registry.hub.ref import looks_like_kernel_ref, parse_kernel_ref
 
 DEFAULT_PREFERENCE = ("sdpa", "eager")
 # Layer types of transformers configs; valid dict keys even for models without such layers,

@@ -47,7 +47,7 @@ def loopback_hub(tmp_path_factory):
 @pytest.fixture
 def hub(loopback_hub, monkeypatch, tmp_path):
     """The loopback Hub as this test's endpoint, an empty HF cache, and the test org trusted."""
-    from kernelhub.registry.hub_loader import forget_loaded
+    from kernelhub.registry.hub.loader import forget_loaded
     from kernelhub.testing import point_hub_at
 
     point_hub_at(monkeypatch, loopback_hub.endpoint, tmp_path / "hf-cache")

@@ -7,8 +7,8 @@ import time
 import pytest
 
 import kernelhub
-from kernelhub.registry.lock import LockError
-from kernelhub.registry.trust import UntrustedKernelError
+from kernelhub.registry.hub.lockfile import LockError
+from kernelhub.registry.hub.trust import UntrustedKernelError
 from kernelhub.testing import point_hub_at
 from tests.test_bad_input import assert_unchanged, registry_snapshot, snapshot
 
@@ -108,8 +108,8 @@ def test_unreachable_hub_with_nothing_cached_fails_fast(model, hub, monkeypatch,
 
 
 def test_tampered_file_under_a_lock_is_refused_before_import(model, hub, tmp_path):
-    from kernelhub.registry.hub_lock import lock_kernels
-    from kernelhub.registry.hub_loader import forget_loaded
+    from kernelhub.registry.hub.locking import lock_kernels
+    from kernelhub.registry.hub.loader import forget_loaded
 
     lock_path = tmp_path / "kernelhub.lock"
     lock_kernels([f"{ORG}/rmsnorm@v1"]).write(lock_path)
@@ -125,7 +125,7 @@ def test_tampered_file_under_a_lock_is_refused_before_import(model, hub, tmp_pat
 
 
 def test_ref_missing_from_the_lock_is_refused(model, hub, tmp_path):
-    from kernelhub.registry.hub_lock import lock_kernels
+    from kernelhub.registry.hub.locking import lock_kernels
 
     lock_kernels([f"{ORG}/rmsnorm@v1"]).write(tmp_path / "kernelhub.lock")
     refused(model, LockError, ["kernelhub-test/layernorm@v1 is not in the lock", "kernelhub lock"],

@@ -8,8 +8,8 @@ import torch
 
 import kernelhub
 from kernelhub.cli import main
-from kernelhub.registry.hub_loader import forget_loaded
-from kernelhub.registry.lock import KernelLock
+from kernelhub.registry.hub.loader import forget_loaded
+from kernelhub.registry.hub.lockfile import KernelLock
 
 ORG = "kernelhub-test"
 

@@ -7,8 +7,8 @@ host module's state (`weight`, `variance_epsilon`, ...). It may declare `has_bac
 
 Problems found while loading (no variant for this platform, an import error, a missing
 layer, a signature mismatch) are returned as reasons, so a fallback chain can move on and
-the plan records why; an untrusted repo, a lock mismatch or a malformed reference is
-raised at once.
+the plan records why; an untrusted repo, a lock mismatch, a variant holding symlinks or
+bytecode, or a malformed reference is raised at once.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ import inspect
 import torch
 
 from kernelhub.registry.errors import KernelhubError
-from kernelhub.registry.hub_loader import load_kernel
-from kernelhub.registry.lock import LockError
-from kernelhub.registry.trust import UntrustedKernelError
-from kernelhub.registry.hub_ref import HubRef, parse_kernel_ref
+from kernelhub.registry.hub.loader import load_kernel
+from kernelhub.registry.hub.lockfile import LockError
+from kernelhub.registry.hub.ref import HubRef, parse_kernel_ref
+from kernelhub.registry.hub.snapshot import UnsafeKernelError
+from kernelhub.registry.hub.trust import UntrustedKernelError
 
 
 def contract_problems(impl, declared_cls) -> list[str]:
@@ -55,8 +56,8 @@ def load_hub_layer(value, layer: str, declared_cls, device, lock, origin: str):
     symbol = ref.symbol or layer
     name = str(ref) if ref.symbol else f"{ref}:{symbol}"
     try:
-        loaded = load_kernel(ref, device, lock if isinstance(ref, HubRef) else None)
-    except (UntrustedKernelError, LockError):
+        loaded = load_kernel(ref, device, lock)
+    except (UntrustedKernelError, LockError, UnsafeKernelError):  # refusals, never a quiet fallback
         raise
     except KernelhubError as e:
         return name, None, "hub" if isinstance(ref, HubRef) else "local", [str(e)]

@@ -8,7 +8,9 @@ A repo is trusted when its org or its full id is on the allowlist, gathered from
     environment              KERNELHUB_TRUSTED="my-org,other-org/one-kernel"   ("*" trusts all)
 
 The check runs before anything from the repo is downloaded or imported. Local kernel
-directories are trusted: the user pointed at them.
+directories are trusted: the user pointed at them. A kernel's dependencies
+(`kernel-depends` in its metadata.json) pass the same check, whoever publishes them:
+kernelhub never defers to the Hub's publisher flag.
 
 >>> import os; os.environ["KERNELHUB_TRUSTED"] = "my-org"
 >>> is_trusted("my-org/rmsnorm"), is_trusted("stranger/rmsnorm")
@@ -61,12 +63,19 @@ def is_trusted(repo_id: str) -> bool:
     return "*" in sources or repo_id in sources or repo_id.split("/")[0] in sources
 
 
-def check_trusted(repo_id: str) -> None:
-    """Raise `UntrustedKernelError` naming the exact setting to change, unless trusted."""
+def check_trusted(repo_id: str, chain: tuple[str, ...] = ()) -> None:
+    """Raise `UntrustedKernelError` naming the exact setting to change, unless trusted.
+
+    `chain` is how the repo was reached ('org/a@v1', ..., 'stranger/b@v1') when it is a
+    dependency of another kernel: the message shows the whole path, so the user sees who
+    pulled it in.
+    """
     if is_trusted(repo_id):
         return
     org = repo_id.split("/")[0]
+    path = " -> ".join(chain) + ": not trusted; " if chain else ""
     raise UntrustedKernelError(
-        f"kernel repo {repo_id!r} is not trusted, so none of its code was downloaded or imported. "
+        f"{path}kernel repo {repo_id!r} is not trusted, so none of its code"
+        f"{' (nor of the kernels that depend on it)' if chain else ''} was downloaded or imported. "
         f"Trusted: {', '.join(trusted_sources())}. To trust it, set {ENV}={org} (or {ENV}={repo_id} "
         f"for this repo only), or add \"{org}\" to trusted = [...] in {config_path()}")

@@ -14,8 +14,9 @@ import torch
 
 from kernelhub.backends.flash_style import flash_varlen_attention
 from kernelhub.registry.capabilities import AttentionBackend, Capabilities
-from kernelhub.registry.hub_loader import HubKernelError, load_kernel
-from kernelhub.registry.hub_ref import HubRef, parse_kernel_ref
+from kernelhub.registry.hub.fetch import HubKernelError
+from kernelhub.registry.hub.loader import load_kernel
+from kernelhub.registry.hub.ref import parse_kernel_ref
 from kernelhub.registry.manager import Registered
 
 FLASH_VARLEN = "flash_attn_varlen_func"
@@ -30,7 +31,7 @@ def flash_capabilities(device_type: str) -> Capabilities:
 def hub_backend(name: str, device: torch.device, lock=None) -> Registered:
     """The backend a Hub attention reference names, loaded for `device`."""
     ref = parse_kernel_ref(name, "attn_implementation")
-    loaded = load_kernel(ref, device, lock if isinstance(ref, HubRef) else None)
+    loaded = load_kernel(ref, device, lock)
     specs = loaded.attention
     symbol = ref.symbol or loaded.metadata.get("default_attention")
     if symbol is None and hasattr(loaded.module, FLASH_VARLEN):

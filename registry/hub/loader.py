@@ -1,0 +1,203 @@
+"""Loading a kernel and its dependencies: trust, fetch, verify, then import, in that order.
+
+For a Hub ref or a local directory, and then for every kernel in its dependency closure
+(`kernel-depends` in metadata.json, transitively):
+
+1. trust: a Hub repo off the allowlist is refused before any request (`trust`);
+2. fetch: offline-first through `kernels`, bounded by the bind's deadline (`fetch`);
+3. read: every file of the variant is read once and hashed; symlinks and bytecode are
+   refused (`snapshot`); under a lock, the digests must be exactly the locked ones;
+4. only when the whole closure passed: import, dependencies first, from the verified bytes
+   and kernelhub's private copy (`importer`, `store`).
+
+One import per kernel per process, however it is spelled (a local directory is known by
+its real path, a Hub kernel by repo and commit) and however many threads bind at once. No
+process-wide lock is held while fetching.
+
+>>> kernels_backend(torch.device("cpu"))
+'cpu'
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from kernelhub.registry.hub.fetch import (HubKernelError, current_budget, explain_failure, fetch_variant, hub_budget,
+                                          offline, probe)
+from kernelhub.registry.hub.importer import forget_imports, import_variant
+from kernelhub.registry.hub.lockfile import KernelLock, LockEntry, lock_key
+from kernelhub.registry.hub.metadata import (METADATA, VariantMetadata, attention_specs, check_with_kernels,
+                                             read_kernel_metadata, read_variant_metadata)
+from kernelhub.registry.hub.ref import HubRef, LocalRef
+from kernelhub.registry.hub.snapshot import Snapshot, hub_blobs_dir, read_variant
+from kernelhub.registry.hub.store import verified_copy
+from kernelhub.registry.hub.trust import check_trusted
+
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Verified:
+    """One kernel of a closure, read and checked, not yet imported."""
+
+    ref: HubRef | LocalRef
+    label: str                 # 'org/name@v1' or the directory, for messages
+    source: str                # 'hub org/name@<commit>' or 'local <dir>', for the plan
+    identity: tuple            # ('hub', repo, commit, variant) or ('local', real path, variant)
+    snapshot: Snapshot
+    meta: VariantMetadata
+    declared: dict             # kernelhub.json, checked
+    deps: tuple["Verified", ...]
+
+    @property
+    def variant(self) -> str:
+        return self.snapshot.root.name
+
+    def walk(self):
+        yield self
+        for dep in self.deps:
+            yield from dep.walk()
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedKernel:
+    """An imported kernel and where exactly it came from."""
+
+    module: ModuleType
+    source: str          # "hub org/name@<commit>" or "local <dir>"
+    metadata: dict       # the kernel's kernelhub.json ({} without one)
+    attention: dict      # symbol -> AttentionSpec, parsed from `metadata` before import
+    closure: Verified    # what was verified, dependencies included
+
+
+def kernels_backend(device: torch.device) -> str:
+    """The `kernels` backend name for a torch device (what variant selection needs)."""
+    if device.type == "cuda":
+        return "rocm" if torch.version.hip else "cuda"
+    return {"mps": "metal", "npu": "cann"}.get(device.type, device.type)
+
+
+def local_variant_path(path: Path, backend: str) -> Path:
+    """The build variant `kernels` would pick in a local kernel directory."""
+    from kernels.resolver import resolve_local_kernel
+    try:
+        return resolve_local_kernel(Path(path), backend=backend).variant_path
+    except Exception as e:  # noqa: BLE001 - kernels raises FileNotFoundError/ValueError here
+        for meta in [Path(path) / METADATA, *sorted(Path(path).glob(f"build/*/{METADATA}"))]:
+            if meta.is_file():  # our reading names the field; kernels' names only the line
+                read_variant_metadata({METADATA: meta.read_bytes()}, str(meta.parent))
+        raise HubKernelError(f"{path}: no usable build for this platform in this directory. "
+                             f"{str(e).strip()}") from e
+
+
+# -- resolve and verify (no import, no lock held) ---------------------------------------------
+
+def _hub_variant(ref: HubRef, backend: str, entry: LockEntry | None) -> Path:
+    revision = entry.commit if entry else ref.revision
+    version = None if entry else ref.version
+    if entry is not None or bool(revision and _COMMIT.match(revision)) or offline():
+        try:
+            return fetch_variant(ref, revision, version, backend, local_only=True)
+        except Exception as e:  # noqa: BLE001 - not cached: go online below (or explain offline)
+            if offline():
+                raise HubKernelError(f"{ref} is not in the local cache and HF_HUB_OFFLINE=1 forbids downloading "
+                                     f"it ({str(e).splitlines()[0]}). Run `kernelhub download` while online") from e
+    probe(ref)
+    try:
+        return fetch_variant(ref, revision, version, backend, local_only=False)
+    except Exception as e:  # noqa: BLE001 - translated into one clear error
+        raise explain_failure(ref, e) from e
+
+
+def verify(ref: HubRef | LocalRef, backend: str, lock: KernelLock | None, chain: tuple = ()) -> Verified:
+    """Resolve `ref` and its dependency closure and check every byte; imports nothing."""
+    if isinstance(ref, HubRef):
+        label = lock_key(ref)
+        check_trusted(ref.repo_id, (*chain, label) if chain else ())
+        entry = lock.entry_for(ref) if lock is not None else None
+        path = _hub_variant(ref, backend, entry)
+        commit = path.parents[1].name  # snapshots/<commit>/build/<variant>
+        snapshot = read_variant(path, blobs=hub_blobs_dir(path))
+        source, identity = f"hub {ref.repo_id}@{commit}", ("hub", ref.repo_id, commit, path.name)
+    else:
+        label = str(ref.path)
+        entry = lock.entry_for(ref) if lock is not None else None
+        path = local_variant_path(ref.path.resolve(), backend)
+        snapshot = read_variant(path)
+        source, identity = f"local {ref.path}", ("local", str(ref.path.resolve()), path.name)
+    if entry is not None:
+        entry.verify(path.name, snapshot.digests, path)
+    meta = read_variant_metadata(snapshot.files, str(path))
+    check_with_kernels(meta, path.name, label)
+    declared = read_kernel_metadata(snapshot.files, str(path))
+    deps = []
+    for dep in meta.depends:
+        if lock_key(dep) in (*chain, label):
+            raise HubKernelError(f"{' -> '.join((*chain, label, lock_key(dep)))}: a dependency cycle")
+        deps.append(verify(dep, backend, lock, (*chain, label)))
+    return Verified(ref, label, source, identity, snapshot, meta, declared, tuple(deps))
+
+
+def check_closure_against(closure: Verified, lock: KernelLock) -> None:
+    """Every kernel of an already verified closure is in `lock` with these exact files."""
+    for node in closure.walk():
+        entry = lock.entry_for(node.ref)
+        if node.identity[0] == "hub" and entry.commit != node.identity[2]:
+            raise HubKernelError(f"{node.label} is locked at {entry.commit[:12]} but {node.source} was loaded")
+        entry.verify(node.variant, node.snapshot.digests, node.snapshot.root)
+
+
+# -- import (per-kernel locks only) -----------------------------------------------------------
+
+_IMPORTED: dict[tuple, LoadedKernel] = {}       # (identity, content key) -> loaded
+_BY_REF: dict[tuple, LoadedKernel] = {}         # (what was asked, backend) -> loaded: warm binds skip I/O
+_GUARD = threading.Lock()                       # held only to look up or create the per-kernel locks
+_KERNEL_LOCKS: dict[tuple, threading.Lock] = collections.defaultdict(threading.Lock)
+
+
+def _import(node: Verified) -> LoadedKernel:
+    key = (node.identity, node.snapshot.content_key)
+    with _GUARD:
+        per_kernel = _KERNEL_LOCKS[key]
+    with per_kernel:  # the second thread finds the first one's import
+        if key not in _IMPORTED:
+            deps = {dep.ref.repo_id: _import(dep).module for dep in node.deps}
+            try:
+                module = import_variant(node.snapshot, node.meta.python_name, verified_copy(node.snapshot), deps)
+            except Exception as e:  # noqa: BLE001 - any failure inside the kernel's own code
+                first = (str(e).strip().splitlines() or [""])[0]
+                raise HubKernelError(f"{node.label}: the kernel failed to import: {type(e).__name__}: {first}") from e
+            _IMPORTED[key] = LoadedKernel(module, node.source, node.declared,
+                                          attention_specs(node.declared, node.source), node)
+        return _IMPORTED[key]
+
+
+def load_kernel(ref: HubRef | LocalRef, device: torch.device, lock: KernelLock | None = None) -> LoadedKernel:
+    """Trust, fetch, verify and import `ref` and its dependencies for `device`, once per process."""
+    backend = kernels_backend(device)
+    asked = (lock_key(ref) if isinstance(ref, HubRef) else str(ref.path.resolve()), backend,
+             lock.entry_for(ref).commit if lock is not None and isinstance(ref, HubRef) else None)
+    loaded = _BY_REF.get(asked)
+    if loaded is None:
+        with hub_budget():
+            current_budget()  # a bad $KERNELHUB_HUB_TIMEOUT is an error whatever the ref
+            loaded = _BY_REF[asked] = _import(verify(ref, backend, lock))
+    elif lock is not None:
+        check_closure_against(loaded.closure, lock)
+    return loaded
+
+
+def forget_loaded() -> None:
+    """Forget every kernel imported so far, as a new process would (tests that serve a new
+    commit under the same ref, or count imports)."""
+    with _GUARD:
+        _IMPORTED.clear()
+        _BY_REF.clear()
+        forget_imports()

@@ -1,0 +1,85 @@
+"""Malicious kernel repos for the supply-chain tests.
+
+Every payload writes a marker file when it is imported: a test that was not fooled finds
+no marker. Repos are built with the same tools contributors use (`write_kernel_repo`),
+then edited the way an attacker would edit them.
+"""
+
+from __future__ import annotations
+
+import importlib._bootstrap_external as bootstrap
+import json
+from pathlib import Path
+
+import pytest
+
+import kernelhub
+from kernelhub.testing import populate_hub_cache, write_kernel_repo
+from tests.test_bad_input import assert_unchanged, registry_snapshot, snapshot
+
+TRUSTED = "kernelhub-test"
+
+GOOD_RMSNORM = """
+class RMSNorm(torch.nn.Module):
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+"""
+
+
+def payload(marker: Path) -> str:
+    """Python that leaves `marker` behind when it runs."""
+    return f"import pathlib as _p\n_p.Path({str(marker)!r}).write_text('pwned')\n"
+
+
+def kernel(root: Path, name: str, *, init: str = "", depends=(), layers=(GOOD_RMSNORM,)) -> Path:
+    """A built kernel repo at root/name; `depends`: [{"repo-id": ..., "version": N}, ...] in every variant."""
+    repo = write_kernel_repo(Path(root) / name, name, layers=list(layers), init_source=init)
+    if depends:
+        for meta in (repo / "build").glob("*/metadata.json"):
+            data = json.loads(meta.read_text())
+            data["kernel-depends"] = list(depends)
+            meta.write_text(json.dumps(data, indent=2))
+    return repo
+
+
+def variant(repo: Path) -> Path:
+    return Path(repo) / "build" / "torch-cpu"
+
+
+def cached_variant(cache: Path, repo_id: str) -> Path:
+    org, name = repo_id.split("/")
+    return next((Path(cache) / f"kernels--{org}--{name}" / "snapshots").glob("*/build/torch-cpu"))
+
+
+def to_cache(cache: Path, repo_id: str, repo: Path) -> str:
+    return populate_hub_cache(cache, repo_id, repo)
+
+
+def plant_pyc(source_file: Path, evil_source: str) -> Path:
+    """A `__pycache__` entry for `source_file` holding `evil_source`, its header copying the
+    real file's mtime and size, so a plain import would trust and run it."""
+    st = source_file.stat()
+    code = compile(evil_source, str(source_file), "exec")
+    data = bootstrap._code_to_timestamp_pyc(code, int(st.st_mtime), st.st_size)
+    pyc = Path(bootstrap.cache_from_source(str(source_file)))
+    pyc.parent.mkdir(exist_ok=True)
+    pyc.write_bytes(bytes(data))
+    return pyc
+
+
+def refused(model, error, phrases, marker: Path, **kwargs) -> str:
+    """Binding fails with `error` naming every phrase; the model, the registry and the file
+    system (no marker) are as they were."""
+    before, registry_before = snapshot(model), registry_snapshot()
+    with pytest.raises(error) as info:
+        kernelhub.bind(model, kwargs.pop("attn", "sdpa"), **kwargs)
+    message = str(info.value)
+    for phrase in phrases:
+        assert phrase in message, message
+    assert not marker.exists(), "the malicious kernel ran"
+    assert_unchanged(model, before)
+    assert registry_snapshot() == registry_before
+    return message

@@ -175,17 +175,32 @@ def test_private_copy_tampered_before_import_never_runs(model, tmp_path, marker,
     repo = kernel(tmp_path, "norm")
     real = loader.import_variant
 
-    def tamper(snapshot, python_name, copy, deps):
+    def tamper(snapshot, python_name, copy, *args):
         target = copy / "norm" / "__init__.py"
         target.chmod(0o644)
         target.write_text(payload(marker))
-        return real(snapshot, python_name, copy, deps)
+        return real(snapshot, python_name, copy, *args)
 
     monkeypatch.setattr(loader, "import_variant", tamper)
     kernelhub.bind(model, "sdpa", kernels={"RMSNorm": str(repo)})
     assert not marker.exists()
-    assert importer.module_name("norm", loader.verify(
-        kernelhub.registry.hub.ref.parse_kernel_ref(str(repo), "test"), "cpu", None).snapshot) in sys.modules
+    verified = loader.verify(kernelhub.registry.hub.ref.parse_kernel_ref(str(repo), "test"), "cpu", None)
+    assert importer.module_name("norm", verified.closure_key) in sys.modules
+
+
+def test_a_module_missing_from_the_verified_bytes_is_never_looked_up_on_disk(model, tmp_path, marker):
+    lazy = "def later():\n    from . import extra\n    return extra\n"
+    repo = kernel(tmp_path, "norm", init=lazy)
+    kernelhub.bind(model, "sdpa", kernels={"RMSNorm": str(repo)})
+    ref = kernelhub.registry.hub.ref.parse_kernel_ref(str(repo), "test")
+    loaded = loader.load_kernel(ref, torch.device("cpu"))
+    package = os.path.dirname(loaded.module.__file__)
+    os.chmod(package, 0o755)
+    with open(os.path.join(package, "extra.py"), "w") as f:  # planted in the private copy after the import
+        f.write(payload(marker))
+    with pytest.raises(ImportError, match="cannot import name 'extra'"):
+        loaded.module.later()
+    assert not marker.exists()
 
 
 def test_private_copy_is_reverified_on_reuse(tmp_path):

@@ -151,3 +151,26 @@ def test_trusted_locked_dependencies_load_offline_and_reach_the_kernel(model, ca
     assert loaded.module.DEP.__name__ == __import__("builtins")._kernelhub_dep_imports[-1]
     assert [d.label for d in loaded.closure.deps] == ["friend/dep@v1"]
     torch.testing.assert_close(model(ids).logits, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_a_kernel_imported_before_a_lock_is_not_handed_out_with_other_dependencies(cache, tmp_path):
+    """The same kernel bytes with a dependency that moved: under the lock, the locked one runs."""
+    import builtins
+
+    from kernelhub.registry.hub.loader import load_kernel
+    from kernelhub.registry.hub.ref import parse_kernel_ref
+
+    who = "import builtins\nWHO = {!r}\n"
+    to_cache(cache, "friend/dep", kernel(tmp_path / "one", "dep", init=who.format("first")))
+    good_init = "from kernels import get_kernel_dep\nDEP = get_kernel_dep('friend/dep')\n"
+    to_cache(cache, f"{TRUSTED}/good", kernel(tmp_path, "good", init=good_init,
+                                              depends=[{"repo-id": "friend/dep", "version": 1}]))
+    ref = parse_kernel_ref(f"{TRUSTED}/good@v1", "test")
+    assert load_kernel(ref, torch.device("cpu")).module.DEP.WHO == "first"
+    to_cache(cache, "friend/dep", kernel(tmp_path / "two", "dep", init=who.format("second")))  # v1 moves
+    lock_path = tmp_path / "kernelhub.lock"
+    lock_kernels([f"{TRUSTED}/good@v1"], path=lock_path).write(lock_path)
+    locked = load_kernel(ref, torch.device("cpu"), KernelLock.read(lock_path))
+    assert locked.module.DEP.WHO == "second"
+    assert locked.closure.deps[0].source == f"hub friend/dep@{KernelLock.read(lock_path).entries['friend/dep@v1'].commit}"
+    assert not hasattr(builtins, "_never")

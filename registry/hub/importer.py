@@ -5,8 +5,11 @@ from the file system and never through a bytecode cache (none is read or written
 Extension modules (`.so`) and data files are used from kernelhub's private verified copy
 (`store.verified_copy`), so `__file__` and relative resources work as usual.
 
-Each variant gets its own module name, `_kernelhub_<name>_<content key>`, so two kernels
-never collide in `sys.modules` and the same bytes are imported once per process.
+Each variant gets its own module name, `_kernelhub_<name>_<closure key>` (a sha256 over its
+bytes and its dependencies' keys), so two kernels never collide in `sys.modules` and the
+same closure is imported once per process. Every module name under a kernel is answered by
+kernelhub's finder: a name that is not in the verified bytes is not found, rather than
+looked up on disk.
 
 >>> import tempfile, pathlib
 >>> from kernelhub.registry.hub.snapshot import Snapshot
@@ -58,6 +61,16 @@ class _VerifiedFinder(importlib.abc.MetaPathFinder):
             return None
         snapshot, package, copy = self.kernels[top]
         parts = [p for p in (package, *fullname.split(".")[1:]) if p]
+        # Every name under a verified kernel is answered here: returning None would let
+        # Python's PathFinder look on disk, where nothing was verified.
+        spec = self._spec(fullname, snapshot, parts, copy)
+        if spec is None:
+            raise ModuleNotFoundError(f"No module named {fullname!r} in the verified kernel {str(snapshot.root)!r}",
+                                      name=fullname)
+        return spec
+
+    @staticmethod
+    def _spec(fullname, snapshot, parts, copy):
         rel = "/".join(parts)
         candidates = [("/".join([*parts, "__init__.py"]), True)] + ([(rel + ".py", False)] if parts else [])
         for candidate, is_package in candidates:
@@ -67,7 +80,7 @@ class _VerifiedFinder(importlib.abc.MetaPathFinder):
                                                        is_package=is_package)
                 spec.has_location = True
                 if is_package:
-                    spec.submodule_search_locations = [str(copy.joinpath(*parts))]
+                    spec.submodule_search_locations = []  # submodules come from this finder only
                 return spec
         for suffix in _EXTENSIONS:
             if rel + suffix in snapshot.files:
@@ -81,19 +94,22 @@ _FINDER = _VerifiedFinder()
 _INSTALL = threading.Lock()
 
 
-def module_name(python_name: str, snapshot: Snapshot) -> str:
-    return f"_kernelhub_{python_name}_{snapshot.content_key[:16]}"
+def module_name(python_name: str, key: str) -> str:
+    return f"_kernelhub_{python_name}_{key}"
 
 
-def import_variant(snapshot: Snapshot, python_name: str, copy: Path, deps: dict[str, ModuleType]) -> ModuleType:
+def import_variant(snapshot: Snapshot, python_name: str, copy: Path, deps: dict[str, ModuleType],
+                   key: str | None = None) -> ModuleType:
     """Import the kernel package in `snapshot` (at the variant's top or in `<python_name>/`).
 
     `copy` is the verified copy of the same bytes; `deps` maps the repo ids of the kernel's
     dependencies to their imported modules (what `kernels.get_kernel_dep` returns inside it).
+    `key` names the module: it must change whenever the bytes or the dependencies do
+    (default: the snapshot's content key, for a kernel without dependencies).
     """
     from kernels.deps import use_kernel_deps
 
-    name = module_name(python_name, snapshot)
+    name = module_name(python_name, key or snapshot.content_key)
     if name in sys.modules:
         return sys.modules[name]
     package = "" if "__init__.py" in snapshot.files else python_name

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
+import hashlib
 import re
 import threading
 from pathlib import Path
@@ -59,6 +61,12 @@ class Verified:
     @property
     def variant(self) -> str:
         return self.snapshot.root.name
+
+    @functools.cached_property
+    def closure_key(self) -> str:
+        """A sha256 over this kernel's bytes and its dependencies' closure keys."""
+        parts = [self.snapshot.content_key, *(f"{d.ref.repo_id}={d.closure_key}" for d in self.deps)]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
     def walk(self):
         yield self
@@ -137,6 +145,9 @@ def verify(ref: HubRef | LocalRef, backend: str, lock: KernelLock | None, chain:
     meta = read_variant_metadata(snapshot.files, str(path))
     check_with_kernels(meta, path.name, label)
     declared = read_kernel_metadata(snapshot.files, str(path))
+    repos = [dep.repo_id for dep in meta.depends]
+    if len(set(repos)) != len(repos):  # kernels.get_kernel_dep looks dependencies up by repo id
+        raise HubKernelError(f"{label}: metadata.json depends on one repo twice ({', '.join(repos)})")
     deps = []
     for dep in meta.depends:
         if lock_key(dep) in (*chain, label):
@@ -145,9 +156,14 @@ def verify(ref: HubRef | LocalRef, backend: str, lock: KernelLock | None, chain:
     return Verified(ref, label, source, identity, snapshot, meta, declared, tuple(deps))
 
 
-def check_closure_against(closure: Verified, lock: KernelLock) -> None:
-    """Every kernel of an already verified closure is in `lock` with these exact files."""
+def check_closure_against(closure: Verified, lock: KernelLock | None) -> None:
+    """Every Hub kernel of an already verified closure is still trusted and, under `lock`, in
+    it with these exact files."""
     for node in closure.walk():
+        if node.identity[0] == "hub":
+            check_trusted(node.ref.repo_id)
+        if lock is None:
+            continue
         entry = lock.entry_for(node.ref)
         if node.identity[0] == "hub" and entry.commit != node.identity[2]:
             raise HubKernelError(f"{node.label} is locked at {entry.commit[:12]} but {node.source} was loaded")
@@ -163,14 +179,15 @@ _KERNEL_LOCKS: dict[tuple, threading.Lock] = collections.defaultdict(threading.L
 
 
 def _import(node: Verified) -> LoadedKernel:
-    key = (node.identity, node.snapshot.content_key)
+    key = (node.identity, node.closure_key)
     with _GUARD:
         per_kernel = _KERNEL_LOCKS[key]
     with per_kernel:  # the second thread finds the first one's import
         if key not in _IMPORTED:
             deps = {dep.ref.repo_id: _import(dep).module for dep in node.deps}
+            copy = verified_copy(node.snapshot)  # outside the try: a refusal, not an import failure
             try:
-                module = import_variant(node.snapshot, node.meta.python_name, verified_copy(node.snapshot), deps)
+                module = import_variant(node.snapshot, node.meta.python_name, copy, deps, node.closure_key)
             except Exception as e:  # noqa: BLE001 - any failure inside the kernel's own code
                 first = (str(e).strip().splitlines() or [""])[0]
                 raise HubKernelError(f"{node.label}: the kernel failed to import: {type(e).__name__}: {first}") from e
@@ -189,8 +206,7 @@ def load_kernel(ref: HubRef | LocalRef, device: torch.device, lock: KernelLock |
         with hub_budget():
             current_budget()  # a bad $KERNELHUB_HUB_TIMEOUT is an error whatever the ref
             loaded = _BY_REF[asked] = _import(verify(ref, backend, lock))
-    elif lock is not None:
-        check_closure_against(loaded.closure, lock)
+    check_closure_against(loaded.closure, lock)  # what is handed out, not only what was read
     return loaded
 
 
@@ -200,4 +216,5 @@ def forget_loaded() -> None:
     with _GUARD:
         _IMPORTED.clear()
         _BY_REF.clear()
+        _KERNEL_LOCKS.clear()
         forget_imports()

@@ -95,8 +95,10 @@ class KernelLock:
             raise LockError(f"lock file {str(path)!r} does not exist; create it with `kernelhub lock`") from None
         except IsADirectoryError:
             raise LockError(f"lock file {str(path)!r} is a directory; name the lock file itself") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise LockError(f"lock file {str(path)!r} is not valid JSON: {e}") from None
+        except OSError as e:
+            raise LockError(f"lock file {str(path)!r} cannot be read: {e.strerror or e}") from None
         return cls(parse_lock(data, str(path)), path)
 
     @classmethod
@@ -198,7 +200,7 @@ def parse_lock(data, file: str) -> dict[str, LockEntry]:
         raise _bad(file, "the top level", data, "an object with lock_version and kernels")
     if set(data) != {"lock_version", "kernels"}:
         raise _bad(file, "the top level", sorted(data), "exactly the fields kernels, lock_version")
-    if data["lock_version"] != LOCK_VERSION or isinstance(data["lock_version"], bool):
+    if type(data["lock_version"]) is not int or data["lock_version"] != LOCK_VERSION:
         raise _bad(file, "lock_version", data["lock_version"], f"{LOCK_VERSION}")
     kernels = data["kernels"]
     if not isinstance(kernels, dict):

@@ -90,7 +90,7 @@ def read_variant(root, *, blobs: Path | None = None) -> Snapshot:
                 if stat.S_ISDIR(mode):
                     pending.append((Path(entry.path), rel + "/"))
                 elif stat.S_ISREG(mode):
-                    files[rel] = Path(entry.path).read_bytes()
+                    files[rel] = _read_regular(root, rel, entry.path)
                 elif stat.S_ISLNK(mode):
                     files[rel] = _read_blob_link(root, rel, Path(entry.path), blobs)
                 else:
@@ -98,10 +98,20 @@ def read_variant(root, *, blobs: Path | None = None) -> Snapshot:
     return Snapshot(root, dict(sorted(files.items())))
 
 
+def _read_regular(root: Path, rel: str, path) -> bytes:
+    """The bytes of a regular file, refusing one swapped for a link or a fifo since it was listed."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        raise _refuse(root, rel, f"which cannot be opened as a plain file ({e.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise _refuse(root, rel, "which is not a regular file")
+        return f.read()
+
+
 def _read_blob_link(root: Path, rel: str, link: Path, blobs: Path | None) -> bytes:
     target = Path(os.path.realpath(link))
     if blobs is None or target.parent != blobs:
         raise _refuse(root, rel, f"which is a symlink to {str(target)!r}")
-    if not target.is_file():
-        raise _refuse(root, rel, "which is a symlink to something other than a cached file")
-    return target.read_bytes()
+    return _read_regular(root, rel, target)

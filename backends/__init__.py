@@ -1,1 +1,2 @@
-"""kernelhub.backends: attention backends, masks, KV caches and the declaration API models use."""
+"""kernelhub.backends: attention backend and layer kernel implementations (the declaration
+API they implement is `kernelhub.declare`)."""

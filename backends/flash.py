@@ -29,7 +29,7 @@ import torch
 
 from kernelhub.backends.flash_style import flash_varlen_attention
 from kernelhub.backends.paged_attention import paged_block_table, paged_varlen
-from kernelhub.registry.capabilities import Resolution
+from kernelhub.backends.resolution import Resolution
 
 FLASH_ATTN_DTYPES = (torch.float16, torch.bfloat16)
 FLASH_ATTN_PAGE_MULTIPLE = 256  # flash-attn 2 reads a paged cache only in blocks of a multiple of 256 positions
@@ -107,7 +107,7 @@ def paged_kvcache_decode(with_kvcache):
     """A decode step (one query per sequence) through flash-attn's `flash_attn_with_kvcache`,
     its split-KV decode kernel. The new keys are in the pool already, so none are passed."""
 
-    def attention(module, q, k_pool, v_pool, mask, *, scaling, dropout=0.0, softcap=None, **kw):
+    def attention(module, q, k_pool, v_pool, mask, *, scaling, dropout=0.0, softcap=None):
         out = with_kvcache(q[0].transpose(0, 1).unsqueeze(1), k_pool, v_pool, cache_seqlens=mask.kv_lens,
                            block_table=mask.block_tables, softmax_scale=scaling, causal=True,
                            window_size=mask.window, softcap=softcap or 0.0)

@@ -6,7 +6,7 @@ into one packed sequence, the kernel runs on it, and outputs are scattered back,
 padding costs no compute and no dense mask is ever built.
 
 >>> import torch
->>> from kernelhub.backends.attention_mask import AttentionMask
+>>> from kernelhub.declare.attention_mask import AttentionMask
 >>> def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
 ...     return q  # shape check only
 >>> fn = flash_varlen_attention(fake_varlen)
@@ -22,7 +22,7 @@ from __future__ import annotations
 def flash_varlen_attention(varlen_fn):
     """A kernelhub backend fn (mask_format "varlen") that calls `varlen_fn` flash-attn style."""
 
-    def attention(module, q, k, v, mask, *, scaling, dropout=0.0, softcap=None, **kw):
+    def attention(module, q, k, v, mask, *, scaling, dropout=0.0, softcap=None):
         b, h, q_len, d = q.shape
         h_kv, kv_len = k.shape[1], k.shape[2]
         q_packed = q.transpose(1, 2).reshape(b * q_len, h, d)[mask.q_index]

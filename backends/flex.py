@@ -18,6 +18,9 @@ import warnings
 import torch
 from torch.nn.attention.flex_attention import flex_attention
 
+from kernelhub.backends.resolution import Resolution
+from kernelhub.declare.paged import paged_dense
+
 COMPILE = None  # None: decided from KERNELHUB_FLEX_COMPILE on first use
 
 
@@ -44,10 +47,10 @@ def _use_compiled() -> bool:
     return COMPILE and not torch.compiler.is_compiling()
 
 
-def flex_attention_backend(module, q, k, v, block_mask, *, scaling, softcap=None, **kw):
+def flex_attention_backend(module, q, k, v, block_mask, *, scaling, dropout=0.0, softcap=None):
     """Attention through flex_attention with a BlockMask; returns no weights.
 
-    >>> from kernelhub.backends.attention_mask import AttentionMask
+    >>> from kernelhub.declare.attention_mask import AttentionMask
     >>> m = AttentionMask.build(batch=1, q_len=4).materialize("block_mask")
     >>> q = torch.randn(1, 2, 4, 16)
     >>> tuple(flex_attention_backend(None, q, q, q, m, scaling=0.25)[0].shape)
@@ -59,14 +62,14 @@ def flex_attention_backend(module, q, k, v, block_mask, *, scaling, softcap=None
     if _use_compiled():
         try:
             return compiled_flex_attention()(q, k, v, **args).transpose(1, 2), None
-        except Exception as e:  # a compiler failure; a genuine input error re-raises below, uncompiled
+        except Exception as e:  # noqa: BLE001 - a compiler failure; a genuine input error re-raises below
             COMPILE = False
             warnings.warn(f"compiling flex_attention failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                           "kernelhub uses the uncompiled flex path from now on", RuntimeWarning, stacklevel=2)
     return flex_attention(q, k, v, **args).transpose(1, 2), None
 
 
-def flex_attention_uncompiled(module, q, k, v, block_mask, *, scaling, softcap=None, **kw):
+def flex_attention_uncompiled(module, q, k, v, block_mask, *, scaling, dropout=0.0, softcap=None):
     """flex_attention without torch.compile (materialises scores; for shapes that change every call)."""
     score_mod = softcap_score_mod(float(softcap)) if softcap else None
     return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scaling,
@@ -75,7 +78,4 @@ def flex_attention_uncompiled(module, q, k, v, block_mask, *, scaling, softcap=N
 
 def resolve_flex(device, dtype):
     """Compiled flex for plain forwards; uncompiled over a paged cache (see the module docstring)."""
-    from kernelhub.backends.paged_attention import paged_dense
-    from kernelhub.registry.capabilities import Resolution
-
     return Resolution(flex_attention_backend, paged_dense(flex_attention_uncompiled, "block_mask"))

@@ -9,7 +9,7 @@ are never repeated in memory.
 import torch.nn.functional as F
 
 
-def sdpa_attention(module, q, k, v, mask, *, scaling, dropout=0.0, is_causal=False, **kw):
+def sdpa_attention(module, q, k, v, mask, *, scaling, dropout=0.0, is_causal=False):
     """Attention through torch's fused SDPA kernels; returns no weights.
 
     >>> import torch

@@ -71,8 +71,8 @@ def transformers_cb(model, prompts, new):
     for page, batch_tokens in [(16, 256), (64, 512)]:
         cb = ContinuousBatchingConfig(page_size=page, num_blocks=4 * len(prompts) * (256 + new) // page,
                                       max_batch_tokens=batch_tokens)
-        out, seconds = timed(lambda: model.generate_batch(prompts, generation_config=config,
-                                                          continuous_batching_config=cb, warmup=False))
+        out, seconds = timed(lambda cb=cb: model.generate_batch(prompts, generation_config=config,
+                                                                continuous_batching_config=cb, warmup=False))
         tokens = [out[r].generated_tokens for r in sorted(out, key=lambda r: int(r.split("_")[-1]))]
         if best is None or seconds < best[1]:
             best = (tokens, seconds, f"page {page}, {batch_tokens} batch tokens")
@@ -90,7 +90,7 @@ def transformers_padded(model, prompts, new):
 
 def kernelhub_run(model, prompts, new, **kw):
     results, seconds = timed(lambda: generate_batch(model, prompts, max_new_tokens=new, **kw))
-    return [r.tokens for r in results], seconds, dict(generate_batch.last_stats)
+    return [r.tokens for r in results], seconds, results.stats
 
 
 def cpu_rows(args):
@@ -114,10 +114,12 @@ def cpu_rows(args):
                            kernelhub_onednn=total / s_onednn, transformers_cb=total / cb_s,
                            transformers_padded=total / pad_s, cb_config=cb_config, same=f"{same}/{n}",
                            kv_pool_mib=stats["kv_memory_bytes"] / 2**20, peak_blocks=stats["peak_blocks"],
-                           num_blocks=stats["num_blocks"], steps=stats["steps"], preemptions=stats.get("preemptions", 0))
+                           num_blocks=stats["num_blocks"], steps=stats["steps"],
+                           preemptions=stats.get("preemptions", 0))
                 rows.append(row)
                 print(f"{name:13s} {n:3d} x {new:3d}  kernelhub {row['kernelhub']:8.1f} tok/s   "
-                      f"transformers CB {row['transformers_cb']:8.1f} ({row['kernelhub'] / row['transformers_cb']:.2f}x, "
+                      f"transformers CB {row['transformers_cb']:8.1f} "
+                      f"({row['kernelhub'] / row['transformers_cb']:.2f}x, "
                       f"{cb_config})   padded generate {row['transformers_padded']:8.1f} "
                       f"({row['kernelhub'] / row['transformers_padded']:.2f}x)   same tokens as CB {row['same']}   "
                       f"KV pool {row['kv_pool_mib']:.1f} MiB ({row['peak_blocks']}/{row['num_blocks'] - 1} blocks "
@@ -154,7 +156,8 @@ def plot(rows, path):
 
     labels = [f"{r['model']}\n{r['prompts']} x {r['new_tokens']}" for r in rows]
     series = [("kernelhub generate_batch", "kernelhub"), ("kernelhub + oneDNN Linear", "kernelhub_onednn"),
-              ("transformers generate_batch", "transformers_cb"), ("transformers padded generate", "transformers_padded")]
+              ("transformers generate_batch", "transformers_cb"),
+              ("transformers padded generate", "transformers_padded")]
     fig, ax = plt.subplots(figsize=(10, 4.5))
     width = 0.2
     for i, (name, key) in enumerate(series):

@@ -73,7 +73,7 @@ def bench_config(name, config, batch, seq, repeat):
             theirs = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation=hf_backend,
                                                                        dtype=torch.float32).eval()
             diff = (ours(ids).logits - theirs(ids).logits).abs().max().item()
-            t_ours, t_theirs = interleaved(lambda: ours(ids), lambda: theirs(ids), repeat)
+            t_ours, t_theirs = interleaved(lambda ours=ours: ours(ids), lambda theirs=theirs: theirs(ids), repeat)
             rows.append((name, backend, t_ours, t_theirs, diff))
         bound = kernelhub.from_pretrained(path, attn_implementation="sdpa", dtype="float32")
         wired = hardwire_sdpa(kernelhub.from_pretrained(path, attn_implementation="sdpa", dtype="float32"))
@@ -90,11 +90,13 @@ def main():
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, CPU\n")
-    print(f"{'model':14s} {'backend':12s} {'kernelhub ms':>12s} {'transformers ms':>16s} {'ratio':>6s} {'max|dlogits|':>12s}")
+    print(f"{'model':14s} {'backend':12s} {'kernelhub ms':>12s} {'transformers ms':>16s} {'ratio':>6s} "
+          f"{'max|dlogits|':>12s}")
     for name, config, batch, seq in [("tiny", TINY, 4, 128), ("smollm2-135m", SMOLLM2_135M, 1, 128)]:
         rows, overhead = bench_config(name, config, batch, seq, args.repeat)
         for model, backend, ours, theirs, diff in rows:
-            print(f"{model:14s} {backend:12s} {ours * 1e3:12.2f} {theirs * 1e3:16.2f} {ours / theirs:6.2f} {diff:12.1e}")
+            print(f"{model:14s} {backend:12s} {ours * 1e3:12.2f} {theirs * 1e3:16.2f} {ours / theirs:6.2f} "
+                  f"{diff:12.1e}")
         print(f"{name:14s} binding overhead vs hard-wired sdpa (1x16 tokens): {overhead[0] * 100:+.1f}% "
               f"({overhead[1]:+.0f} us per forward)\n")
 

@@ -72,10 +72,10 @@ def main():
             theirs_tokens = theirs.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
                                             pad_token_id=tokenizer.pad_token_id)
             same = ours_tokens.tolist() == theirs_tokens.tolist()
-            def ours_run(k):
+            def ours_run(k, model=model, ids=ids, mask=mask):
                 return lambda: model.generate(ids, attention_mask=mask, max_new_tokens=k)
 
-            def theirs_run(k):
+            def theirs_run(k, ids=ids, mask=mask):
                 return lambda: theirs.generate(input_ids=ids, attention_mask=mask, max_new_tokens=k, do_sample=False,
                                                pad_token_id=tokenizer.pad_token_id)
 
@@ -83,7 +83,8 @@ def main():
                 [ours_run(1), theirs_run(1), ours_run(n), theirs_run(n)], args.repeat)
             decoded = ids.shape[0] * (n - 1)
             d_ours, d_theirs = decoded / (g_ours - p_ours), decoded / (g_theirs - p_theirs)
-        print(f"{label:8s} {b:5d} {ids.shape[1]:6d}  {p_ours * 1e3:12.1f} / {p_theirs * 1e3:11.1f} {p_ours / p_theirs:6.2f}  "
+        print(f"{label:8s} {b:5d} {ids.shape[1]:6d}  {p_ours * 1e3:12.1f} / {p_theirs * 1e3:11.1f} "
+              f"{p_ours / p_theirs:6.2f}  "
               f"{d_ours:13.1f} / {d_theirs:12.1f} {d_ours / d_theirs:6.2f}  {same}")
 
 

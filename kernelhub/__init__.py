@@ -5,29 +5,36 @@
 ['eager', 'flex', 'sdpa']
 """
 
-from kernelhub.backends.attention_mask import AttentionMask
-from kernelhub.backends.cache import DynamicCache, StaticCache
-from kernelhub.backends.layer import Linear, layer
-from kernelhub.backends.masks import (and_masks, bidirectional_mask, causal_mask, chunked_mask, or_masks,
-                                      padding_mask, sliding_window_mask)
-from kernelhub.backends.site import AttentionSite
-from kernelhub.registry.api import backends, register_backend, unregister_backend, use_kernels
+from kernelhub.declare.attention_mask import AttentionMask
+from kernelhub.declare.cache import DynamicCache, StaticCache
+from kernelhub.declare.errors import (BindError, CheckpointError, ConfigError, HubKernelError, KernelhubError,
+                                      KernelMetadataError, LockError, RegistrationError, SamplingError,
+                                      UnknownBackendError, UnsafeKernelError, UntrustedKernelError)
+from kernelhub.declare.layer import Linear, layer
+from kernelhub.declare.masks import (and_masks, bidirectional_mask, causal_mask, chunked_mask, or_masks,
+                                     padding_mask, sliding_window_mask)
+from kernelhub.declare.site import AttentionSite, SiteBinding
+from kernelhub.models.sampling import SamplingParams
+from kernelhub.registry.plugins import backends, register_backend, unregister_backend
+from kernelhub.registry.swap import use_kernels
 from kernelhub.registry.bind import bind, unbind
 from kernelhub.registry.capabilities import AttentionBackend, Capabilities, unsupported
-from kernelhub.registry.errors import (BindError, CheckpointError, KernelhubError, RegistrationError,
-                                       UnknownBackendError)
 from kernelhub.registry.hookspecs import hookimpl
-from kernelhub.registry.manager import get_registry, scoped_registry
+from kernelhub.registry.layer_contract import LayerCapabilities
+from kernelhub.registry.modes import Mode
 from kernelhub.registry.plan import BindingPlan, PlanEntry
+from kernelhub.registry.plugins import get_registry, scoped_registry
 from kernelhub.registry.pretrained import explain, from_pretrained, load_tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttentionBackend", "AttentionMask", "AttentionSite", "BindError", "BindingPlan", "Capabilities",
-    "CheckpointError", "DynamicCache", "KernelhubError", "Linear", "PlanEntry", "RegistrationError", "StaticCache",
-    "UnknownBackendError", "and_masks", "backends", "bidirectional_mask", "bind", "causal_mask", "chunked_mask",
-    "explain", "from_pretrained", "load_tokenizer", "get_registry", "hookimpl", "layer", "or_masks", "padding_mask",
-    "register_backend", "scoped_registry", "sliding_window_mask", "unbind", "unregister_backend", "unsupported",
-    "use_kernels",
+    "CheckpointError", "ConfigError", "DynamicCache", "HubKernelError", "KernelMetadataError", "KernelhubError",
+    "LayerCapabilities", "Linear", "LockError", "Mode", "PlanEntry", "RegistrationError", "SamplingError",
+    "SamplingParams", "SiteBinding",
+    "StaticCache", "UnknownBackendError", "UnsafeKernelError", "UntrustedKernelError", "and_masks", "backends",
+    "bidirectional_mask", "bind", "causal_mask", "chunked_mask", "explain", "from_pretrained", "load_tokenizer",
+    "get_registry", "hookimpl", "layer", "or_masks", "padding_mask", "register_backend", "scoped_registry",
+    "sliding_window_mask", "unbind", "unregister_backend", "unsupported", "use_kernels",
 ]

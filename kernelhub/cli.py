@@ -3,7 +3,7 @@
     kernelhub backends              capability matrix on this machine
     kernelhub plugins               loaded plugins and the ones that failed
     kernelhub explain MODEL_DIR --attn flex [--kernels JSON] [--lock kernelhub.lock]
-    kernelhub run MODEL --prompt "..." [--attn X] [--max-new-tokens N]
+    kernelhub run MODEL --prompt "..." [--attn X] [--max-new-tokens N] [--temperature T --top-k K --top-p P --seed S]
     kernelhub demo
     kernelhub lock | download | kernel build|check|publish     (see cli_hub.py)
 """
@@ -21,13 +21,13 @@ from kernelhub.cli_hub import add_hub_commands
 
 def cmd_backends(args) -> int:
     from kernelhub.docs_gen import capability_rows
-    from kernelhub.registry.api import backend_sources
+    from kernelhub.registry.plugins import backend_sources
     from kernelhub.registry.capabilities import machine_problems
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"attention backends on this machine ({device}):\n")
     rows = capability_rows(backend_sources())
-    header = ["name", "aliases", "mask", "source", "features"]
+    header = ["name", "aliases", "mask", "head_dim", "backward", "source", "features"]
     widths = [max(len(str(r[h])) for r in rows + [dict(zip(header, header))]) for h in header]
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)) + "  status")
     for entry, row in zip(backend_sources(), rows):
@@ -38,7 +38,7 @@ def cmd_backends(args) -> int:
 
 
 def cmd_plugins(args) -> int:
-    from kernelhub.registry.manager import get_registry
+    from kernelhub.registry.plugins import get_registry
 
     reg = get_registry()
     print("loaded plugins:")
@@ -77,8 +77,12 @@ def cmd_demo(args) -> int:
 def cmd_run(args) -> int:
     import time
 
+    from kernelhub.models.sampling import SamplingParams
     from kernelhub.registry.pretrained import from_pretrained, load_tokenizer
 
+    # temperature 0 means greedy here, as in most chat CLIs; bad values fail before the model loads
+    sampling = SamplingParams(max_new_tokens=args.max_new_tokens, do_sample=args.temperature != 0,
+                              temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     kernels = json.loads(args.kernels) if args.kernels else None
     model = from_pretrained(args.model, attn_implementation=_parse_attn(args.attn), kernels=kernels, dtype=args.dtype)
     tokenizer = load_tokenizer(args.model, model=model)
@@ -95,8 +99,7 @@ def cmd_run(args) -> int:
         text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
     ids = torch.tensor([tokenizer.encode(text)])
     start = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                         do_sample=args.temperature > 0, temperature=args.temperature or 1.0)
+    out = model.generate(ids, sampling=sampling, eos_token_id=tokenizer.eos_token_id)
     seconds = time.perf_counter() - start
     print(tokenizer.decode(out[0, ids.shape[1]:]).strip())
     new = out.shape[1] - ids.shape[1]
@@ -131,13 +134,16 @@ def main(argv=None) -> int:
     p.add_argument("--attn", default=None, help="attn_implementation (default: recorded, else sdpa)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the K most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with probability >= P")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output)")
     p.add_argument("--dtype", default=None)
     p.add_argument("--kernels", default=None, help='layer kernels as JSON, e.g. \'{"Linear": "onednn"}\'')
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.set_defaults(fn=cmd_run)
     add_hub_commands(sub)
     args = parser.parse_args(argv)
-    from kernelhub.registry.errors import KernelhubError
+    from kernelhub.declare.errors import KernelhubError
 
     try:
         return args.fn(args)

@@ -20,8 +20,26 @@ def _cell(value) -> str:
     return "yes" if value else "no"
 
 
+def _dtypes(value) -> str:
+    return ", ".join(str(d).removeprefix("torch.") for d in value)
+
+
+def _head_dim(value) -> str:
+    return f"{value[0]}..{value[1]}"
+
+
+def _with_devices(caps, field: str, fmt) -> str:
+    """The value of `field`, followed by the devices where it differs: '1..512 (cuda: 16..256)'."""
+    base = fmt(getattr(caps, field))
+    others = [f"{device}: {fmt(overrides[field])}" for device, overrides in caps.per_device.items()
+              if field in overrides and fmt(overrides[field]) != base]
+    return f"{base} ({'; '.join(others)})" if others else base
+
+
 def capability_rows(entries) -> list[dict]:
-    """One dict per registered backend: name, aliases, mask format, source, features, dtypes, head_dim."""
+    """One dict per registered backend: name, aliases, mask format, source, features, dtypes, head_dim.
+
+    A capability that differs per device shows each device's value."""
     rows = []
     for entry in entries:
         b, caps = entry.backend, entry.backend.capabilities
@@ -32,9 +50,9 @@ def capability_rows(entries) -> list[dict]:
             "source": entry.source,
             "features": ",".join(caps.features()) or "-",
             "devices": ", ".join(caps.devices),
-            "dtypes": ", ".join(str(d).removeprefix("torch.") for d in caps.dtypes),
-            "head_dim": f"{caps.head_dim[0]}..{caps.head_dim[1]}",
-            **{f: _cell(getattr(caps, f)) for f in FEATURES},
+            "dtypes": _with_devices(caps, "dtypes", _dtypes),
+            "head_dim": _with_devices(caps, "head_dim", _head_dim),
+            **{f: _with_devices(caps, f, _cell) for f in FEATURES},
         })
     return rows
 
@@ -56,7 +74,7 @@ def render(text: str, entries) -> str:
 
 
 def main(path: str) -> None:
-    from kernelhub.registry.manager import scoped_registry
+    from kernelhub.registry.plugins import scoped_registry
 
     with scoped_registry(fresh=True, autoload=False) as reg:
         file = Path(path)

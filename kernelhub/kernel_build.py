@@ -23,7 +23,7 @@ import shutil
 import tomllib
 from pathlib import Path
 
-from kernelhub.registry.errors import KernelhubError
+from kernelhub.declare.errors import KernelhubError
 
 BACKENDS = ("cpu", "cuda", "rocm", "xpu", "metal")
 IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc")
@@ -44,7 +44,8 @@ def read_build_toml(repo: Path) -> dict:
             raise KernelhubError(f"{str(path)!r}: [general] misses {key!r}")
     unknown = sorted(set(general["backends"]) - set(BACKENDS))
     if unknown or not general["backends"]:
-        raise KernelhubError(f"{str(path)!r}: backends {unknown or '[]'} are not valid; choose from {', '.join(BACKENDS)}")
+        raise KernelhubError(f"{str(path)!r}: backends {unknown or '[]'} are not valid; "
+                             f"choose from {', '.join(BACKENDS)}")
     if not isinstance(general["version"], int) or general["version"] < 1:
         raise KernelhubError(f"{str(path)!r}: version must be a positive integer (the v<N> branch it publishes to)")
     return general

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from kernelhub.backends.layer import set_layer_forward
+from kernelhub.declare.layer import set_layer_forward
 from kernelhub.kernel_build import build_kernel, python_name, read_build_toml
-from kernelhub.registry.errors import KernelhubError
-from kernelhub.registry.hub.layers import contract_problems
+from kernelhub.declare.errors import KernelhubError
+from kernelhub.registry.layer_contract import contract_problems
 from kernelhub.registry.hub.metadata import attention_specs, read_kernel_metadata, read_variant_metadata
 from kernelhub.registry.hub.snapshot import read_variant
 
@@ -79,7 +79,8 @@ def _benchmark(repo: Path, report: CheckReport) -> None:
     spec = importlib.util.spec_from_file_location("_kernelhub_checked_benchmark", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    found = [n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, Benchmark) and v is not Benchmark]
+    found = [n for n, v in vars(module).items()
+             if isinstance(v, type) and issubclass(v, Benchmark) and v is not Benchmark]
     if not found:
         report.problems.append("benchmarks/benchmark.py defines no kernels.benchmark.Benchmark subclass")
     else:
@@ -102,8 +103,8 @@ def _numbers(name, impl, reference, report: CheckReport) -> None:
 
 def _attention_numbers(module, symbol, spec, report):
     """A declared attention function against kernelhub's eager reference on a small causal GQA case."""
-    from kernelhub.backends.attention_mask import AttentionMask
-    from kernelhub.backends.eager import eager_attention
+    from kernelhub.declare.attention_mask import AttentionMask
+    from kernelhub.declare.eager import eager_attention
     from kernelhub.backends.flash_style import flash_varlen_attention
 
     fn = getattr(module, symbol, None)
@@ -165,14 +166,15 @@ def check_kernel(repo) -> CheckReport:
             return report
         references = reference_layers()
         for name, impl in sorted(vars(layers).items()):
-            if not isinstance(impl, type) or not issubclass(impl, torch.nn.Module) or impl.__module__ != layers.__name__:
+            is_layer = isinstance(impl, type) and issubclass(impl, torch.nn.Module)
+            if not is_layer or impl.__module__ != layers.__name__:
                 continue
             if name not in references:
                 report.lines.append(f"{name}: no kernelhub layer of that name to compare with (declared: "
                                     f"{', '.join(sorted(references))})")
                 continue
             declared = type(references[name][0])
-            problems = contract_problems(impl, declared)
+            problems = contract_problems(impl, declared, hub=True)
             report.problems.extend(f"{name}: {p}" for p in problems)
             if not problems:
                 _numbers(name, impl, references[name], report)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from kernelhub.kernel_build import build_kernel, read_build_toml
 from kernelhub.kernel_check import check_kernel
-from kernelhub.registry.errors import KernelhubError
+from kernelhub.declare.errors import KernelhubError
 from kernelhub.registry.hub.ref import parse_kernel_ref
 
 IGNORE = ["**/__pycache__/**", "*.pyc", ".git/**"]

@@ -40,7 +40,7 @@ def pytest_generate_tests(metafunc):
     if marker is None:
         return
     from kernelhub.registry.capabilities import machine_problems
-    from kernelhub.registry.manager import scoped_registry
+    from kernelhub.registry.plugins import scoped_registry
 
     device = marker.kwargs.get("device", "cpu")
     params = []
@@ -55,7 +55,7 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture
 def kernelhub_registry():
     """A fresh registry (built-ins and, unless disabled, installed plugins) for this test only."""
-    from kernelhub.registry.manager import scoped_registry
+    from kernelhub.registry.plugins import scoped_registry
 
     with scoped_registry(fresh=True) as registry:
         yield registry
@@ -73,9 +73,9 @@ def swap_kernel(kernelhub_registry):
     """
 
     def swap(name: str, impl):
-        from kernelhub.backends.layer import declared_layer_names
+        from kernelhub.declare.layer import declared_layer_names
         from kernelhub.registry.capabilities import AttentionBackend
-        from kernelhub.registry.errors import KernelhubError, suggestion
+        from kernelhub.declare.errors import KernelhubError, suggestion
 
         names = kernelhub_registry.names()
         if name in names:
@@ -94,9 +94,11 @@ def swap_kernel(kernelhub_registry):
             raise KernelhubError(f"swap_kernel: {name!r} is neither a registered attention backend nor a declared "
                                  f"layer.{suggestion(name, [*names, *layers])} Backends: {', '.join(names)}; "
                                  f"layers: {', '.join(sorted(layers))}")
-        from kernelhub.registry.layer_kernels import check_layer_impl
-
-        check_layer_impl(impl, f"swap_kernel({name!r}, ...)")
+        is_module = isinstance(impl, type) and issubclass(impl, torch.nn.Module)
+        if not is_module or impl.forward is torch.nn.Module.forward:
+            raise KernelhubError(f"swap_kernel({name!r}, ...): {impl!r} breaks the layer contract: expected an "
+                                 "nn.Module subclass with its own forward(self, ...) (checked against the layer "
+                                 "at bind)")
         kernelhub_registry.layer_defaults[name] = impl
 
     return swap

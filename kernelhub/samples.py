@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from kernelhub.registry.errors import CheckpointError
+from kernelhub.declare.errors import CheckpointError
 
 TINY_LLAMA = {
     "model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,

@@ -19,6 +19,8 @@ backend reads keys through the block tables (see `backends.paged_attention`).
 >>> results = generate_batch(model, [[1, 2, 3], [4]], max_new_tokens=2)
 >>> [len(r.tokens) for r in results], results[0].finish_reason
 ([2, 2], 'length')
+>>> results.stats["steps"]  # this call's counters
+2
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ import itertools
 
 import torch
 
-from kernelhub.backends.paged_cache import PagedKVCache
-from kernelhub.backends.site import AttentionSite
-from kernelhub.models.generate import sample_next
+from kernelhub.declare.paged_cache import PagedKVCache
+from kernelhub.declare.site import AttentionSite
+from kernelhub.models.sampling import SamplingParams, make_generator, sample
 
 DEFAULT_BATCH_TOKENS = 2048
 DEFAULT_BLOCK_SIZE = 16
@@ -58,15 +60,24 @@ class GenerationResult:
     error: str | None = None
 
 
+class BatchResults(list):
+    """The `GenerationResult`s of one `generate_batch` call, in prompt order (a plain list), with
+    `stats`: that call's counters (steps, tokens, preemptions, peak_blocks, kv_memory_bytes,
+    block_size, num_blocks). Per call, so concurrent calls never see each other's."""
+
+    def __init__(self, results, stats: dict):
+        super().__init__(results)
+        self.stats = stats
+
+
 @dataclasses.dataclass(eq=False)  # identity: `in`/`remove` on queues must not compare token lists
 class _Request:
     id: object
     prompt: list[int]
-    max_new_tokens: int
-    eos_token_id: int | None
+    sampling: SamplingParams
+    generator: torch.Generator | None  # the batcher's, or the request's own when it has a seed
     tokens: list[int] = dataclasses.field(default_factory=list)  # prompt + generated
     computed: int = 0  # positions whose keys/values are in the cache
-    sampling: dict | None = None  # this request's own sampling options (None: the batcher's)
 
     @property
     def pending(self) -> int:
@@ -74,11 +85,6 @@ class _Request:
 
     def result(self, reason, error=None):
         return GenerationResult(self.id, self.prompt, self.tokens[len(self.prompt):], reason, error)
-
-
-def _check_max_new_tokens(n):
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise ValueError(f"max_new_tokens must be a positive int, got {n!r}")
 
 
 def _as_token_list(prompt, where: str, vocab_size: int) -> list[int]:
@@ -117,10 +123,12 @@ class ContinuousBatcher:
     [(0, 'length'), (1, 'cancelled')]
     """
 
-    def __init__(self, model, *, max_batch_tokens: int = DEFAULT_BATCH_TOKENS, block_size: int = DEFAULT_BLOCK_SIZE,
-                 kv_memory: int | None = None, max_blocks: int | None = None, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 eos_token_id: int | None = None, generator: torch.Generator | None = None):
+    def __init__(self, model, *, sampling: SamplingParams | None = None, max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
+                 block_size: int = DEFAULT_BLOCK_SIZE, kv_memory: int | None = None, max_blocks: int | None = None,
+                 generator: torch.Generator | None = None, **options):
+        """`sampling` (or its fields as keyword `options`) is every request's default; a request
+        with a `seed` draws from its own generator, the others from `generator`."""
+        self.sampling = SamplingParams.from_kwargs(sampling, **options)
         not_paged = _sites_without_paged(model)
         if not_paged:
             raise ValueError(f"continuous batching reads a paged KV cache, and these attention sites are bound "
@@ -128,16 +136,13 @@ class ContinuousBatcher:
                              "attn_implementation='paged|sdpa' (or eager, flex, flash)")
         if max_batch_tokens < 1 or block_size < 1:
             raise ValueError(f"max_batch_tokens and block_size must be >= 1, got {max_batch_tokens}, {block_size}")
-        if do_sample and temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
         self.model = model
         self.device = next(model.parameters()).device
+        make_generator(self.sampling, self.device, generator)  # refuses a seed together with a generator
+        self.generator = generator
         self.max_batch_tokens = max_batch_tokens
         self.cache = PagedKVCache.for_model(model, memory_bytes=kv_memory or default_kv_memory(self.device),
                                             block_size=block_size, max_blocks=max_blocks)
-        self.sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                             generator=generator)
-        self.eos_token_id = eos_token_id
         self.waiting: collections.deque[_Request] = collections.deque()
         self.running: list[_Request] = []  # in admission order
         self.finished: list[GenerationResult] = []
@@ -146,26 +151,21 @@ class ContinuousBatcher:
 
     # -- requests --------------------------------------------------------------------
 
-    def add_request(self, prompt, *, max_new_tokens: int = 32, request_id=None, eos_token_id=...,
-                    **sampling):
+    def add_request(self, prompt, *, request_id=None, sampling: SamplingParams | None = None, **options):
         """Queue a prompt (token ids); returns its id. A prompt that can never fit the KV cache
         finishes at once with `finish_reason="error"` and the reason, without affecting others.
 
-        `sampling` overrides the batcher's options for this request only: `do_sample`,
-        `temperature`, `top_k`, `top_p`."""
-        _check_max_new_tokens(max_new_tokens)
-        unknown = sorted(set(sampling) - {"do_sample", "temperature", "top_k", "top_p"})
-        if unknown:
-            raise ValueError(f"unknown sampling options {unknown}; valid: do_sample, temperature, top_k, top_p")
-        options = {**self.sampling, **sampling} if sampling else None
-        if options and options["do_sample"] and options["temperature"] <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {options['temperature']}")
+        `sampling` replaces the batcher's `SamplingParams` for this request; keyword `options`
+        (`max_new_tokens`, `do_sample`, `temperature`, `top_k`, `top_p`, `eos_token_id`, `seed`)
+        override single fields of it."""
+        params = SamplingParams.from_kwargs(self.sampling if sampling is None else sampling, **options)
         tokens = _as_token_list(prompt, "prompt", self.model.config.vocab_size)
         request_id = next(self._ids) if request_id is None else request_id
         if request_id in self._active_ids():
             raise ValueError(f"request id {request_id!r} is already in use")
-        eos = self.eos_token_id if eos_token_id is ... else eos_token_id
-        request = _Request(request_id, tokens, max_new_tokens, eos, tokens=list(tokens), sampling=options)
+        generator = self.generator if params.seed is None else make_generator(params, self.device)
+        request = _Request(request_id, tokens, params, generator, tokens=list(tokens))
+        max_new_tokens = params.max_new_tokens
         need = len(tokens) + max_new_tokens
         if need > self.cache.capacity():
             self.finished.append(request.result("error", (
@@ -249,12 +249,12 @@ class ContinuousBatcher:
         return scheduled
 
     def _sample(self, logits, requests) -> list[int]:
-        """Next tokens: one batched draw with the batcher's options, per request where a request has its own."""
+        """Next tokens: one batched draw when every request draws alike, else one draw per request."""
         if not requests:
             return []
-        if all(r.sampling is None for r in requests):
-            return sample_next(logits, **self.sampling).tolist()
-        return [int(sample_next(logits[i:i + 1], **(r.sampling or self.sampling))[0]) for i, r in enumerate(requests)]
+        if len({_draw_key(r) for r in requests}) == 1:
+            return sample(logits, requests[0].sampling, requests[0].generator).tolist()
+        return [int(sample(logits[i:i + 1], r.sampling, r.generator)[0]) for i, r in enumerate(requests)]
 
     def _positions_free(self, request) -> int:
         """Positions `request` could hold with its blocks plus every free block."""
@@ -285,39 +285,45 @@ class ContinuousBatcher:
             request = scheduled[i][0]
             request.tokens.append(token)
             generated = len(request.tokens) - len(request.prompt)
-            if token == request.eos_token_id or generated >= request.max_new_tokens:
+            eos = token == request.sampling.eos_token_id
+            if eos or generated >= request.sampling.max_new_tokens:
                 self.running.remove(request)
                 cache.free(request.id)
-                self.finished.append(request.result("eos" if token == request.eos_token_id else "length"))
+                self.finished.append(request.result("eos" if eos else "length"))
         for request, _ in scheduled:
             if request in self.running:
                 cache.release_outside_window(request.id, request.computed)
 
 
-def generate_batch(model, prompts, *, max_new_tokens: int = 32, max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
-                   block_size: int = DEFAULT_BLOCK_SIZE, kv_memory: int | None = None, do_sample: bool = False,
-                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                   eos_token_id: int | None = None, generator: torch.Generator | None = None
-                   ) -> list[GenerationResult]:
-    """Generate for every prompt (lists of token ids) with continuous batching; results in prompt order.
+def _draw_key(request: _Request):
+    """Requests with equal keys can share one batched draw: greedy ones always can."""
+    p = request.sampling
+    return (p.temperature, p.top_k, p.top_p, id(request.generator)) if p.do_sample else "greedy"
 
+
+def generate_batch(model, prompts, *, sampling: SamplingParams | None = None,
+                   max_batch_tokens: int = DEFAULT_BATCH_TOKENS, block_size: int = DEFAULT_BLOCK_SIZE,
+                   kv_memory: int | None = None, generator: torch.Generator | None = None, **options
+                   ) -> BatchResults:
+    """Generate for every prompt (lists of token ids) with continuous batching; results in prompt order,
+    with this call's counters in `.stats`.
+
+    `sampling` is a `SamplingParams`; `options` are its fields as keywords and override it.
     The KV pool is sized from `kv_memory` (bytes; default `default_kv_memory`) but never larger
     than this workload can use. A request that cannot fit it finishes with an error; the others run.
     """
+    params = SamplingParams.from_kwargs(sampling, **options)
     prompts = list(prompts)
     if not prompts:
         raise ValueError("prompts is empty; generate_batch needs at least one prompt")
-    _check_max_new_tokens(max_new_tokens)
     vocab = model.config.vocab_size
     prompts = [_as_token_list(p, f"prompt {i}", vocab) for i, p in enumerate(prompts)]
-    workload = 1 + sum(-(-(len(p) + max_new_tokens) // block_size) for p in prompts)
-    batcher = ContinuousBatcher(model, max_batch_tokens=max_batch_tokens, block_size=block_size,
-                                kv_memory=kv_memory, max_blocks=workload, do_sample=do_sample,
-                                temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-                                generator=generator)
+    workload = 1 + sum(-(-(len(p) + params.max_new_tokens) // block_size) for p in prompts)
+    batcher = ContinuousBatcher(model, sampling=params, max_batch_tokens=max_batch_tokens, block_size=block_size,
+                                kv_memory=kv_memory, max_blocks=workload, generator=generator)
     for i, prompt in enumerate(prompts):
-        batcher.add_request(prompt, max_new_tokens=max_new_tokens, request_id=i)
+        batcher.add_request(prompt, request_id=i)
     results = {r.request_id: r for r in batcher}
-    generate_batch.last_stats = dict(batcher.stats, kv_memory_bytes=batcher.cache.memory_bytes,
-                                     block_size=block_size, num_blocks=batcher.cache.num_blocks)
-    return [results[i] for i in range(len(prompts))]
+    stats = dict(batcher.stats, kv_memory_bytes=batcher.cache.memory_bytes, block_size=block_size,
+                 num_blocks=batcher.cache.num_blocks)
+    return BatchResults([results[i] for i in range(len(prompts))], stats)

@@ -19,10 +19,14 @@ import dataclasses
 import torch
 from torch import nn
 
-from kernelhub.backends.attention_mask import AttentionMask
-from kernelhub.backends.capture import capturing, require_weights
-from kernelhub.backends.layer import Linear, layer
-from kernelhub.backends.site import AttentionSite
+from kernelhub.declare.attention_mask import AttentionMask
+from kernelhub.declare.capture import capturing, require_weights
+from kernelhub.declare.layer import Linear, layer
+from kernelhub.declare.site import AttentionSite
+from kernelhub.models.checkpoint import save_pretrained
+from kernelhub.models.config_schema import (boolean, check_dims, check_layer_count, choice, divides, found,
+                                            positive_float, positive_int, probability)
+from kernelhub.declare.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -43,15 +47,49 @@ class BertConfig:
     raw: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BertConfig":
-        act = d.get("hidden_act", "gelu")
-        if act != "gelu":
-            raise ValueError(f"hidden_act {act!r} is not supported; supported: 'gelu'")
-        if d.get("position_embedding_type", "absolute") != "absolute":
-            raise ValueError(f"position_embedding_type {d['position_embedding_type']!r} is not supported; "
-                             "supported: 'absolute'")
-        fields = {f.name for f in dataclasses.fields(cls)} - {"raw"}
-        return cls(**{k: v for k, v in d.items() if k in fields}, raw=dict(d))
+    def from_dict(cls, d: dict, source: str = "config") -> "BertConfig":
+        """Parse a transformers BERT config dict, checking every field the model uses first.
+
+        A bad field raises one `ConfigError` naming `source` (the config.json path when known).
+
+        >>> BertConfig.from_dict({"vocab_size": 50, "hidden_size": 30, "intermediate_size": 64,
+        ...                       "num_hidden_layers": 1, "num_attention_heads": 4}, "config.json")
+        Traceback (most recent call last):
+            ...
+        kernelhub.declare.errors.ConfigError: config.json: 'hidden_size' is 30, not a multiple of ...
+        """
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: the config is {found(d)}; allowed: a JSON object")
+        choice(d, "hidden_act", ("gelu",), source, default="gelu")
+        choice(d, "position_embedding_type", ("absolute",), source, default="absolute")
+        hidden = positive_int(d, "hidden_size", source)
+        heads = positive_int(d, "num_attention_heads", source)
+        divides(source, "num_attention_heads", heads, "hidden_size", hidden)
+        return cls(
+            vocab_size=positive_int(d, "vocab_size", source),
+            hidden_size=hidden,
+            intermediate_size=positive_int(d, "intermediate_size", source),
+            num_hidden_layers=positive_int(d, "num_hidden_layers", source),
+            num_attention_heads=heads,
+            max_position_embeddings=positive_int(d, "max_position_embeddings", source, default=512),
+            type_vocab_size=positive_int(d, "type_vocab_size", source, default=2),
+            layer_norm_eps=positive_float(d, "layer_norm_eps", source, default=1e-12),
+            hidden_dropout_prob=probability(d, "hidden_dropout_prob", source),
+            attention_probs_dropout_prob=probability(d, "attention_probs_dropout_prob", source),
+            output_attentions=boolean(d, "output_attentions", source, default=False),
+            raw=dict(d),
+        )
+
+    def check_weights(self, shapes: dict, *, source: str = "config", weights: str = "the weights") -> None:
+        """Check the sizes against the weights' headers (`{tensor name: shape}`) before anything is built."""
+        check_layer_count("num_hidden_layers", self.num_hidden_layers, shapes, "encoder.layer", source, weights)
+        hidden = ("hidden_size", self.hidden_size)
+        for tensor, key, value in (("word_embeddings", "vocab_size", self.vocab_size),
+                                   ("position_embeddings", "max_position_embeddings", self.max_position_embeddings),
+                                   ("token_type_embeddings", "type_vocab_size", self.type_vocab_size)):
+            check_dims(shapes, f"embeddings.{tensor}.weight", [(key, value), hidden], source, weights)
+        check_dims(shapes, "encoder.layer.0.intermediate.dense.weight",
+                   [("intermediate_size", self.intermediate_size), hidden], source, weights)
 
 
 @layer("LayerNorm")
@@ -169,6 +207,7 @@ class EncoderOutput:
 class BertModel(nn.Module):
     """BERT encoder; `forward(input_ids, attention_mask, token_type_ids)` -> `EncoderOutput`."""
 
+    config_class = BertConfig
     # Old transformers checkpoints store this buffer; it is recomputed, never read.
     checkpoint_keys_to_ignore = ("embeddings.position_ids",)
 
@@ -192,8 +231,7 @@ class BertModel(nn.Module):
         if output_attentions is None:
             output_attentions = self.config.output_attentions
         if output_attentions:
-            require_weights((f"encoder.layer.{i}.attention.self.attn", layer_.attention.self.attn)
-                            for i, layer_ in enumerate(self.encoder.layer))
+            require_weights(self)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         kinds = ["hidden_states" if output_hidden_states else None, "attentions" if output_attentions else None]
@@ -211,8 +249,6 @@ class BertModel(nn.Module):
 
     def save_pretrained(self, path):
         """Write config.json (with the binding request) and model.safetensors."""
-        from kernelhub.models.checkpoint import save_pretrained
-
         save_pretrained(self, path)
 
 

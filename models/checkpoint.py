@@ -1,20 +1,23 @@
 """Reading and writing checkpoints in the Hugging Face layout.
 
 `config.json` plus `model.safetensors`, or a sharded `model.safetensors.index.json`.
-Every failure names the file and what is wrong with it.
+Every failure names the file and what is wrong with it. Weight files never leave the
+checkpoint directory, and their headers alone (`weight_shapes`) let a config be checked
+against its weights before any tensor is read.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from kernelhub.registry.errors import CheckpointError
+from kernelhub.models.config_schema import found
+from kernelhub.declare.errors import CheckpointError, ConfigError
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -24,19 +27,28 @@ DTYPES = {
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def config_path(path) -> Path:
+    """The config.json of a checkpoint directory (or `path` itself when it is a file)."""
+    path = Path(path)
+    return path / "config.json" if path.is_dir() else path
+
+
 def read_config(path) -> dict:
-    """The config.json of a checkpoint directory, as a dict."""
+    """The config.json of a checkpoint directory, as a dict (a JSON object, else `ConfigError`)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint path {str(path)!r} does not exist")
-    file = path / "config.json" if path.is_dir() else path
+    file = config_path(path)
     if not file.is_file():
         raise CheckpointError(f"{str(path)!r} has no config.json; a checkpoint directory needs config.json "
                               "and model.safetensors (or model.safetensors.index.json)")
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{file}: the config is {found(config)}; allowed: a JSON object")
+    return config
 
 
 def resolve_dtype(dtype, config: dict) -> torch.dtype:
@@ -53,20 +65,91 @@ def resolve_dtype(dtype, config: dict) -> torch.dtype:
 
 
 def weight_files(path: Path) -> list[Path]:
-    """The safetensors files of a checkpoint directory, single file or sharded."""
+    """The safetensors files of a checkpoint directory, single file or sharded.
+
+    Every file is checked to lie inside the checkpoint directory (see `shard_file`), so a
+    hostile index cannot make us read `../../elsewhere.safetensors`.
+    """
+    path = Path(path)
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
     if single.is_file():
-        return [single]
+        return [shard_file(path, "model.safetensors", f"{path}: model.safetensors")]
     if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from None
-        missing = [s for s in shards if not (path / s).is_file()]
+        shards = index_shards(index)
+        files = [shard_file(path, shard, f"{index}: tensor {tensor!r} names shard {shard!r}")
+                 for shard, tensor in shards.items()]
+        missing = [shard for shard, file in zip(shards, files) if not file.is_file()]
         if missing:
             raise CheckpointError(f"{index} lists shards that do not exist: {', '.join(missing)}")
-        return [path / s for s in shards]
+        return files
     raise CheckpointError(f"{path} has no weights: expected model.safetensors or model.safetensors.index.json")
+
+
+def index_shards(index: Path) -> dict[str, str]:
+    """Each shard file named by a safetensors index, with the first tensor it holds (for messages)."""
+    try:
+        data = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{index} is not a valid safetensors index (not JSON: {e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{index} is not a valid safetensors index: it is {found(data)}; allowed: "
+                              "a JSON object with a 'weight_map'")
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index} is not a valid safetensors index: 'weight_map' is {found(weight_map)}; "
+                              "allowed: a non-empty object mapping tensor names to shard file names")
+    shards = {}
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise CheckpointError(f"{index}: tensor {tensor!r} names shard {found(shard)}; allowed: a file name")
+        shards.setdefault(shard, tensor)
+    return dict(sorted(shards.items()))
+
+
+def shard_file(root: Path, name: str, what: str) -> Path:
+    """`root / name`, refused (naming `what`) unless it stays inside the checkpoint directory.
+
+    Refused: empty names, absolute paths, `..`, backslashes, and any name whose real path
+    (symlinks followed) is outside `root`. The one exception is the Hugging Face cache
+    layout, whose `snapshots/<commit>/` files are symlinks to the repository's own `blobs/`.
+
+    >>> shard_file(Path("ckpt"), "../../elsewhere.safetensors", "index: tensor 'w'")
+    Traceback (most recent call last):
+        ...
+    kernelhub.declare.errors.CheckpointError: index: tensor 'w', which is refused: it climbs out with '..'; ...
+    """
+    parts = PurePosixPath(name).parts
+    why = None
+    if not name or "\\" in name or "\0" in name:
+        why = "it is not a plain relative file name"
+    elif PurePosixPath(name).is_absolute() or PureWindowsPath(name).drive:
+        why = "it is an absolute path"
+    elif ".." in parts:
+        why = "it climbs out with '..'"
+    else:
+        real, base = (root / name).resolve(), root.resolve()
+        blobs = base.parent.parent / "blobs" if base.parent.name == "snapshots" else None
+        if not (real.is_relative_to(base) or (blobs is not None and real.is_relative_to(blobs))):
+            why = f"its real path {str(real)!r} is outside the checkpoint directory"
+    if why:
+        raise CheckpointError(f"{what}, which is refused: {why}; shards must be files inside {root}")
+    return root / name
+
+
+def weight_shapes(path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's name and shape, from the safetensors headers only: no tensor data is read.
+
+    Lets a config be checked against its weights before a model is built.
+    """
+    shapes = {}
+    for file in weight_files(Path(path)):
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read {file}: {e} (truncated or not a safetensors file?)") from None
+    return shapes
 
 
 def read_state_dict(path) -> dict:
@@ -84,7 +167,7 @@ def load_weights(model: torch.nn.Module, state: dict, *, dtype, device, source: 
     """Copy a checkpoint's `state` into `model` (built on the meta device), checking names and shapes.
 
     Names and shapes are checked in the checkpoint's own naming (models that fuse
-    projections convert with `from_hf_state_dict`/`to_hf_state_dict`), so errors name
+    projections declare `FUSED`, see `join_fused`/`split_fused`), so errors name
     the tensor as it is in the file. The model is materialised on `device` in `dtype`;
     tied weights stay tied.
     """
@@ -93,8 +176,7 @@ def load_weights(model: torch.nn.Module, state: dict, *, dtype, device, source: 
             if canonical[id(p)] != name]
     tied = {alias for alias, _ in ties}
     ours = {k: v for k, v in model.state_dict().items() if k not in tied}
-    to_file = getattr(model, "to_hf_state_dict", None)
-    expected = to_file(ours) if to_file else ours
+    expected = split_fused(model, ours)
     missing = [n for n in expected if n not in state]
     ignored = set(getattr(model, "checkpoint_keys_to_ignore", ()))
     unexpected = [n for n in state if n not in expected and n not in tied and n not in ignored]
@@ -107,8 +189,7 @@ def load_weights(model: torch.nn.Module, state: dict, *, dtype, device, source: 
         if tuple(state[name].shape) != tuple(want.shape):
             raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(state[name].shape)}, "
                                   f"the model expects {tuple(want.shape)}")
-    from_file = getattr(model, "from_hf_state_dict", None)
-    state = from_file({n: state[n] for n in expected}) if from_file else state
+    state = join_fused(model, {n: state[n] for n in expected})
     model.to_empty(device=device)
     model.to(dtype)
     for alias, target in ties:  # to_empty gives every name its own tensor: tie them again
@@ -142,5 +223,36 @@ def save_pretrained(model, path) -> None:
             continue
         seen.add(tensor.data_ptr())
         state[name] = tensor.detach().contiguous().cpu()
-    convert = getattr(model, "to_hf_state_dict", None)
-    save_file(convert(state) if convert else state, os.fspath(path / "model.safetensors"), metadata={"format": "pt"})
+    save_file(split_fused(model, state), os.fspath(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def join_fused(model, state: dict) -> dict:
+    """Concatenate a checkpoint's separate projections into the fused ones `model.FUSED` declares.
+
+    >>> class M: FUSED = {"qkv": ("q", "k", "v")}
+    >>> sorted(join_fused(M(), {"l.q.w": torch.ones(1), "l.k.w": torch.ones(1), "l.v.w": torch.ones(1)}))
+    ['l.qkv.w']
+    """
+    state = dict(state)
+    for fused, parts in getattr(model, "FUSED", {}).items():
+        for key in [k for k in state if f".{parts[0]}." in k]:
+            names = [key.replace(parts[0], p) for p in parts]
+            if all(n in state for n in names):
+                state[key.replace(parts[0], fused)] = torch.cat([state.pop(n) for n in names], dim=0)
+    return state
+
+
+def split_fused(model, state: dict) -> dict:
+    """Split fused projections back into the checkpoint's names (`model.fused_sizes()` rows each)."""
+    fused_map = getattr(model, "FUSED", {})
+    if not fused_map:
+        return state
+    sizes, out = model.fused_sizes(), {}
+    for key, value in state.items():
+        fused = next((f for f in fused_map if f".{f}." in key), None)
+        if fused is None:
+            out[key] = value
+            continue
+        for part, chunk in zip(fused_map[fused], value.split(sizes[fused], dim=0)):
+            out[key.replace(fused, part)] = chunk.contiguous()
+    return out

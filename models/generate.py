@@ -7,47 +7,36 @@ position_ids, cache, logits_to_keep) -> output with .logits` and which offers
 >>> from kernelhub.models.llama import LlamaForCausalLM
 >>> cfg = {"vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
 ...        "num_hidden_layers": 1, "num_attention_heads": 2}
->>> generate(LlamaForCausalLM(cfg), torch.tensor([[1, 2]]), max_new_tokens=3).shape
+>>> model = LlamaForCausalLM(cfg)
+>>> generate(model, torch.tensor([[1, 2]]), max_new_tokens=3).shape
 torch.Size([1, 5])
+>>> generate(model, [1, 2], sampling=SamplingParams(max_new_tokens=2, do_sample=True, seed=0)).shape
+torch.Size([1, 4])
 """
 
 from __future__ import annotations
 
 import torch
 
+from kernelhub.models.sampling import SamplingParams, make_generator, sample
+
 CACHE_KINDS = ("dynamic", "static")
 
 
-def sample_next(logits, *, do_sample, temperature, top_k, top_p, generator):
-    """Pick the next token from [B, V] logits."""
-    if not do_sample:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1, None]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the token that crosses top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
-
-
 @torch.inference_mode()
-def generate(model, input_ids, *, max_new_tokens=32, attention_mask=None, do_sample=False, temperature=1.0,
-             top_k=None, top_p=None, eos_token_id=None, cache="dynamic", generator=None):
+def generate(model, input_ids, *, sampling: SamplingParams | None = None, attention_mask=None, cache="dynamic",
+             generator: torch.Generator | None = None, **options):
     """Extend `input_ids` [B, S] by up to `max_new_tokens` tokens; returns [B, S + new].
 
+    `sampling` is a `SamplingParams`; `options` are its fields as keywords (`max_new_tokens`,
+    `do_sample`, `temperature`, `top_k`, `top_p`, `eos_token_id`, `seed`) and override it.
     Padded batches are left-padded with `attention_mask` (1 = token, 0 = padding).
     Finished rows (after `eos_token_id`) keep emitting `eos_token_id`.
     """
-    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    params = SamplingParams.from_kwargs(sampling, **options)
     if cache not in CACHE_KINDS:
         raise ValueError(f"unknown cache {cache!r}; valid: {', '.join(CACHE_KINDS)}")
-    if do_sample and temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    max_new_tokens, eos_token_id = params.max_new_tokens, params.eos_token_id
     input_ids = torch.as_tensor(input_ids)
     if input_ids.ndim == 1:
         input_ids = input_ids[None]
@@ -55,6 +44,7 @@ def generate(model, input_ids, *, max_new_tokens=32, attention_mask=None, do_sam
         raise ValueError("input_ids is empty; generation needs at least one prompt token")
     batch, prompt_len = input_ids.shape
     device = next(model.parameters()).device
+    generator = make_generator(params, device, generator)
     input_ids = input_ids.to(device)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -66,8 +56,7 @@ def generate(model, input_ids, *, max_new_tokens=32, attention_mask=None, do_sam
     for _ in range(max_new_tokens):
         logits = model(step_ids, attention_mask=attention_mask, position_ids=positions, cache=kv,
                        logits_to_keep=1).logits[:, -1]
-        nxt = sample_next(logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                          generator=generator)
+        nxt = sample(logits, params, generator)
         if eos_token_id is not None:
             nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
             done |= nxt == eos_token_id

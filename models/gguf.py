@@ -2,9 +2,10 @@
 
 `convert_gguf(path)` reads a GGUF file with the `gguf` package, dequantises every tensor to
 float32, maps llama.cpp tensor names to transformers' names (undoing llama.cpp's q/k row
-permutation for rotary embeddings), derives `config.json` from the metadata, and builds a
-`tokenizer.json` from the vocabulary and merges. The result is an ordinary checkpoint
-directory in the user cache, so the second load reads safetensors and starts fast.
+permutation for rotary embeddings), derives `config.json` from the metadata (every mapped
+key checked first, naming the file and key), and builds a `tokenizer.json` from the
+vocabulary and merges. The result is an ordinary checkpoint directory in the user cache,
+so the second load reads safetensors and starts fast.
 No transformers at run time.
 """
 
@@ -19,7 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kernelhub.registry.errors import CheckpointError
+from kernelhub.models.config_schema import (check_dims, check_layer_count, divides, invalid, non_negative_int,
+                                            positive_float, positive_int)
+from kernelhub.declare.errors import CheckpointError, ConfigError
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 TENSOR_NAMES = {
@@ -49,7 +52,7 @@ def open_gguf(path: Path):
         raise CheckpointError(f"GGUF file {str(path)!r} does not exist")
     try:
         return gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises assorted errors on damaged files
+    except Exception as e:  # noqa: BLE001 - the reader raises assorted errors on damaged files
         raise CheckpointError(f"cannot read GGUF file {path}: {type(e).__name__}: {e} "
                               "(truncated download or not a GGUF file?)") from None
 
@@ -60,43 +63,76 @@ def metadata(reader) -> dict:
     for key, field in reader.fields.items():
         try:
             out[key] = field.contents()
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any reader failure becomes one CheckpointError
             raise CheckpointError(f"GGUF metadata field {key!r} is unreadable: {e}") from None
     return out
 
 
-def hf_config(meta: dict, tensor_names: set) -> dict:
-    """A transformers-style config.json dict from llama.cpp metadata."""
+def hf_config(meta: dict, tensors: dict, source: str = "GGUF file") -> dict:
+    """A transformers-style config.json dict from llama.cpp metadata, every mapped key checked.
+
+    `tensors` maps tensor names to shapes (from the file's tensor index, no data read). A bad
+    key raises one `ConfigError` naming `source` (the GGUF file) and the metadata key.
+
+    >>> hf_config({"general.architecture": "llama", "llama.block_count": -1}, {}, "GGUF file x.gguf")
+    Traceback (most recent call last):
+        ...
+    kernelhub.declare.errors.ConfigError: GGUF file x.gguf: 'llama.block_count' is -1 (int); allowed: a positive int
+    """
     arch = meta.get("general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
+    if not isinstance(arch, str) or arch not in SUPPORTED_ARCHITECTURES:
         raise CheckpointError(f"GGUF architecture {arch!r} is not supported; supported: "
                               f"{', '.join(SUPPORTED_ARCHITECTURES)}")
-
-    def need(key):
-        if f"{arch}.{key}" not in meta:
-            raise CheckpointError(f"GGUF metadata lacks {arch}.{key}")
-        return meta[f"{arch}.{key}"]
-
-    heads = need("attention.head_count")
-    hidden = need("embedding_length")
-    tokens = meta.get("tokenizer.ggml.tokens") or []
+    layers = positive_int(meta, f"{arch}.block_count", source)
+    hidden = positive_int(meta, f"{arch}.embedding_length", source)
+    heads = positive_int(meta, f"{arch}.attention.head_count", source)
+    kv_heads = positive_int(meta, f"{arch}.attention.head_count_kv", source, default=heads)
+    divides(source, f"{arch}.attention.head_count_kv", kv_heads, f"{arch}.attention.head_count", heads)
+    if f"{arch}.rope.dimension_count" not in meta:
+        divides(source, f"{arch}.attention.head_count", heads, f"{arch}.embedding_length", hidden)
+    check_layer_count(f"{arch}.block_count", layers, tensors, "blk", source, "this file")
+    ff = positive_int(meta, f"{arch}.feed_forward_length", source)
+    embedding = (f"{arch}.embedding_length", hidden)
+    check_dims(tensors, "token_embd.weight", [None, embedding], source, "this file")
+    check_dims(tensors, "blk.0.ffn_gate.weight", [(f"{arch}.feed_forward_length", ff), embedding], source, "this file")
     return {
         "model_type": arch,
-        "vocab_size": meta.get(f"{arch}.vocab_size", len(tokens)),
+        "vocab_size": vocab_size(meta, tensors, arch, source),
         "hidden_size": hidden,
-        "intermediate_size": need("feed_forward_length"),
-        "num_hidden_layers": need("block_count"),
+        "intermediate_size": ff,
+        "num_hidden_layers": layers,
         "num_attention_heads": heads,
-        "num_key_value_heads": meta.get(f"{arch}.attention.head_count_kv", heads),
-        "head_dim": meta.get(f"{arch}.rope.dimension_count", hidden // heads),
-        "max_position_embeddings": meta.get(f"{arch}.context_length", 2048),
-        "rms_norm_eps": need("attention.layer_norm_rms_epsilon"),
-        "rope_theta": meta.get(f"{arch}.rope.freq_base", 10000.0),
-        "tie_word_embeddings": "output.weight" not in tensor_names,
-        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "num_key_value_heads": kv_heads,
+        "head_dim": positive_int(meta, f"{arch}.rope.dimension_count", source, default=hidden // heads),
+        "max_position_embeddings": positive_int(meta, f"{arch}.context_length", source, default=2048),
+        "rms_norm_eps": positive_float(meta, f"{arch}.attention.layer_norm_rms_epsilon", source),
+        "rope_theta": positive_float(meta, f"{arch}.rope.freq_base", source, default=10000.0),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "bos_token_id": token_id(meta, "tokenizer.ggml.bos_token_id", source),
+        "eos_token_id": token_id(meta, "tokenizer.ggml.eos_token_id", source),
         "dtype": "float32",
     }
+
+
+def token_id(meta: dict, key: str, source: str) -> int | None:
+    """An optional special token id: an int >= 0, or None when absent."""
+    return None if meta.get(key) is None else non_negative_int(meta, key, source)
+
+
+def vocab_size(meta: dict, tensors: dict, arch: str, source: str) -> int:
+    """`{arch}.vocab_size`, else the token list's length, else the embedding's rows."""
+    if f"{arch}.vocab_size" in meta:
+        return positive_int(meta, f"{arch}.vocab_size", source)
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if tokens is not None and not isinstance(tokens, list):
+        raise invalid(source, "tokenizer.ggml.tokens", tokens, "a list of strings")
+    if tokens:
+        return len(tokens)
+    rows = tensors.get("token_embd.weight", (0,))[0]
+    if not rows:
+        raise ConfigError(f"{source} lacks '{arch}.vocab_size' and 'tokenizer.ggml.tokens', and has no "
+                          "token_embd.weight to size the vocabulary by")
+    return rows
 
 
 def hf_name(name: str) -> str:
@@ -129,25 +165,34 @@ def read_tensors(reader, config: dict) -> dict:
         name = hf_name(t.name)
         try:
             array = dequantize(t.data, t.tensor_type)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any reader failure becomes one CheckpointError
             raise CheckpointError(f"cannot dequantise GGUF tensor {t.name!r} ({t.tensor_type.name}): {e}") from None
         array = array.reshape(tuple(int(d) for d in reversed(t.shape)))
         if config["model_type"] == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config["num_attention_heads"] if "q_proj" in name else config["num_key_value_heads"]
+            if array.shape[0] % (2 * heads):  # rows are pairs per head; anything else cannot be unpermuted
+                raise CheckpointError(f"GGUF tensor {t.name!r} has shape {array.shape}, whose rows do not split "
+                                      f"into {heads} heads of rotary pairs")
             array = unpermute_rows(array, heads)
         state[name] = torch.tensor(array, dtype=torch.float32)  # a copy: the reader's arrays are read-only
     return state
 
 
+def tensor_shapes(reader) -> dict:
+    """Each tensor's name and shape (transformers' order), from the file's tensor index."""
+    return {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
+
+
 def read_gguf_config(path) -> dict:
     """The config.json dict of a GGUF file, from its metadata alone (no tensor is read)."""
     reader = open_gguf(Path(path))
-    return hf_config(metadata(reader), {t.name for t in reader.tensors})
+    return hf_config(metadata(reader), tensor_shapes(reader), f"GGUF file {path}")
 
 
 def convert_gguf(path, cache_dir: Path | None = None) -> Path:
     """Convert a GGUF file to a checkpoint directory (cached by file identity); return the directory."""
     from kernelhub.models.gguf_tokenizer import tokenizer_files
+    from kernelhub.models.llama import LlamaConfig
 
     path = Path(path)
     stat = path.stat() if path.is_file() else None
@@ -159,7 +204,9 @@ def convert_gguf(path, cache_dir: Path | None = None) -> Path:
         return out
     reader = open_gguf(path)
     meta = metadata(reader)
-    config = hf_config(meta, {t.name for t in reader.tensors})
+    config = hf_config(meta, tensor_shapes(reader), f"GGUF file {path}")
+    # The model's own checks too (an odd head_dim, say), before anything is dequantised or written.
+    LlamaConfig.from_dict(config, source=f"config derived from GGUF file {path}")
     tokenizer_json, tokenizer_config = tokenizer_files(meta)
     state = read_tensors(reader, config)
     embed = state["model.embed_tokens.weight"]

@@ -11,7 +11,7 @@ import functools
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from kernelhub.registry.errors import CheckpointError
+from kernelhub.declare.errors import CheckpointError
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 

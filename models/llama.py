@@ -21,13 +21,22 @@ import dataclasses
 import torch
 from torch import nn
 
-from kernelhub.backends.attention_mask import AttentionMask
-from kernelhub.backends.capture import capturing, require_weights
-from kernelhub.backends.layer import Linear, layer
-from kernelhub.backends.site import AttentionSite
-from kernelhub.models.rope import ROPE_TYPES, RotaryEmbedding, apply_rope
+from kernelhub.declare.attention_mask import AttentionMask
+from kernelhub.declare.cache import DynamicCache, StaticCache
+from kernelhub.declare.capture import capturing, require_weights
+from kernelhub.declare.layer import Linear, layer
+from kernelhub.declare.site import AttentionSite
+from kernelhub.models.config_schema import (boolean, check_dims, check_layer_count, choice, choice_list, divides,
+                                            found, invalid, non_negative_int, optional_positive_int, positive_float,
+                                            positive_int, probability)
+from kernelhub.models.batching import generate_batch
+from kernelhub.models.checkpoint import save_pretrained
+from kernelhub.models.generate import generate
+from kernelhub.models.rope import RotaryEmbedding, apply_rope, rope_parameters
+from kernelhub.declare.errors import ConfigError
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 # -- configuration ---------------------------------------------------------------------
@@ -57,48 +66,85 @@ class LlamaConfig:
     raw: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LlamaConfig":
-        """Parse a transformers config dict (v4 `rope_theta`/`rope_scaling` or v5 `rope_parameters`)."""
+    def from_dict(cls, d: dict, source: str = "config") -> "LlamaConfig":
+        """Parse a transformers config dict (v4 `rope_theta`/`rope_scaling` or v5 `rope_parameters`).
+
+        Every field the model uses is checked for type and range first; a bad one raises one
+        `ConfigError` naming `source` (the config.json path when known) and the field.
+
+        >>> LlamaConfig.from_dict({"hidden_size": 16, "num_hidden_layers": "2"}, "config.json")
+        Traceback (most recent call last):
+            ...
+        kernelhub.declare.errors.ConfigError: config.json: 'num_hidden_layers' is '2' (str); allowed: a positive int
+        """
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: the config is {found(d)}; allowed: a JSON object")
         model_type = d.get("model_type", "llama")
-        heads = d["num_attention_heads"]
-        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-        rope.setdefault("rope_theta", d.get("rope_theta", 10000.0))
-        rope["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
-        if rope["rope_type"] not in ROPE_TYPES:
-            raise ValueError(f"rope type {rope['rope_type']!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
-        layers = d["num_hidden_layers"]
-        window = d.get("sliding_window")
-        if model_type == "qwen2" and not d.get("use_sliding_window", False):
+        if not isinstance(model_type, str):
+            raise invalid(source, "model_type", model_type, "a string")
+        choice(d, "hidden_act", ("silu",), source, default="silu")  # the MLP is SiLU-gated, whatever it says
+        hidden = positive_int(d, "hidden_size", source)
+        layers = positive_int(d, "num_hidden_layers", source)
+        heads = positive_int(d, "num_attention_heads", source)
+        kv_heads = optional_positive_int(d, "num_key_value_heads", source) or heads
+        divides(source, "num_key_value_heads", kv_heads, "num_attention_heads", heads)
+        head_dim = optional_positive_int(d, "head_dim", source)
+        if head_dim is None:
+            divides(source, "num_attention_heads", heads, "hidden_size", hidden)
+            head_dim = hidden // heads
+        if head_dim % 2:  # rotary embeddings rotate pairs of channels
+            raise invalid(source, "head_dim", head_dim, "an even positive int (hidden_size / num_attention_heads "
+                                                        "when head_dim is absent)")
+        qwen = model_type == "qwen2"
+        use_window = boolean(d, "use_sliding_window", source, default=False)
+        window = optional_positive_int(d, "sliding_window", source)
+        if qwen and not use_window:
             window = None
-        layer_types = d.get("layer_types")
+        layer_types = choice_list(d, "layer_types", LAYER_TYPES, layers, "num_hidden_layers", source)
         if layer_types is None:
-            if model_type == "qwen2" and window is not None:
-                first = d.get("max_window_layers", layers)
+            if qwen and window is not None:
+                first = non_negative_int(d, "max_window_layers", source, default=layers)
                 layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
             else:
                 layer_types = ["sliding_attention" if window is not None else "full_attention"] * layers
-        qwen = model_type == "qwen2"
+        attention_bias = boolean(d, "attention_bias", source, default=False)
         return cls(
             model_type=model_type,
-            vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"],
+            vocab_size=positive_int(d, "vocab_size", source),
+            hidden_size=hidden,
+            intermediate_size=positive_int(d, "intermediate_size", source),
             num_hidden_layers=layers,
             num_attention_heads=heads,
-            num_key_value_heads=d.get("num_key_value_heads") or heads,
-            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
-            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope=rope,
-            attention_bias=qwen or d.get("attention_bias", False),
-            o_proj_bias=(not qwen) and d.get("attention_bias", False),
-            mlp_bias=d.get("mlp_bias", False),
-            tie_word_embeddings=d.get("tie_word_embeddings", False),
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=positive_float(d, "rms_norm_eps", source, default=1e-6),
+            rope=rope_parameters(d, source),
+            attention_bias=qwen or attention_bias,
+            o_proj_bias=(not qwen) and attention_bias,
+            mlp_bias=boolean(d, "mlp_bias", source, default=False),
+            tie_word_embeddings=boolean(d, "tie_word_embeddings", source, default=False),
             sliding_window=window if "sliding_attention" in layer_types else None,
             layer_types=tuple(layer_types),
-            attention_dropout=d.get("attention_dropout", 0.0),
-            output_attentions=d.get("output_attentions", False),
+            attention_dropout=probability(d, "attention_dropout", source),
+            output_attentions=boolean(d, "output_attentions", source, default=False),
             raw=dict(d),
         )
+
+    def check_weights(self, shapes: dict, *, source: str = "config", weights: str = "the weights") -> None:
+        """Check the sizes against the weights' headers (`{tensor name: shape}`) before anything is built.
+
+        >>> cfg = LlamaConfig.from_dict({"vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
+        ...                              "num_hidden_layers": 2, "num_attention_heads": 2})
+        >>> cfg.check_weights({"model.layers.0.input_layernorm.weight": (16,)}, source="config.json", weights="w/")
+        Traceback (most recent call last):
+            ...
+        kernelhub.declare.errors.ConfigError: config.json: 'num_hidden_layers' is 2 but the weights in w/ hold 1 ...
+        """
+        check_layer_count("num_hidden_layers", self.num_hidden_layers, shapes, "model.layers", source, weights)
+        hidden = ("hidden_size", self.hidden_size)
+        check_dims(shapes, "model.embed_tokens.weight", [("vocab_size", self.vocab_size), hidden], source, weights)
+        check_dims(shapes, "model.layers.0.mlp.gate_proj.weight", [("intermediate_size", self.intermediate_size),
+                                                                    hidden], source, weights)
 
 
 # -- layers ----------------------------------------------------------------------------
@@ -231,8 +277,7 @@ class LlamaModel(nn.Module):
                 output_hidden_states=False, output_attentions=False):
         b, s = input_ids.shape
         if output_attentions:
-            require_weights((f"model.layers.{i}.self_attn.attn", layer_.self_attn.attn)
-                            for i, layer_ in enumerate(self.layers))
+            require_weights(self)
         kinds = ["hidden_states" if output_hidden_states else None, "attentions" if output_attentions else None]
         with capturing(self, self.capture_points, kinds) as captured:
             x = self.embed_tokens(input_ids)
@@ -290,8 +335,6 @@ class LlamaForCausalLM(nn.Module):
 
     def make_cache(self, kind="dynamic", *, batch=1, max_len=None):
         """A KV cache for this model: "dynamic", or "static" with `max_len` positions."""
-        from kernelhub.backends.cache import DynamicCache, StaticCache
-
         cfg = self.config
         if kind == "dynamic":
             return DynamicCache(cfg.layer_types, cfg.sliding_window)
@@ -303,54 +346,28 @@ class LlamaForCausalLM(nn.Module):
 
     def generate(self, input_ids, **kwargs):
         """Greedy or sampled generation; see `kernelhub.models.generate.generate`."""
-        from kernelhub.models.generate import generate
-
         return generate(self, input_ids, **kwargs)
 
     def generate_batch(self, prompts, **kwargs):
         """Continuous batching over a paged KV cache; see `kernelhub.models.batching.generate_batch`."""
-        from kernelhub.models.batching import generate_batch
-
         return generate_batch(self, prompts, **kwargs)
 
     def save_pretrained(self, path):
         """Write config.json (with the binding request) and model.safetensors."""
-        from kernelhub.models.checkpoint import save_pretrained
-
         save_pretrained(self, path)
 
-    # -- checkpoint conversion: transformers names <-> ours --------------------------
-    # We fuse q/k/v into `qkv_proj` and gate/up into `gate_up_proj`; checkpoints keep
-    # transformers' separate names, so files stay interchangeable.
+    # -- checkpoint layout: transformers keeps q/k/v and gate/up separate; we hold them fused,
+    # converted on load and save (`models.checkpoint`) so files stay interchangeable.
 
     FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
              "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
 
-    def from_hf_state_dict(self, sd: dict) -> dict:
-        """Concatenate transformers' separate projections into our fused ones."""
-        sd = dict(sd)
-        for fused, parts in self.FUSED.items():
-            for key in [k for k in sd if f".{parts[0]}." in k]:
-                names = [key.replace(parts[0], p) for p in parts]
-                if all(n in sd for n in names):
-                    sd[key.replace(parts[0], fused)] = torch.cat([sd.pop(n) for n in names], dim=0)
-        return sd
-
-    def to_hf_state_dict(self, sd: dict) -> dict:
-        """Split our fused projections back into transformers' names."""
+    def fused_sizes(self) -> dict:
+        """Rows of each part of a fused projection, in `FUSED` order."""
         cfg = self.config
         kv = cfg.num_key_value_heads * cfg.head_dim
-        sizes = {"self_attn.qkv_proj": [cfg.num_attention_heads * cfg.head_dim, kv, kv],
-                 "mlp.gate_up_proj": [cfg.intermediate_size, cfg.intermediate_size]}
-        out = {}
-        for key, value in sd.items():
-            fused = next((f for f in self.FUSED if f".{f}." in key), None)
-            if fused is None:
-                out[key] = value
-                continue
-            for part, chunk in zip(self.FUSED[fused], value.split(sizes[fused], dim=0)):
-                out[key.replace(fused, part)] = chunk.contiguous()
-        return out
+        return {"self_attn.qkv_proj": [cfg.num_attention_heads * cfg.head_dim, kv, kv],
+                "mlp.gate_up_proj": [cfg.intermediate_size, cfg.intermediate_size]}
 
     def reset_buffers(self):
         """Recompute non-persistent buffers after construction on the meta device."""

@@ -1,5 +1,6 @@
-"""Rotary position embeddings (RoPE) for the Llama family: inverse frequencies for the default,
-linear and llama3 rope types, cos/sin tables per position, and the rotate-half application.
+"""Rotary position embeddings (RoPE) for the Llama family: the checked RoPE config fields,
+inverse frequencies for the default, linear and llama3 rope types, cos/sin tables per
+position, and the rotate-half application.
 
 `cfg` is any config with `rope` (the parsed `rope_parameters`) and `head_dim`.
 
@@ -16,7 +17,31 @@ import math
 import torch
 from torch import nn
 
+from kernelhub.models.config_schema import choice, invalid, mapping, positive_float, positive_int
+
 ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_parameters(d: dict, source: str) -> dict:
+    """The checked RoPE parameters: `rope_parameters` (v5) or `rope_scaling` plus `rope_theta` (v4).
+
+    >>> rope_parameters({"rope_theta": 500000.0}, "config.json")
+    {'rope_theta': 500000.0, 'rope_type': 'default'}
+    """
+    where = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
+    rope = dict(mapping(d, "rope_parameters", source) or mapping(d, "rope_scaling", source))
+    rope["rope_theta"] = positive_float({"rope_theta": d.get("rope_theta", 10000.0), **rope}, "rope_theta", source)
+    rope["rope_type"] = choice({"rope_type": rope.get("type", "default"), **rope}, "rope_type", ROPE_TYPES, source)
+    inner = f"{source} ({where})"  # the scaling fields live inside that object
+    if rope["rope_type"] in ("linear", "llama3"):
+        rope["factor"] = positive_float(rope, "factor", inner)
+    if rope["rope_type"] == "llama3":
+        low, high = (positive_float(rope, k, inner) for k in ("low_freq_factor", "high_freq_factor"))
+        if high <= low:
+            raise invalid(inner, "high_freq_factor", high, f"a number > low_freq_factor ({low})")
+        rope["low_freq_factor"], rope["high_freq_factor"] = low, high
+        rope["original_max_position_embeddings"] = positive_int(rope, "original_max_position_embeddings", inner)
+    return rope
 
 
 def rope_inverse_frequencies(cfg) -> torch.Tensor:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer as Backend
 
-from kernelhub.registry.errors import CheckpointError
+from kernelhub.declare.errors import CheckpointError
 
 
 class Tokenizer:
@@ -48,7 +48,7 @@ class Tokenizer:
             raise CheckpointError(f"no tokenizer at {path}: expected tokenizer.json")
         try:
             backend = Backend.from_file(str(file))
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises its own exception types
             raise CheckpointError(f"cannot read tokenizer {file}: {e}") from None
         backend.no_padding()
         backend.no_truncation()

@@ -1,1 +1,2 @@
-"""kernelhub.registry: hook specs, plugin manager, backends as data, resolver, binding plans."""
+"""kernelhub.registry: plugins, capabilities and modes as data, the one request grammar and
+chooser, binding plans and bind; Hub kernels in `kernelhub.registry.hub`."""

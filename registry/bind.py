@@ -1,7 +1,9 @@
 """`bind` and `unbind`: walk a model once, choose an implementation per site, apply atomically.
 
-Every decision is computed before anything is changed, so a request that fails leaves
-the model exactly as it was (including a previous binding).
+Every decision is computed before anything is changed (`decide`), so a request that fails
+leaves the model exactly as it was, including a previous binding; `apply` then installs
+one immutable record per attention site and one forward per layer. Attention sites and
+declared layers go through the same grammar (`request`) and the same chooser (`choose`).
 
 >>> import kernelhub, torch
 >>> from kernelhub.models.llama import LlamaForCausalLM
@@ -14,22 +16,27 @@ the model exactly as it was (including a previous binding).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
 
-from kernelhub.backends.layer import layer_name, reset_layer_forward, set_layer_forward
-from kernelhub.backends.site import AttentionSite
-from kernelhub.registry.capabilities import MODES, unsupported
-from kernelhub.registry.errors import BindError, KernelhubError
+from kernelhub.declare.errors import BindError, KernelhubError
+from kernelhub.declare.layer import layer_name, reset_layer_forward, set_layer_forward
+from kernelhub.declare.site import AttentionSite, SiteBinding
+from kernelhub.registry.bind_layers import layer_decisions
+from kernelhub.registry.capabilities import on_device, unsupported
+from kernelhub.registry.choose import REFUSALS, Option, choose
+from kernelhub.registry.forward_only import forward_only
 from kernelhub.registry.hub.attention import hub_backend
 from kernelhub.registry.hub.fetch import hub_budget
-from kernelhub.registry.hub.ref import looks_like_kernel_ref
-from kernelhub.registry.layer_kernels import LayerChoice, choose_layer_kernel, parse_kernels
 from kernelhub.registry.hub.lockfile import KernelLock
-from kernelhub.registry.manager import get_registry
-from kernelhub.registry.plan import BindingPlan, PlanEntry
-from kernelhub.registry.request import parse_attn_implementation
+from kernelhub.registry.hub.ref import looks_like_kernel_ref
+from kernelhub.registry.modes import Mode, parse_mode
+from kernelhub.registry.plan import BindingPlan, BindRequest
+from kernelhub.registry.plugins import get_registry
+from kernelhub.registry.request import KNOWN_LAYER_TYPES, glob_matches, parse_attn_implementation
+from kernelhub.registry.watch import watch_moves
 
 
 def _device_and_dtype(model, device, dtype):
@@ -42,102 +49,153 @@ def _device_and_dtype(model, device, dtype):
     return device, dtype or (param.dtype if param is not None else torch.float32)
 
 
-def choose_backend(site, path, request, registry, device, dtype, mode, lookup=None):
-    """A PlanEntry for one attention site, or BindError listing every reason."""
-    fitting, rejected = [], []
-    for name in request.names:
-        entry = (lookup or registry.get)(name)
-        reasons = unsupported(entry.backend, site, device, dtype, mode)
-        if request.paged and not entry.backend.capabilities.paged:
-            reasons.append("does not support a paged KV cache (asked for 'paged|...')")
-        if reasons:
-            rejected.append((entry.backend.name, tuple(reasons)))
-        else:
-            fitting.append(entry)
-    if not fitting:
-        detail = "; ".join(f"{n}: {', '.join(r)}" for n, r in rejected)
-        what = f"{request.names[0]!r} cannot" if request.explicit else f"none of {list(request.names)} can"
-        raise BindError(f"{what} serve attention site {path!r} on {device.type}/{str(dtype).removeprefix('torch.')} "
-                        f"in {mode} mode: {detail}. Valid backends: {', '.join(registry.backend_names())}")
-    picked = registry.pm.hook.kernelhub_select_backend(
-        site=site, candidates=[e.backend.name for e in fitting], device=device, dtype=dtype, mode=mode)
-    chosen = next((e for e in fitting if e.backend.name == picked), fitting[0])
-    resolution = chosen.backend.resolution(device, dtype)
-    notes = ["selected by policy hook" if picked and chosen is not fitting[0] else "", resolution.note]
-    note = "; ".join(n for n in notes if n)
-    return PlanEntry(path, "attention", chosen.backend.name, chosen.source, request.origin, tuple(rejected), note), \
-        (chosen.backend, resolution)
-
-
-def _lookup_for(registry, device, lock):
-    """name -> Registered, for registered names and Hub attention references alike (memoised)."""
-    memo = {}
-
-    def lookup(name):
-        if name not in memo:
-            memo[name] = hub_backend(name, device, lock) if looks_like_kernel_ref(name) else registry.get(name)
-        return memo[name]
-
-    return lookup
-
-
 def _read_lock(lock):
     if lock is None:
         return KernelLock.from_env()
     return lock if isinstance(lock, KernelLock) else KernelLock.read(lock)
 
 
-def bind(model: torch.nn.Module, attn_implementation=None, kernels=None, *, device=None, dtype=None,
-         mode: str = "inference", lock=None) -> BindingPlan:
-    """Bind every attention site and declared layer of `model`; returns the `BindingPlan`.
+@dataclasses.dataclass(frozen=True)
+class Decisions:
+    """Everything a bind will do, decided and checked, nothing applied yet."""
 
-    Also sets `model.binding` (the plan) and `model.binding_request` (what was asked,
-    saved by `save_pretrained` so a reload binds the same way). `lock` (a path or
-    `KernelLock`; default $KERNELHUB_LOCK) pins and verifies every Hub kernel.
-    """
-    if mode not in MODES:
-        raise KernelhubError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
-    with hub_budget():  # one Hub deadline for the whole bind, however many refs it names
-        return _bind(model, attn_implementation, kernels, device, dtype, mode, lock)
+    plan: BindingPlan
+    sites: tuple      # ((AttentionSite, SiteBinding), ...)
+    layers: tuple     # ((module, forward or None), ...)
 
 
-def _bind(model, attn_implementation, kernels, device, dtype, mode, lock) -> BindingPlan:
+def _attention_loader(registry, device, lock):
+    memo = {}
+
+    def load(name) -> Option:
+        if name not in memo:
+            if looks_like_kernel_ref(name):
+                try:
+                    registered = hub_backend(name, device, lock)
+                except REFUSALS:
+                    raise
+                except KernelhubError as e:  # a kernel that failed to load: a reason, like any other
+                    memo[name] = Option(name, "hub", problems=(str(e),))
+                    return memo[name]
+            else:
+                registered = registry.get(name)
+            memo[name] = Option(registered.backend.name, registered.source, registered)
+        return memo[name]
+
+    return load
+
+
+def _site_binding(backend, resolution, device, mode: Mode) -> SiteBinding:
+    fn, paged_fn = resolution.fn, resolution.paged_fn
+    if not mode.training and not on_device(backend.capabilities.on(device.type).backward, device.type):
+        fn = forward_only(fn, backend.name, device.type)
+        paged_fn = forward_only(paged_fn, backend.name, device.type) if paged_fn else None
+    return SiteBinding(backend.name, fn, backend.mask_format, backend.accepts_is_causal,
+                       backend.capabilities.on(device.type).returns_weights, paged_fn)
+
+
+def _attention_decisions(model, attn_implementation, registry, device, dtype, mode, lock):
+    sites = {path: m for path, m in model.named_modules() if isinstance(m, AttentionSite)}
+    if attn_implementation is not None and not sites:
+        raise KernelhubError(f"{type(model).__name__} has no kernelhub attention sites, so attn_implementation="
+                             f"{attn_implementation!r} has nothing to bind. For a transformers model use the "
+                             "kernelhub-transformers bridge (attn_implementation='kernelhub:NAME'); kernels= works "
+                             "on any model with @layer-declared modules")
+    request = parse_attn_implementation(attn_implementation, {s.layer_type for s in sites.values()})
+    for glob, _ in request.by_glob:
+        if not any(glob_matches(glob, p) for p in sites):
+            example = next(iter(sites), "model.layers.0.self_attn.attn")
+            types = sorted({s.layer_type for s in sites.values()} | set(KNOWN_LAYER_TYPES))
+            raise BindError(f"attn_implementation key {glob!r} matches no attention site. Keys are layer types "
+                            f"({', '.join(types)}), '*', or module-path globs like {example!r}")
+    load = _attention_loader(registry, device, lock)
+    for _, chain in request.chains():
+        for name in chain.values:
+            if not looks_like_kernel_ref(name):
+                registry.get(name)  # unknown names fail even where no site uses them
+    entries, actions = [], []
+    for path, site in sites.items():
+        key, chain = request.lookup(path, site.layer_type)
+        if chain is None:
+            keys = ", ".join(repr(k) for k, _ in request.chains())
+            raise BindError(f"attn_implementation dict has no entry for attention site {path!r} (layer type "
+                            f"{site.layer_type!r}); keys given: {keys}. Add a '*' entry or the key {site.layer_type!r}")
+
+        def reasons(option, site=site, chain=chain):
+            why = unsupported(option.payload.backend, site, device, dtype, mode)
+            if chain.paged and not option.payload.backend.capabilities.on(device.type).paged:
+                why.append("does not support a paged KV cache (asked for 'paged|...')")
+            return why
+
+        def pick(fitting, site=site):
+            picked = registry.pm.hook.kernelhub_select_backend(
+                site=site, candidates=[o.payload.backend.name for o in fitting], device=device, dtype=dtype,
+                mode=str(mode))
+            return next((o for o in fitting if o.payload.backend.name == picked), fitting[0])
+
+        entry, option = choose("attention", path, key if key != "*" else None, chain, load, reasons,
+                               device=device, dtype=dtype, mode=mode, pick=pick,
+                               valid=f"Valid backends: {', '.join(registry.backend_names())}")
+        backend = option.payload.backend
+        resolution = backend.resolution(device, dtype)
+        note = "; ".join(n for n in (entry.note, resolution.note) if n)
+        entries.append(dataclasses.replace(entry, note=note))
+        actions.append((site, _site_binding(backend, resolution, device, mode)))
+    return entries, actions
+
+
+def decide(model, attn_implementation=None, kernels=None, *, device=None, dtype=None, mode="inference",
+           lock=None) -> Decisions:
+    """Everything `bind` would do to `model`, checked; raises before anything changes."""
+    mode = parse_mode(mode)
     registry = get_registry()
     device, dtype = _device_and_dtype(model, device, dtype)
     lock = _read_lock(lock)
-    lookup = _lookup_for(registry, device, lock)
-    sites = {path: m for path, m in model.named_modules() if isinstance(m, AttentionSite)}
-    layers = {path: m for path, m in model.named_modules() if layer_name(m)}
-    spec = parse_attn_implementation(attn_implementation, {s.layer_type for s in sites.values()})
-    spec.check_keys({p: s.layer_type for p, s in sites.items()})
-    for request in spec.requests():
-        for name in request.names:
-            lookup(name)  # unknown names fail even where no site (or an earlier choice) uses them
-    layer_spec = parse_kernels(kernels, layers, registry, device, lock)
+    with hub_budget():  # one Hub deadline for the whole bind, however many refs it names
+        entries, site_actions = _attention_decisions(model, attn_implementation, registry, device, dtype, mode, lock)
+        layer_entries, layer_actions = layer_decisions(model, kernels, registry, device, dtype, mode, lock)
+    request = BindRequest(attn_implementation, kernels, mode, lock)
+    plan = BindingPlan(tuple(entries) + tuple(layer_entries), device=str(device),
+                       dtype=str(dtype).removeprefix("torch."), mode=mode, request=request,
+                       watch=tuple((len(entries) + i, module, forward) for i, (module, forward)
+                                   in enumerate(layer_actions)))
+    return Decisions(plan, tuple(site_actions), tuple(layer_actions))
 
-    entries, attention_actions, layer_actions = [], [], []
-    for path, site in sites.items():
-        request = spec.request_for(path, site.layer_type)
-        entry, backend = choose_backend(site, path, request, registry, device, dtype, mode, lookup)
-        entries.append(entry)
-        attention_actions.append((site, backend))
-    for path, module in layers.items():
-        choice: LayerChoice = choose_layer_kernel(path, module, layer_spec, registry, device, dtype, mode)
-        entries.append(choice.entry)
-        layer_actions.append((module, choice.forward))
 
-    # Everything is decided: now apply, which cannot fail half-way.
-    for site, (backend, resolution) in attention_actions:
-        site.set_implementation(backend.name, resolution.fn, backend.mask_format, backend.accepts_is_causal,
-                                backend.capabilities.returns_weights, resolution.paged_fn)
-    for module, forward in layer_actions:
+def apply(model, decisions: Decisions) -> BindingPlan:
+    """Install what `decide` chose: cannot fail half-way."""
+    for site, record in decisions.sites:
+        site.set_binding(record)
+    for module, forward in decisions.layers:
         reset_layer_forward(module)  # also drops what a previous kernel cached on the module
         if forward is not None:
             set_layer_forward(module, forward)
-    plan = BindingPlan(tuple(entries), device=str(device), dtype=str(dtype).removeprefix("torch."), mode=mode)
-    model.binding = plan
-    model.binding_request = _serialisable_request(attn_implementation, kernels)
-    return plan
+    model.binding = decisions.plan
+    model.binding_request = _serialisable_request(decisions.plan.request)
+    watch_moves(model, rebind, apply)
+    return decisions.plan
+
+
+def bind(model: torch.nn.Module, attn_implementation=None, kernels=None, *, device=None, dtype=None,
+         mode="inference", lock=None) -> BindingPlan:
+    """Bind every attention site and declared layer of `model`; returns the `BindingPlan`.
+
+    Also sets `model.binding` (the plan) and `model.binding_request` (what was asked,
+    saved by `save_pretrained` so a reload binds the same way). `mode` is a `Mode` (or
+    'inference', 'training', 'compile', a `kernels.Mode`); `lock` (a path or `KernelLock`;
+    default $KERNELHUB_LOCK) pins and verifies every Hub and local kernel.
+    """
+    return apply(model, decide(model, attn_implementation, kernels, device=device, dtype=dtype, mode=mode,
+                               lock=lock))
+
+
+def rebind(model, *, device=None, dtype=None, kernels=None) -> Decisions:
+    """The decisions that re-create `model`'s binding with one thing changed (device, dtype, or
+    extra kernels); mode, lock and in-process kernels are kept."""
+    request: BindRequest = model.binding.request
+    merged = {**(request.kernels or {}), **kernels} if kernels else request.kernels
+    return decide(model, request.attn_implementation, merged, device=device or model.binding.device,
+                  dtype=dtype or getattr(torch, model.binding.dtype), mode=request.mode, lock=request.lock)
 
 
 def unbind(model: torch.nn.Module) -> None:
@@ -151,14 +209,15 @@ def unbind(model: torch.nn.Module) -> None:
     model.binding_request = None
 
 
-def _serialisable_request(attn_implementation, kernels):
+def _serialisable_request(request: BindRequest):
     """The part of a request that can be written to config.json (names, not objects)."""
-    request = {}
-    if attn_implementation is not None:
-        request["attn_implementation"] = attn_implementation
-    if kernels:
-        named = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in kernels.items()
+    saved = {}
+    if request.attn_implementation is not None:
+        saved["attn_implementation"] = request.attn_implementation
+    if request.kernels:
+        named = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in request.kernels.items()
                  if isinstance(v, (str, os.PathLike)) or (isinstance(v, list) and all(isinstance(i, str) for i in v))}
         if named:
-            request["kernels"] = named
-    return request or None
+            saved["kernels"] = named
+    return saved or None
+

@@ -7,7 +7,7 @@ Registered through the same hooks as any third-party plugin.
 
 import torch
 
-from kernelhub.backends.eager import eager_attention
+from kernelhub.declare.eager import eager_attention
 from kernelhub.backends.flash import flash_unresolved, resolve_flash
 from kernelhub.backends.flex import flex_attention_backend, resolve_flex
 from kernelhub.backends.sdpa import sdpa_attention
@@ -40,7 +40,8 @@ FLEX = AttentionBackend(
     mask_format="block_mask",
     resolve=resolve_flex,
     capabilities=Capabilities(
-        head_dim=(16, 256), softcap=True, paged=True, backward=("cuda",),  # the CPU path is forward-only
+        head_dim=(1, 512), softcap=True, paged=True, backward=False,  # the CPU path is forward-only
+        per_device={"cuda": {"head_dim": (16, 256), "backward": True}},  # Triton tiles need 16..256 on CUDA
     ),
     requires=("torch>=2.5",),
     description="torch flex_attention with a BlockMask (compiled once per process)",

@@ -14,7 +14,10 @@ import importlib.metadata
 import torch
 from packaging.requirements import InvalidRequirement, Requirement
 
-MODES = ("inference", "training", "compile")
+from kernelhub.backends.paged_attention import paged_adapter
+from kernelhub.backends.resolution import Resolution
+from kernelhub.registry.modes import parse_mode
+
 MASK_FORMATS = ("additive", "bool", "block_mask", "varlen", "none")
 _ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -42,22 +45,30 @@ class Capabilities:
     compile: bool = True
     # True, False, or the device types where a backward pass exists (e.g. ("cuda",)).
     backward: bool | tuple[str, ...] = True
+    # Device type -> fields that differ there, e.g. {"cuda": {"head_dim": (16, 256)}}.
+    per_device: dict = dataclasses.field(default_factory=dict, hash=False, compare=False)
+
+    def __post_init__(self):
+        fields = {f.name for f in dataclasses.fields(self)} - {"per_device"}
+        for device, overrides in self.per_device.items():
+            unknown = set(overrides) - fields
+            if unknown:
+                raise ValueError(f"Capabilities.per_device[{device!r}] sets unknown fields {sorted(unknown)}; "
+                                 f"valid: {', '.join(sorted(fields))}")
+
+    def on(self, device_type: str) -> "Capabilities":
+        """The capabilities that hold on `device_type` (per-device overrides applied).
+
+        >>> caps = Capabilities(head_dim=(1, 512), per_device={"cuda": {"head_dim": (16, 256)}})
+        >>> caps.on("cuda").head_dim, caps.on("cpu").head_dim
+        ((16, 256), (1, 512))
+        """
+        overrides = self.per_device.get(device_type)
+        return dataclasses.replace(self, per_device={}, **overrides) if overrides else self
 
     def features(self) -> list[str]:
         """Names of the features this backend has (on at least one device), for tables."""
         return [f.name for f in dataclasses.fields(self) if f.type.startswith("bool") and getattr(self, f.name)]
-
-
-@dataclasses.dataclass(frozen=True)
-class Resolution:
-    """What serves a backend on one device and dtype, decided at bind time: the function for
-    plain forwards, the one for paged-cache forwards, a note for the plan, or the problems
-    that leave nothing to serve it."""
-
-    fn: object = None
-    paged_fn: object = None
-    note: str = ""
-    problems: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +78,7 @@ class AttentionBackend:
     `fn(module, q, k, v, mask, *, scaling, dropout=0.0, **kw) -> (out[B,S,H,D], weights|None)`
     with q/k/v shaped [B, H, S, D]. `mask` arrives in `mask_format`.
 
-    >>> from kernelhub.backends.eager import eager_attention
+    >>> from kernelhub.declare.eager import eager_attention
     >>> b = AttentionBackend(name="mine", fn=eager_attention, mask_format="additive")
     >>> b.name
     'mine'
@@ -90,24 +101,23 @@ class AttentionBackend:
     def resolution(self, device, dtype) -> Resolution:
         """The functions serving this backend on `device`/`dtype`, with paged support composed
         from `fn` and `mask_format` unless the backend reads block tables itself."""
-        from kernelhub.backends.paged_attention import paged_adapter
-
         res = self.resolve(torch.device(device), dtype) if self.resolve else Resolution(self.fn)
         if res.problems or res.paged_fn is not None or not self.capabilities.paged:
             return res
         return dataclasses.replace(res, paged_fn=paged_adapter(res.fn, self.mask_format))
 
 
-def unsupported(backend: AttentionBackend, site, device, dtype, mode: str = "inference") -> list[str]:
+def unsupported(backend: AttentionBackend, site, device, dtype, mode="inference") -> list[str]:
     """Every reason `backend` cannot serve `site` on `device`/`dtype` in `mode`; [] if it can.
 
-    >>> from kernelhub.backends.site import AttentionSite
+    >>> from kernelhub.declare.site import AttentionSite
     >>> from kernelhub.registry.builtins import SDPA
     >>> unsupported(SDPA, AttentionSite(head_dim=64, num_heads=4), "cpu", torch.float32)
     []
     """
-    caps = backend.capabilities
+    mode = parse_mode(mode)
     device_type = torch.device(device).type
+    caps = backend.capabilities.on(device_type)
     reasons = machine_problems(backend, device_type)
     if backend.resolve and not reasons:  # problems that depend on the dtype
         reasons += backend.resolve(torch.device(device), dtype).problems
@@ -129,13 +139,14 @@ def unsupported(backend: AttentionBackend, site, device, dtype, mode: str = "inf
         reasons.append("no attention sinks")
     if site.needs_weights and not caps.returns_weights:
         reasons.append("cannot return attention weights (output_attentions=True); eager can")
-    if mode == "training":
+    if mode.training:
         if not on_device(caps.backward, device_type):
-            where = f" on {device_type} (backward on {', '.join(caps.backward)})" if caps.backward else ""
+            elsewhere = backward_devices(backend.capabilities)
+            where = f" on {device_type} (backward on {', '.join(elsewhere)})" if elsewhere else ""
             reasons.append(f"forward-only{where}, no backward for training")
         if site.dropout and not caps.dropout:
             reasons.append(f"no attention dropout in training (site dropout {site.dropout})")
-    if mode == "compile" and not caps.compile:
+    if mode.compile and not caps.compile:
         reasons.append("cannot run under torch.compile")
     return reasons
 
@@ -143,11 +154,16 @@ def unsupported(backend: AttentionBackend, site, device, dtype, mode: str = "inf
 def machine_problems(backend: AttentionBackend, device_type: str) -> list[str]:
     """Reasons `backend` cannot run on this machine's `device_type` at all, whatever the model."""
     reasons = requirement_problems(backend.requires)
-    if device_type not in backend.capabilities.devices:
+    if device_type not in backend.capabilities.on(device_type).devices:
         reasons.append(f"runs on {', '.join(backend.capabilities.devices)}, not {device_type}")
     elif backend.resolve is not None:
         reasons += backend.resolve(torch.device(device_type), None).problems
     return reasons
+
+
+def backward_devices(caps: Capabilities) -> tuple[str, ...]:
+    """The device types where a backend has a backward pass."""
+    return tuple(d for d in caps.devices if on_device(caps.on(d).backward, d))
 
 
 def on_device(flag, device_type: str) -> bool:

@@ -1,6 +1,8 @@
 """`BindingPlan`: what kernelhub chose for every site of a model, and why.
 
-Immutable. `str(plan)` is a table; `plan.to_dict()` is plain data for tools and tests.
+Immutable, and true: a layer whose forward was replaced after binding (by
+`kernels.kernelize`, say) shows as replaced, naming what runs there now. `str(plan)` is a
+table; `plan.to_dict()` is plain data for tools and tests.
 
 >>> entry = PlanEntry("model.layers.0.self_attn.attn", "attention", "sdpa", "builtin", "'sdpa'",
 ...                   (("eager", ("not tried",)),))
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import weakref
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,13 +39,42 @@ class PlanEntry:
 
 
 @dataclasses.dataclass(frozen=True)
-class BindingPlan:
-    """The binding of one model: an entry per attention site and per bound layer."""
+class BindRequest:
+    """Everything a bind was asked, kept so a re-check (a move, `use_kernels`) asks the same."""
 
-    entries: tuple[PlanEntry, ...]
-    device: str
-    dtype: str
-    mode: str
+    attn_implementation: object = None
+    kernels: dict | None = None
+    mode: object = "inference"
+    lock: object = None
+
+
+class BindingPlan:
+    """The binding of one model: an entry per attention site and per declared layer."""
+
+    def __init__(self, entries, *, device: str, dtype: str, mode, request: BindRequest | None = None,
+                 watch=()):
+        self._entries = tuple(entries)
+        self.device, self.dtype, self.mode = device, dtype, str(mode)
+        self.request = request or BindRequest(mode=mode)
+        # (entry index, module, forward installed or None): what to compare with what runs now
+        self._watch = tuple((i, weakref.ref(m), f) for i, m, f in watch)
+
+    @property
+    def entries(self) -> tuple[PlanEntry, ...]:
+        """The entries, with any layer whose forward was replaced outside kernelhub shown as such."""
+        entries = list(self._entries)
+        for index, ref, installed in self._watch:
+            module = ref()
+            running = module.__dict__.get("forward") if module is not None else None
+            if module is None or _same(running, installed):
+                continue
+            func = getattr(running, "__func__", running)
+            what = f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', repr(func))}" \
+                if running is not None else "the model's own forward"
+            entry = entries[index]
+            entries[index] = dataclasses.replace(entry, chosen="replaced outside kernelhub", source=what,
+                                                 note=f"bound {entry.chosen}")
+        return tuple(entries)
 
     def __getitem__(self, path: str) -> PlanEntry:
         for e in self.entries:
@@ -77,6 +109,12 @@ class BindingPlan:
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+def _same(running, installed) -> bool:
+    if installed is None:
+        return running is None
+    return getattr(running, "__func__", None) is installed
 
 
 def _collapse(entries):

@@ -1,34 +1,64 @@
 """`from_pretrained` and `explain`: build a registered architecture from a checkpoint and bind it.
 
 The architecture is looked up by `model_type` among what plugins registered (built-ins:
-llama, mistral, qwen2). The model is built on the meta device, so `explain` costs no
-memory and `from_pretrained` allocates each weight once.
+llama, mistral, qwen2, bert). Its config is checked field by field, and (for
+`from_pretrained`) against the weights' headers, before the model is built on the meta
+device, so `explain` costs no memory and `from_pretrained` allocates each weight once.
 """
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
 
-from kernelhub.models.checkpoint import load_weights, read_config, read_state_dict, resolve_dtype
+from kernelhub.models.checkpoint import (config_path, load_weights, read_config, read_state_dict, resolve_dtype,
+                                         weight_shapes)
+from kernelhub.models.config_schema import found
 from kernelhub.registry.bind import bind
-from kernelhub.registry.errors import CheckpointError, suggestion
-from kernelhub.registry.manager import get_registry
+from kernelhub.registry.modes import parse_mode
+from kernelhub.declare.errors import CheckpointError, ConfigError, suggestion
+from kernelhub.registry.plugins import get_registry
 from kernelhub.registry.plan import BindingPlan
 
 
-def build_model(config: dict, *, output_attentions: bool = False):
-    """An unmaterialised (meta device) model for `config`, chosen by its model_type."""
+def architecture(config: dict) -> type:
+    """The registered model class for `config["model_type"]`."""
     archs = get_registry().architectures
     model_type = config.get("model_type")
-    if model_type not in archs:
+    if not isinstance(model_type, str) or model_type not in archs:
         raise CheckpointError(f"unsupported model_type {model_type!r}.{suggestion(str(model_type), archs)} "
                               f"Supported: {', '.join(sorted(archs))} (plugins can add more)")
+    return archs[model_type]
+
+
+def parse_config(config: dict, *, source: str = "config", output_attentions: bool = False):
+    """The model class for `config` and the config parsed by its `config_class.from_dict`.
+
+    Parsing checks every field the model uses (`ConfigError` naming `source` and the
+    field); architectures without a `config_class` get the dict unchanged.
+
+    >>> parse_config({"model_type": "llama", "hidden_size": "64"}, source="config.json")
+    Traceback (most recent call last):
+        ...
+    kernelhub.declare.errors.ConfigError: config.json: 'hidden_size' is '64' (str); allowed: a positive int
+    """
+    arch = architecture(config)
     if output_attentions:
         config = {**config, "output_attentions": True}
+    parse = getattr(getattr(arch, "config_class", None), "from_dict", None)
+    if parse is None:
+        return arch, config
+    takes_source = "source" in inspect.signature(parse).parameters  # a plugin's from_dict may not
+    return arch, parse(config, source=source) if takes_source else parse(config)
+
+
+def build_model(config: dict, *, output_attentions: bool = False, source: str = "config"):
+    """An unmaterialised (meta device) model for `config`, chosen by its model_type."""
+    arch, parsed = parse_config(config, source=source, output_attentions=output_attentions)
     with torch.device("meta"):
-        return archs[model_type](config)
+        return arch(parsed)
 
 
 def checkpoint_dir(path) -> Path:
@@ -61,8 +91,11 @@ def load_tokenizer(path, model=None, **kwargs):
     return tokenizer
 
 
-def _requested(config, attn_implementation, kernels):
+def _requested(config, attn_implementation, kernels, source):
     recorded = config.get("kernelhub") or {}
+    if not isinstance(recorded, dict):
+        raise ConfigError(f"{source}: 'kernelhub' is {found(recorded)}; allowed: an object (the binding request "
+                          "save_pretrained records)")
     return (attn_implementation if attn_implementation is not None else recorded.get("attn_implementation"),
             kernels if kernels is not None else recorded.get("kernels"))
 
@@ -80,14 +113,20 @@ def from_pretrained(path, attn_implementation=None, kernels=None, *, dtype=None,
     """
     path = checkpoint_dir(path)
     config = read_config(path)
-    model = build_model(config, output_attentions=output_attentions)
+    source = str(config_path(path))
+    arch, parsed = parse_config(config, source=source, output_attentions=output_attentions)
+    attn, kern = _requested(config, attn_implementation, kernels, source)
     dtype = resolve_dtype(dtype, config)
+    check = getattr(parsed, "check_weights", None)
+    if check is not None:  # sizes against the weights' headers: a wrong config fails before anything is built
+        check(weight_shapes(path), source=source, weights=str(path))
+    with torch.device("meta"):
+        model = arch(parsed)
     device = torch.device(device or "cpu")
-    attn, kern = _requested(config, attn_implementation, kernels)
     # Bind before loading weights: a bad request fails fast, before any tensor is read.
     bind(model, attn, kern, device=device, dtype=dtype, mode=mode, lock=lock)
     load_weights(model, read_state_dict(path), dtype=dtype, device=device, source=str(Path(path)))
-    model.train(mode == "training")
+    model.train(parse_mode(mode).training)
     return model
 
 
@@ -95,14 +134,17 @@ def explain(path, attn_implementation=None, kernels=None, *, dtype=None, device=
             mode: str = "inference", lock=None) -> BindingPlan:
     """The BindingPlan `from_pretrained` would produce, without reading any weights.
 
+    The config is checked field by field (types and signs) but not against weights, which
+    need not be present.
+
     >>> print(kernelhub.explain("path/to/checkpoint", attn_implementation="flex"))  # doctest: +SKIP
     """
     if Path(path).suffix == ".gguf":  # the metadata is enough: no dequantisation for a plan
         from kernelhub.models.gguf import read_gguf_config
 
-        config = read_gguf_config(path)
+        config, source = read_gguf_config(path), f"config derived from GGUF file {path}"
     else:
-        config = read_config(path)
-    model = build_model(config)
-    attn, kern = _requested(config, attn_implementation, kernels)
+        config, source = read_config(path), str(config_path(path))
+    model = build_model(config, source=source)
+    attn, kern = _requested(config, attn_implementation, kernels, source)
     return bind(model, attn, kern, device=device, dtype=resolve_dtype(dtype, config), mode=mode, lock=lock)

@@ -1,50 +1,96 @@
-"""Parsing what users type for `attn_implementation` into per-site requests.
+"""One grammar for what users ask: `attn_implementation=` and `kernels=` parse the same way.
 
-Accepted forms (DESIGN 2.4):
+Both become a `Request`: candidate chains keyed by name (a layer type for attention, a
+layer name for kernels), by module-path glob, or `'*'` for everything else.
 
-    "sdpa"                                   one explicit choice: an error if it cannot serve a site
-    "paged|sdpa"                             sdpa, and the model will serve from a paged KV cache
-    "org/repo@v1:my_attention"               an attention function from a Hub kernel repo
-    ["flash", "sdpa"]                        a preference list: the first that fits, reasons recorded
-    {"sliding_attention": "flex", "*": "sdpa"}   per layer type or module-path glob
+    attn_implementation = "sdpa"                      one explicit choice: an error if it cannot serve
+                        = "paged|sdpa"                ... and the model will serve from a paged KV cache
+                        = "org/repo@v1:my_attention"  an attention function from a Hub kernel repo
+                        = ["flash", "sdpa"]           a preference list: the first that fits, reasons recorded
+                        = {"sliding_attention": "flex", "model.layers.0.*": "eager", "*": "sdpa"}
+    kernels = {"RMSNorm": MyRMSNorm | "fast" | "org/rmsnorm@v1" | "./dir" | ["org/x@v1", "reference"],
+               "model.layers.0.*": "./dir:RMSNorm"}
 
-Parsing happens once at bind time; nothing here runs during a forward.
+One precedence: the first glob (in the order written) that matches, then the name, then
+`'*'`. One glob rule (`glob_matches`): a glob matches a module's path or the path of a
+module it sits in. Nothing is loaded here; `choose` does that.
 
->>> parse_attn_implementation("paged|sdpa").request_for("model.layers.0.self_attn.attn", "full_attention")
-Request(names=('sdpa',), explicit=True, paged=True, origin="'paged|sdpa'")
+>>> req = parse_attn_implementation({"sliding_attention": "flex", "*": "sdpa"}, ["sliding_attention"])
+>>> req.lookup("model.layers.1.self_attn.attn", "sliding_attention")[1].values
+('flex',)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import os
 
-from kernelhub.registry.errors import BindError, KernelhubError
+from kernelhub.declare.errors import KernelhubError, suggestion
 from kernelhub.registry.hub.ref import looks_like_kernel_ref, parse_kernel_ref
 
 DEFAULT_PREFERENCE = ("sdpa", "eager")
+REFERENCE = "reference"
 # Layer types of transformers configs; valid dict keys even for models without such layers,
 # so one request can serve many models.
 KNOWN_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
-FORMS = ("a backend name such as 'sdpa'", "'paged|NAME'", "a Hub kernel 'org/repo@rev:symbol'", "a preference list such as ['flex', 'sdpa']",
-         "a dict such as {'sliding_attention': 'flex', '*': 'sdpa'}")
+FORMS = ("a backend name such as 'sdpa'", "'paged|NAME'", "a Hub kernel 'org/repo@rev:symbol'",
+         "a preference list such as ['flex', 'sdpa']", "a dict such as {'sliding_attention': 'flex', '*': 'sdpa'}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Chain:
+    """What one key asks for: candidates in preference order."""
+
+    values: tuple
+    explicit: bool      # a single value, not a list: if it cannot serve, that is an error
+    origin: str         # as the user wrote it, for the plan
+    paged: bool = False  # attention: the model will serve from a paged KV cache
 
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """What one attention site asks for."""
+    """A parsed `attn_implementation` or `kernels`: a rule from (path, name) to a `Chain`."""
 
-    names: tuple[str, ...]
-    explicit: bool
-    paged: bool
-    origin: str
+    default: Chain | None
+    by_name: dict
+    by_glob: tuple  # ((glob, Chain), ...) in the user's order
+
+    def lookup(self, path: str, name: str, applies=None) -> tuple[str | None, Chain | None]:
+        """(key, chain) for the module at `path` declared as `name`; (None, None) if nothing asks.
+
+        `applies(key, chain)` may veto a glob's chain for this module (a kernel for another layer).
+        """
+        for glob, chain in self.by_glob:
+            if glob_matches(glob, path) and (applies is None or applies(glob, chain)):
+                return glob, chain
+        if name in self.by_name:
+            return name, self.by_name[name]
+        if self.default is not None:
+            return "*", self.default
+        return None, None
+
+    def chains(self) -> list[tuple[str, Chain]]:
+        return [*self.by_name.items(), *self.by_glob, *((("*", self.default),) if self.default else ())]
+
+
+def glob_matches(glob: str, path: str) -> bool:
+    """Whether a module-path glob matches `path` or the path of a module it sits in.
+
+    >>> glob_matches("model.layers.0.self_attn", "model.layers.0.self_attn.attn")
+    True
+    >>> glob_matches("model.layers.1*", "model.layers.0.mlp")
+    False
+    """
+    parts = path.split(".")
+    return any(fnmatch.fnmatchcase(".".join(parts[:i]), glob) for i in range(len(parts), 0, -1))
 
 
 def _bad(what: str) -> KernelhubError:
     return KernelhubError(f"invalid attn_implementation: {what}. Accepted forms: {'; '.join(FORMS)}")
 
 
-def parse_name(text, origin: str) -> tuple[str, bool]:
+def _attention_name(text, origin: str) -> tuple[str, bool]:
     """('name', paged) from one string, checking its shape (not whether it is registered)."""
     if not isinstance(text, str):
         raise _bad(f"{origin} must be a string, got {type(text).__name__} {text!r}")
@@ -60,79 +106,76 @@ def parse_name(text, origin: str) -> tuple[str, bool]:
     return name, paged
 
 
-def parse_choice(value, origin: str) -> Request:
-    """A single name or a preference list."""
+def _attention_chain(value, origin: str) -> Chain:
     if isinstance(value, str):
-        name, paged = parse_name(value, origin)
-        return Request((name,), True, paged, f"{value!r}")
+        name, paged = _attention_name(value, origin)
+        return Chain((name,), True, repr(value), paged)
     if isinstance(value, (list, tuple)):
         if not value:
             raise _bad(f"{origin} is an empty preference list")
-        parsed = [parse_name(v, f"{origin} entry {i}") for i, v in enumerate(value)]
+        parsed = [_attention_name(v, f"{origin} entry {i}") for i, v in enumerate(value)]
         paged = {p for _, p in parsed}
         if len(paged) > 1:
             raise _bad(f"{origin} mixes 'paged|' and plain entries; mark all or none of them paged")
-        return Request(tuple(n for n, _ in parsed), len(parsed) == 1, paged.pop(), repr(list(value)))
+        return Chain(tuple(n for n, _ in parsed), False, repr(list(value)), paged.pop())
     raise _bad(f"{origin} must be a string or a list of strings, got {type(value).__name__}")
 
 
-@dataclasses.dataclass(frozen=True)
-class AttnSpec:
-    """A parsed attn_implementation: a rule mapping each site to a `Request`."""
-
-    default: Request | None
-    by_layer_type: dict
-    by_path: tuple  # ((glob, Request), ...) in the user's order
-
-    def request_for(self, path: str, layer_type: str) -> Request:
-        parent = path.rsplit(".", 1)[0]
-        for glob, req in self.by_path:
-            if fnmatch.fnmatchcase(path, glob) or fnmatch.fnmatchcase(parent, glob):
-                return req
-        if layer_type in self.by_layer_type:
-            return self.by_layer_type[layer_type]
-        if self.default is not None:
-            return self.default
-        keys = [*self.by_layer_type, *(g for g, _ in self.by_path)]
-        raise BindError(f"attn_implementation dict has no entry for attention site {path!r} (layer type "
-                        f"{layer_type!r}); keys given: {', '.join(map(repr, keys))}. Add a '*' entry or the key "
-                        f"{layer_type!r}")
-
-    def requests(self) -> list[Request]:
-        """Every request in the spec, so names can be validated even where no site uses them."""
-        return [r for r in (self.default, *self.by_layer_type.values(), *(r for _, r in self.by_path)) if r]
-
-    def check_keys(self, sites: dict) -> None:
-        """Every dict key must match at least one site: a typo must not pass silently.
-
-        `sites` maps module path -> layer type.
-        """
-        types = sorted(set(sites.values()) | set(KNOWN_LAYER_TYPES))
-        for glob, _ in self.by_path:
-            if not any(fnmatch.fnmatchcase(p, glob) or fnmatch.fnmatchcase(p.rsplit(".", 1)[0], glob) for p in sites):
-                example = next(iter(sites), "model.layers.0.self_attn.attn")
-                raise BindError(f"attn_implementation key {glob!r} matches no attention site. Keys are layer types "
-                                f"({', '.join(types)}), '*', or module-path globs like {example!r}")
-
-
-def parse_attn_implementation(spec, layer_types=()) -> AttnSpec:
+def parse_attn_implementation(value, layer_types=()) -> Request:
     """Parse any accepted form; `layer_types` tells dict keys that are layer types from path globs."""
-    if spec is None:
-        return AttnSpec(Request(DEFAULT_PREFERENCE, False, False, "default"), {}, ())
-    if isinstance(spec, dict):
-        if not spec:
-            raise _bad("the dict is empty")
-        default, by_type, by_path = None, {}, []
-        for key, value in spec.items():
-            if not isinstance(key, str) or not key.strip():
-                raise _bad(f"dict key {key!r} must be a layer type, '*' or a module-path glob")
-            req = parse_choice(value, f"value for key {key!r}")
-            req = dataclasses.replace(req, origin=f"{key!r}: {req.origin}")
-            if key == "*":
-                default = req
-            elif key in layer_types or key in KNOWN_LAYER_TYPES:
-                by_type[key] = req
-            else:
-                by_path.append((key, req))
-        return AttnSpec(default, by_type, tuple(by_path))
-    return AttnSpec(parse_choice(spec, "attn_implementation"), {}, ())
+    if value is None:
+        return Request(Chain(DEFAULT_PREFERENCE, False, "default"), {}, ())
+    if not isinstance(value, dict):
+        return Request(_attention_chain(value, "attn_implementation"), {}, ())
+    if not value:
+        raise _bad("the dict is empty")
+    default, by_name, by_glob = None, {}, []
+    for key, item in value.items():
+        if not isinstance(key, str) or not key.strip():
+            raise _bad(f"dict key {key!r} must be a layer type, '*' or a module-path glob")
+        chain = _attention_chain(item, f"value for key {key!r}")
+        chain = dataclasses.replace(chain, origin=f"{key!r}: {chain.origin}")
+        if key == "*":
+            default = chain
+        elif key in layer_types or key in KNOWN_LAYER_TYPES:
+            by_name[key] = chain
+        else:
+            by_glob.append((key, chain))
+    return Request(default, by_name, tuple(by_glob))
+
+
+def _kernel_value_ok(value) -> bool:
+    return isinstance(value, (str, os.PathLike)) or value is None or callable(value)
+
+
+def parse_kernels(value, layer_names) -> Request:
+    """Parse `kernels=`: keys are declared layer names or module-path globs; values a kernel or a chain."""
+    if value is None:
+        return Request(None, {}, ())
+    names = sorted(layer_names)
+    if not isinstance(value, dict):
+        raise KernelhubError(f"kernels must be a dict like {{'RMSNorm': impl}}, got {type(value).__name__}")
+    by_name, by_glob = {}, []
+    for key, item in value.items():
+        if not isinstance(key, str) or not key.strip():
+            raise KernelhubError(f"kernels key {key!r} must be a layer name ({', '.join(names)}) or a module-path glob")
+        if key not in names and "." not in key and not any(c in key for c in "*?["):
+            raise KernelhubError(f"kernels key {key!r} names no declared layer of this model.{suggestion(key, names)} "
+                                 f"Layers: {', '.join(names) or 'none'}; or use a module-path glob")
+        chain = list(item) if isinstance(item, (list, tuple)) else [item]
+        if not chain:
+            raise KernelhubError(f"kernels[{key!r}] is an empty fallback chain")
+        bad = [v for v in chain if not _kernel_value_ok(v)]
+        if bad:
+            raise KernelhubError(f"kernels[{key!r}]: {bad[0]!r} breaks the layer contract: give a class with "
+                                 "forward(self, x) "
+                                 "(like the kernels `layers.<Name>` classes), a registered kernel name, a Hub ref "
+                                 "'org/name@rev', a local directory './dir', or 'reference'")
+        origin = repr(item if isinstance(item, (str, list)) else getattr(item, "__name__", item))
+        parsed = Chain(tuple(REFERENCE if v is None else v for v in chain), not isinstance(item, (list, tuple)),
+                       f"{key!r}: {origin}")
+        if key in names:
+            by_name[key] = parsed
+        else:
+            by_glob.append((key, parsed))
+    return Request(None, by_name, tuple(by_glob))

@@ -15,18 +15,12 @@ import pytest
 
 import kernelhub
 from kernelhub.testing import populate_hub_cache, write_kernel_repo
-from tests.test_bad_input import assert_unchanged, registry_snapshot, snapshot
+from tests.hub_test_kernels import COUNTED_RMSNORM
+from tests.unchanged import assert_unchanged, registry_snapshot, snapshot
 
 TRUSTED = "kernelhub-test"
 
-GOOD_RMSNORM = """
-class RMSNorm(torch.nn.Module):
-    def forward(self, x):
-        dtype = x.dtype
-        x = x.to(torch.float32)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x.to(dtype)
-"""
+GOOD_RMSNORM = COUNTED_RMSNORM  # an RMSNorm with the reference numbers, as source text
 
 
 def payload(marker: Path) -> str:

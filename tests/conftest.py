@@ -56,6 +56,12 @@ def hub(loopback_hub, monkeypatch, tmp_path):
     forget_loaded()
 
 
+@pytest.fixture
+def marker(tmp_path):
+    """Where a malicious kernel in a supply-chain test writes when it runs: it must stay absent."""
+    return tmp_path / "MARKER"
+
+
 @pytest.fixture(autouse=True)
 def seeded():
     torch.manual_seed(0)

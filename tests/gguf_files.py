@@ -6,8 +6,12 @@ TOKENS = ["<|endoftext|>", "a", "b", "ab", "Ġ", "Ġa", "c", "abc"]
 MERGES = ["a b", "Ġ a", "ab c"]
 
 
-def write_tiny_gguf(path, *, arch="llama", tokens=TOKENS, tokenizer=True, vocab_rows=None, seed=0):
-    """A 1-layer llama-shaped model (hidden 16, 2 heads, 1 kv head) with float32 tensors."""
+def write_tiny_gguf(path, *, arch="llama", tokens=TOKENS, tokenizer=True, vocab_rows=None, seed=0, overrides=None):
+    """A 1-layer llama-shaped model (hidden 16, 2 heads, 1 kv head) with float32 tensors.
+
+    `overrides` maps metadata keys to `(value, gguf.GGUFValueType)`, written over the defaults
+    (a damaged file: a string block count, a negative epsilon).
+    """
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -27,6 +31,8 @@ def write_tiny_gguf(path, *, arch="llama", tokens=TOKENS, tokenizer=True, vocab_
         w.add_token_merges(MERGES)
         w.add_token_types([3] + [1] * (len(tokens) - 1))
         w.add_eos_token_id(0)
+    for key, (value, vtype) in (overrides or {}).items():
+        w.add_key_value(key, value, vtype)
     shapes = {"token_embd.weight": (rows, hidden), "output_norm.weight": (hidden,),
               "blk.0.attn_norm.weight": (hidden,), "blk.0.ffn_norm.weight": (hidden,),
               "blk.0.attn_q.weight": (hidden, hidden), "blk.0.attn_k.weight": (8, hidden),

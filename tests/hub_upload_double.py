@@ -41,7 +41,7 @@ class UploadDouble:
                 double.requests.append(self.path)
                 try:
                     status, payload = double.handle(self.path, body)
-                except Exception as e:  # report, do not drop the connection
+                except Exception as e:  # noqa: BLE001 - report, do not drop the connection
                     status, payload = 500, {"error": f"{type(e).__name__}: {e}"}
                 self._reply(status, payload)
 

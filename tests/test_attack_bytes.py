@@ -27,11 +27,6 @@ def model(tiny_checkpoint):
 
 
 @pytest.fixture
-def marker(tmp_path):
-    return tmp_path / "MARKER"
-
-
-@pytest.fixture
 def locked(tmp_path, monkeypatch):
     """A trusted kernel in an offline HF cache, locked; returns (cached variant dir, lock path)."""
     cache = tmp_path / "hf-cache"

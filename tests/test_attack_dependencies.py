@@ -25,11 +25,6 @@ def model(tiny_checkpoint):
 
 
 @pytest.fixture
-def marker(tmp_path):
-    return tmp_path / "MARKER"
-
-
-@pytest.fixture
 def cache(tmp_path, monkeypatch):
     """An offline HF cache, with the test org trusted."""
     path = tmp_path / "hf-cache"
@@ -172,5 +167,6 @@ def test_a_kernel_imported_before_a_lock_is_not_handed_out_with_other_dependenci
     lock_kernels([f"{TRUSTED}/good@v1"], path=lock_path).write(lock_path)
     locked = load_kernel(ref, torch.device("cpu"), KernelLock.read(lock_path))
     assert locked.module.DEP.WHO == "second"
-    assert locked.closure.deps[0].source == f"hub friend/dep@{KernelLock.read(lock_path).entries['friend/dep@v1'].commit}"
+    commit = KernelLock.read(lock_path).entries["friend/dep@v1"].commit
+    assert locked.closure.deps[0].source == f"hub friend/dep@{commit}"
     assert not hasattr(builtins, "_never")

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import kernelhub
-from kernelhub.backends.attention_mask import AttentionMask
-from kernelhub.backends.site import AttentionSite
+from kernelhub.declare.attention_mask import AttentionMask
+from kernelhub.declare.site import AttentionSite
 from oracle import dense_attention
 
 BACKENDS = ["eager", "sdpa", "flex", "flash"]  # flash: the Triton kernel, under the interpreter here

@@ -7,31 +7,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import kernelhub
-from kernelhub.backends.eager import eager_attention
+from tests.unchanged import assert_unchanged, registry_snapshot, snapshot
+from kernelhub.declare.eager import eager_attention
 from kernelhub.samples import TINY_LLAMA, write_random_checkpoint
 
 
 @pytest.fixture
 def model(tiny_checkpoint):
     return kernelhub.from_pretrained(tiny_checkpoint, attn_implementation="flex")
-
-
-def snapshot(model):
-    sites = [(p, m.implementation, m._fn) for p, m in model.named_modules() if isinstance(m, kernelhub.AttentionSite)]
-    layers = [(p, m.__dict__.get("forward")) for p, m in model.named_modules() if hasattr(type(m), "kernel_layer_name")]
-    weights = {k: v.clone() for k, v in model.state_dict().items()}
-    return model.binding, model.binding_request, sites, layers, weights
-
-
-def registry_snapshot():
-    reg = kernelhub.get_registry()
-    return list(reg._backends.items()), dict(reg._aliases)
-
-
-def assert_unchanged(model, before):
-    plan, request, sites, layers, weights = snapshot(model)
-    assert plan is before[0] and request == before[1] and sites == before[2] and layers == before[3]
-    assert all(torch.equal(weights[k], before[4][k]) for k in weights)
 
 
 BIND_CASES = [
@@ -107,10 +90,14 @@ def test_preference_list_where_nothing_fits_lists_every_reason(tiny_checkpoint):
     assert "sdpa: cannot return attention weights" in message and "flex: cannot return attention weights" in message
 
 
-def test_flex_refuses_a_head_dim_it_cannot_compile(tmp_path):
+def test_flex_refuses_a_head_dim_it_cannot_compile_on_cuda_and_runs_it_on_cpu(tmp_path):
     write_random_checkpoint(tmp_path, {**TINY_LLAMA, "hidden_size": 32})  # head_dim 8
     with pytest.raises(kernelhub.BindError, match=r"flex.*supports head_dim 16\.\.256, not 8"):
-        kernelhub.explain(tmp_path, attn_implementation="flex")
+        kernelhub.explain(tmp_path, attn_implementation="flex", device="cuda")
+    flex = kernelhub.from_pretrained(tmp_path, attn_implementation="flex")
+    eager = kernelhub.from_pretrained(tmp_path, attn_implementation="eager")
+    ids = torch.randint(0, 100, (2, 7))
+    torch.testing.assert_close(flex(ids).logits, eager(ids).logits, atol=1e-5, rtol=1e-5)  # autograd on, no no_grad
 
 
 def test_missing_config(tmp_path):

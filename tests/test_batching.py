@@ -5,11 +5,11 @@ import pytest
 import torch
 
 import kernelhub
-from kernelhub.backends.eager import eager_attention
-from kernelhub.models.batching import ContinuousBatcher, generate_batch
+from kernelhub.declare.eager import eager_attention
+from kernelhub.models.batching import ContinuousBatcher
 from kernelhub.registry.capabilities import AttentionBackend
 from kernelhub.samples import smollm2_gguf
-from test_bad_input import assert_unchanged, registry_snapshot, snapshot
+from tests.unchanged import assert_unchanged, registry_snapshot, snapshot
 
 PAGED_BACKENDS = ["eager", "sdpa", "flex", "flash"]
 LENGTHS = [1, 5, 17, 3, 40, 9, 2, 26, 12, 7, 33, 4, 21, 15, 8, 11]  # 16 prompts of different lengths
@@ -39,7 +39,7 @@ def test_tiny_llama_batch_equals_per_prompt_generate(tiny_checkpoint, tiny_expec
     results = model.generate_batch(batch, max_new_tokens=10, max_batch_tokens=24, block_size=8)
     assert [r.tokens for r in results] == expected
     assert {r.finish_reason for r in results} == {"length"}
-    assert generate_batch.last_stats["steps"] > 10
+    assert results.stats["steps"] > 10
 
 
 @pytest.mark.parametrize("backend", ["eager", "sdpa", "flash"])
@@ -49,7 +49,7 @@ def test_forced_preemption_keeps_every_token(tiny_checkpoint, tiny_expected, bac
     cfg = model.config
     per_block = 2 * cfg.num_hidden_layers * 4 * cfg.num_key_value_heads * cfg.head_dim * 4
     results = model.generate_batch(batch, max_new_tokens=10, block_size=4, kv_memory=16 * per_block)
-    assert generate_batch.last_stats["preemptions"] > 0
+    assert results.stats["preemptions"] > 0
     assert [r.tokens for r in results] == expected
 
 
@@ -109,7 +109,7 @@ def test_streaming_manager_adds_cancels_and_streams(tiny_checkpoint, tiny_expect
     finished = []
     finished += batcher.step()
     batcher.cancel("doomed")  # running: it had its first chunk
-    late = batcher.add_request(batch[5], max_new_tokens=10, request_id="late")
+    assert batcher.add_request(batch[5], max_new_tokens=10, request_id="late") == "late"
     finished += [r for r in batcher]
     by_id = {r.request_id: r for r in finished}
     assert [by_id[i].tokens for i in first] == expected[:4]

@@ -1,5 +1,6 @@
 """Binding: request forms, plans, unbind, scoped registries across threads, no look-ups in forward."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -9,9 +10,9 @@ import pytest
 import torch
 
 import kernelhub
-from kernelhub.backends.eager import eager_attention
+from kernelhub.declare.eager import eager_attention
 from kernelhub.samples import TINY_LLAMA, write_random_checkpoint
-from kernelhub.registry import manager
+from kernelhub.registry import plugins
 from threads import run_in_threads
 
 
@@ -57,12 +58,13 @@ def test_preference_list_records_rejections(mistral_checkpoint):
     row = plan.to_dict()[0]
     assert row == {"path": "model.layers.0.self_attn.attn", "kind": "attention", "chosen": "sdpa",
                    "source": "builtin", "request": "['flex', 'sdpa']", "note": "",
-                   "rejected": [{"name": "flex", "reasons": ["forward-only on cpu (backward on cuda), no backward for training"]}]}
+                   "rejected": [{"name": "flex",
+                                 "reasons": ["forward-only on cpu (backward on cuda), no backward for training"]}]}
 
 
 def test_plan_is_immutable_and_prints_a_table(mistral_checkpoint):
     model = kernelhub.from_pretrained(mistral_checkpoint, attn_implementation="sdpa")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         model.binding.entries[0].chosen = "eager"
     table = str(model.binding)
     assert "model.layers.{0..3}.self_attn.attn" in table and "attention  sdpa" in table
@@ -92,8 +94,8 @@ def test_forward_does_no_registry_lookup(mistral_checkpoint, monkeypatch, swap_k
     def no_lookups(*a, **k):
         raise AssertionError("registry consulted during forward")
 
-    monkeypatch.setattr(manager, "get_registry", no_lookups)
-    monkeypatch.setattr(manager.Registry, "get", no_lookups)
+    monkeypatch.setattr(plugins, "get_registry", no_lookups)
+    monkeypatch.setattr(plugins.Registry, "get", no_lookups)
     with torch.no_grad():
         model(IDS)  # no registry may be consulted, yet the bound callable runs
     assert len(calls) == 4

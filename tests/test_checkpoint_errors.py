@@ -35,7 +35,8 @@ def test_truncated_gguf_names_the_file(tmp_path):
 
 def test_gguf_of_unsupported_architecture(tmp_path):
     path = write_tiny_gguf(tmp_path / "gpt2.gguf", arch="gpt2")
-    with pytest.raises(kernelhub.CheckpointError, match="architecture 'gpt2' is not supported; supported: llama, qwen2"):
+    with pytest.raises(kernelhub.CheckpointError,
+                       match="architecture 'gpt2' is not supported; supported: llama, qwen2"):
         kernelhub.from_pretrained(path)
 
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import kernelhub
-from kernelhub.backends.site import AttentionSite
+from kernelhub.declare.site import AttentionSite
 from kernelhub.registry.capabilities import unsupported
-from test_bad_input import assert_unchanged, snapshot
+from tests.unchanged import assert_unchanged, snapshot
 from flash_attn_double import install_flash_attn
 
 
@@ -81,7 +81,7 @@ def test_float32_on_cuda_takes_the_triton_kernel_and_says_why(monkeypatch):
 def test_flash_attn_reads_block_tables_natively_when_its_page_size_allows(monkeypatch, block_size, q_lens, call):
     """flash-attn 2 pages must be multiples of 256 positions; smaller blocks are gathered first.
     Decode-only steps take flash-attn's kvcache (split-KV decode) kernel."""
-    from kernelhub.backends.paged_attention import PagedMask
+    from kernelhub.declare.paged import PagedMask
 
     fa = install_flash_attn(monkeypatch)
     resolution = flash("cuda", torch.bfloat16)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import kernelhub
-from kernelhub.backends.attention_mask import AttentionMask
-from tests.test_bad_input import registry_snapshot
+from kernelhub.declare.attention_mask import AttentionMask
+from tests.unchanged import registry_snapshot
 
 ORG = "kernelhub-test"
 

@@ -10,7 +10,7 @@ import kernelhub
 from kernelhub.registry.hub.lockfile import LockError
 from kernelhub.registry.hub.trust import UntrustedKernelError
 from kernelhub.testing import point_hub_at
-from tests.test_bad_input import assert_unchanged, registry_snapshot, snapshot
+from tests.unchanged import assert_unchanged, registry_snapshot, snapshot
 
 ORG = "kernelhub-test"
 
@@ -101,7 +101,8 @@ def test_unreachable_hub_with_nothing_cached_fails_fast(model, hub, monkeypatch,
     for endpoint in ("http://127.0.0.1:9", f"http://127.0.0.1:{silent.getsockname()[1]}"):
         point_hub_at(monkeypatch, endpoint, tmp_path / "empty-cache")
         start = time.monotonic()
-        refused(model, kernelhub.BindError, ["is unreachable", endpoint, "not in the local cache", "kernelhub download"],
+        refused(model, kernelhub.BindError,
+                ["is unreachable", endpoint, "not in the local cache", "kernelhub download"],
                 kernels={"RMSNorm": f"{ORG}/rmsnorm@v1"})
         assert time.monotonic() - start < 3.5, endpoint
     silent.close()

@@ -8,10 +8,10 @@ import time
 import pytest
 
 import kernelhub
-from kernelhub.registry.errors import KernelhubError
+from kernelhub.declare.errors import KernelhubError
 from kernelhub.testing import point_hub_at
 from tests.attack_kernels import kernel
-from tests.test_bad_input import assert_unchanged, snapshot
+from tests.unchanged import assert_unchanged, snapshot
 
 ORG = "kernelhub-test"
 

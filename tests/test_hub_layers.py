@@ -3,7 +3,6 @@
 import torch
 
 import kernelhub
-from kernelhub.models.bert import BertModel
 
 ORG = "kernelhub-test"
 
@@ -17,7 +16,8 @@ def test_llama_with_hub_kernels_matches_reference_and_plan_names_commits(hub, ti
     model = kernelhub.from_pretrained(tiny_checkpoint, attn_implementation="sdpa")
     ids = torch.randint(0, 100, (2, 7))
     reference = _logits(model, ids)
-    plan = kernelhub.bind(model, "sdpa", kernels={"RMSNorm": f"{ORG}/rmsnorm@v1", "SiLUAndMul": f"{ORG}/silu-and-mul@v1",
+    plan = kernelhub.bind(model, "sdpa", kernels={"RMSNorm": f"{ORG}/rmsnorm@v1",
+                                                  "SiLUAndMul": f"{ORG}/silu-and-mul@v1",
                                                   "ApplyRotary": f"{ORG}/rotary@main:ApplyRotary"})
     torch.testing.assert_close(_logits(model, ids), reference, atol=1e-5, rtol=1e-5)
     sources = {e.chosen: e.source for e in plan.entries if e.kind == "layer"}
@@ -36,7 +36,9 @@ def test_bert_with_hub_layernorm_matches_reference(hub):
         plan = kernelhub.bind(model, "sdpa", kernels={"LayerNorm": f"{ORG}/layernorm@v1"})
         out = model(**batch).last_hidden_state
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
-    assert isinstance(model, BertModel)
+    norms = [p for p, m in model.named_modules() if getattr(type(m), "kernel_layer_name", None) == "LayerNorm"]
+    bound = [e.path for e in plan.entries if e.kind == "layer" and "LayerNorm" in e.source]
+    assert norms and bound == norms  # every LayerNorm of the encoder runs the Hub kernel
     assert all(e.chosen == f"{ORG}/layernorm@v1:LayerNorm" for e in plan.entries if e.kind == "layer"
                and "LayerNorm" in e.source)
 
@@ -91,7 +93,8 @@ def test_hugging_face_kernelize_binds_our_decorated_layers(tiny_checkpoint):
 def test_training_and_compile_modes_honour_the_kernel_flags(hub, tiny_checkpoint):
     model = kernelhub.from_pretrained(tiny_checkpoint)
     chain = [f"{ORG}/rotary@v1", "reference"]  # rotary: has_backward=False, can_torch_compile=False
-    plan = kernelhub.bind(model, "sdpa", kernels={"ApplyRotary": chain, "RMSNorm": f"{ORG}/rmsnorm@v1"}, mode="training")
+    plan = kernelhub.bind(model, "sdpa", kernels={"ApplyRotary": chain, "RMSNorm": f"{ORG}/rmsnorm@v1"},
+                          mode="training")
     rotary = next(e for e in plan.entries if e.path.endswith("rotary"))
     assert rotary.chosen == "reference"
     assert rotary.rejected == ((f"{ORG}/rotary@v1:ApplyRotary", ("has_backward=False, cannot train",)),)

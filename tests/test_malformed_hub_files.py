@@ -9,7 +9,6 @@ import pytest
 
 import kernelhub
 from kernelhub.registry.hub.lockfile import LockError
-from kernelhub.registry.hub.metadata import KernelMetadataError
 from kernelhub.testing import write_kernel_repo
 from tests.attack_kernels import kernel, payload, refused, variant
 from tests.hub_test_kernels import chunked_attention
@@ -111,7 +110,7 @@ def test_malformed_kernelhub_json_is_refused_before_import(model, tmp_path, decl
     marker = tmp_path / "MARKER"
     repo = write_kernel_repo(tmp_path / "attn", "attn", functions=[chunked_attention], init_source=payload(marker),
                              kernelhub_json=declaration)
-    refused(model, KernelMetadataError, [phrase, "kernelhub.json"], marker, attn=f"{repo}:chunked_attention")
+    refused(model, kernelhub.BindError, [phrase, "kernelhub.json"], marker, attn=f"{repo}:chunked_attention")
 
 
 MALFORMED_DEPENDS = [

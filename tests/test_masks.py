@@ -4,9 +4,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernelhub.backends import masks as M
-from kernelhub.backends.attention_mask import AttentionMask
-from kernelhub.backends.eager import eager_attention
+from kernelhub.declare import masks as M
+from kernelhub.declare.attention_mask import AttentionMask
+from kernelhub.declare.eager import eager_attention
 from kernelhub.backends.flex import flex_attention_backend
 from kernelhub.backends.sdpa import sdpa_attention
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import kernelhub
-from kernelhub.backends.attention_mask import AttentionMask
-from kernelhub.backends.paged_attention import PagedMask
-from kernelhub.backends.paged_cache import BlockPool, OutOfBlocks, PagedKVCache
-from kernelhub.backends.site import AttentionSite
+from kernelhub.declare.attention_mask import AttentionMask
+from kernelhub.declare.paged import PagedMask
+from kernelhub.declare.paged_cache import BlockPool, OutOfBlocks, PagedKVCache
+from kernelhub.declare.site import AttentionSite
 
 
 def cache(num_blocks=8, block_size=4, layer_types=("full_attention",), window=None):

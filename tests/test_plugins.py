@@ -10,7 +10,7 @@ import torch
 
 import kernelhub
 from kernelhub import cli
-from kernelhub.backends.eager import eager_attention
+from kernelhub.declare.eager import eager_attention
 
 PLUGIN_DIR = Path(__file__).parent / "plugins" / "kernelhub-test-backend"
 
@@ -124,7 +124,8 @@ def test_two_plugins_registering_one_name_are_reported_naming_both():
 
     registry = kernelhub.get_registry()
     registry.add_plugin(plugin_providing(eager_attention), "first (dist-one)")
-    with pytest.warns(RuntimeWarning, match=r"'dup' from second \(dist-two\) is already registered by first \(dist-one\)"):
+    with pytest.warns(RuntimeWarning,
+                      match=r"'dup' from second \(dist-two\) is already registered by first \(dist-one\)"):
         registry.add_plugin(plugin_providing(lambda *a, **k: None), "second (dist-two)")
     assert registry.get("dup").backend.fn is eager_attention  # the first registration is kept
     assert any(f.plugin == "second (dist-two)" for f in registry.failures)

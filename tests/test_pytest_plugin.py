@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import kernelhub
-from kernelhub.backends.eager import eager_attention
+from kernelhub.declare.eager import eager_attention
 
 pytest_plugins = ["pytester"]
 
@@ -82,7 +82,7 @@ def test_plugin_in_a_fresh_pytest_run(pytester, monkeypatch):
     pytester.makeconftest(
         """
         import kernelhub
-        from kernelhub.backends.eager import eager_attention
+        from kernelhub.declare.eager import eager_attention
         from kernelhub.registry import builtins
 
         class CudaOnly:
@@ -92,7 +92,7 @@ def test_plugin_in_a_fresh_pytest_run(pytester, monkeypatch):
                         capabilities=kernelhub.Capabilities(devices=("cuda",)))]
 
         def pytest_configure(config):
-            import kernelhub.registry.manager as m
+            import kernelhub.registry.plugins as m
             original = m.Registry.__init__
             def init(self, *a, **k):
                 original(self, *a, **k)

@@ -11,7 +11,7 @@ def run_in_threads(worker, n: int = 8) -> None:
         try:
             start.wait(timeout=10)
             worker(i)
-        except Exception as e:  # re-raised below, in the calling thread
+        except Exception as e:  # noqa: BLE001 - re-raised below, in the calling thread
             errors.append(e)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]

@@ -17,7 +17,7 @@ from kernelhub.registry.capabilities import AttentionBackend, Capabilities
 from kernelhub.registry.hub.fetch import HubKernelError
 from kernelhub.registry.hub.loader import load_kernel
 from kernelhub.registry.hub.ref import parse_kernel_ref
-from kernelhub.registry.manager import Registered
+from kernelhub.registry.plugins import Registered
 
 FLASH_VARLEN = "flash_attn_varlen_func"
 

@@ -28,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-from kernelhub.registry.errors import KernelhubError
+from kernelhub.declare.errors import HubKernelError, KernelhubError
 from kernelhub.registry.hub.ref import HubRef
 
 TIMEOUT_ENV = "KERNELHUB_HUB_TIMEOUT"
@@ -36,9 +36,6 @@ DEFAULT_DEADLINE = 30.0
 CONNECT_TIMEOUT, READ_TIMEOUT = 5.0, 10.0
 PROBE_TIMEOUT = 3.0  # the reachability probe: one small request, so a dead Hub fails fast
 
-
-class HubKernelError(KernelhubError):
-    """A kernel that cannot be resolved, downloaded, verified or imported."""
 
 
 def deadline_seconds() -> float:

@@ -13,41 +13,15 @@ bytecode, or a malformed reference is raised at once.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
-from kernelhub.registry.errors import KernelhubError
+from kernelhub.declare.errors import KernelhubError
 from kernelhub.registry.hub.loader import load_kernel
 from kernelhub.registry.hub.lockfile import LockError
 from kernelhub.registry.hub.ref import HubRef, parse_kernel_ref
 from kernelhub.registry.hub.snapshot import UnsafeKernelError
 from kernelhub.registry.hub.trust import UntrustedKernelError
-
-
-def contract_problems(impl, declared_cls) -> list[str]:
-    """Why `impl` cannot replace the forward of `declared_cls`; [] if it can."""
-    if not isinstance(impl, type) or not issubclass(impl, torch.nn.Module):
-        return [f"{impl!r} is not an nn.Module subclass"]
-    problems = []
-    if impl.__init__ is not torch.nn.Module.__init__:
-        problems.append(f"{impl.__name__} defines __init__; layer kernels must be stateless and read the "
-                        "host module's attributes")
-    # nn.Module's members now (libraries such as transformers add some at import), as kernels does.
-    module_members = {n for n, _ in inspect.getmembers(torch.nn.Module)}
-    extra = sorted({n for n, _ in inspect.getmembers(impl)} - module_members - {"can_torch_compile", "has_backward"})
-    if extra:
-        problems.append(f"{impl.__name__} defines {', '.join(extra)}; the kernels layer contract allows only forward, "
-                        "has_backward and can_torch_compile")
-    params = list(inspect.signature(impl.forward).parameters.values())
-    ref_params = list(inspect.signature(declared_cls.forward).parameters.values())
-    if [p.kind for p in params] != [p.kind for p in ref_params]:
-        problems.append(f"forward{_sig(params)} does not match {declared_cls.__name__}.forward{_sig(ref_params)}")
-    return problems
-
-
-def _sig(params) -> str:
-    return "(" + ", ".join(p.name for p in params) + ")"
+from kernelhub.registry.layer_contract import contract_problems
 
 
 def load_hub_layer(value, layer: str, declared_cls, device, lock, origin: str):
@@ -69,4 +43,4 @@ def load_hub_layer(value, layer: str, declared_cls, device, lock, origin: str):
         found = sorted(n for n, v in vars(layers).items() if isinstance(v, type) and issubclass(v, torch.nn.Module))
         return name, None, loaded.source, [f"{loaded.source} has no layer {symbol!r} "
                                            f"(layers: {', '.join(found) or 'none'})"]
-    return name, impl, loaded.source, contract_problems(impl, declared_cls)
+    return name, impl, loaded.source, contract_problems(impl, declared_cls, hub=True)

@@ -27,7 +27,7 @@ import os
 import re
 from pathlib import Path
 
-from kernelhub.registry.errors import KernelhubError
+from kernelhub.declare.errors import LockError, KernelhubError
 from kernelhub.registry.hub.ref import HubRef, LocalRef, parse_kernel_ref
 
 LOCK_VERSION = 1
@@ -37,9 +37,6 @@ _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 _VARIANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
-
-class LockError(KernelhubError):
-    """A lock file that cannot be read, misses a kernel, or does not match the files on disk."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +67,8 @@ class LockEntry:
         if changed or missing or extra:
             detail = "; ".join(f"{what}: {', '.join(files)}" for what, files in
                                (("changed", changed), ("missing", missing), ("not in the lock", extra)) if files)
-            raise LockError(f"{self.name} ({variant}) does not match the lock, so it was not imported (nor anything that needs it). "
+            raise LockError(f"{self.name} ({variant}) does not match the lock, so it was not imported "
+                            "(nor anything that needs it). "
                             f"{detail}. Files in {str(where)!r} were modified; delete them and run "
                             "`kernelhub download`, or re-lock if the change is intended")
 
@@ -177,7 +175,8 @@ def _hub_entry(key: str, raw: dict, file: str) -> LockEntry:
     if not isinstance(ref, HubRef) or ref.symbol:
         raise _bad(file, f"{field} key", key, "'org/name@rev' (no ':Symbol')")
     if raw["repo_id"] != ref.repo_id or raw["requested"] != ref.requested or "@" not in key:
-        raise _bad(file, f"{field}.repo_id/requested", f"{raw['repo_id']}@{raw['requested']}", f"to match the key {key!r}")
+        raise _bad(file, f"{field}.repo_id/requested", f"{raw['repo_id']}@{raw['requested']}",
+                   f"to match the key {key!r}")
     if not isinstance(raw["commit"], str) or not _COMMIT.match(raw["commit"]):
         raise _bad(file, f"{field}.commit", raw["commit"], "a full commit id: 40 lowercase hex digits")
     return LockEntry(_variants(raw["variants"], file, f"{field}.variants"), raw["repo_id"], raw["requested"],

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kernelhub.registry.errors import KernelhubError
+from kernelhub.declare.errors import KernelhubError
 from kernelhub.registry.hub.fetch import HubKernelError, explain_failure, hub_budget, offline, probe, run_bounded
 from kernelhub.registry.hub.lockfile import KernelLock, LockEntry, LockError, lock_key
 from kernelhub.registry.hub.metadata import read_variant_metadata

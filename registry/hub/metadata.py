@@ -29,7 +29,7 @@ import re
 import torch
 
 from kernelhub.registry.capabilities import MASK_FORMATS, Capabilities
-from kernelhub.registry.errors import KernelhubError
+from kernelhub.declare.errors import KernelMetadataError, KernelhubError
 from kernelhub.registry.hub.ref import HubRef, parse_kernel_ref
 
 FILE = "kernelhub.json"
@@ -39,9 +39,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 _KERNEL_NAME = re.compile(r"^[a-z][a-z0-9-]*[a-z0-9]$")
 _BOOL_FIELDS = {f.name for f in dataclasses.fields(Capabilities) if f.type == "bool"}
 
-
-class KernelMetadataError(KernelhubError):
-    """A metadata.json or kernelhub.json field of the wrong type or value."""
 
 
 def _bad(file: str, field: str, found, allowed: str) -> KernelMetadataError:

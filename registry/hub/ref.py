@@ -19,7 +19,7 @@ import os
 import re
 from pathlib import Path
 
-from kernelhub.registry.errors import KernelhubError
+from kernelhub.declare.errors import KernelhubError
 
 SHAPE = "'org/name[@rev][:Symbol]' (rev: v<N>, a branch, a tag or a commit) or a local directory"
 _NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$")

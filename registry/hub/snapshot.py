@@ -26,13 +26,10 @@ import os
 import stat
 from pathlib import Path
 
-from kernelhub.registry.errors import KernelhubError
+from kernelhub.declare.errors import UnsafeKernelError
 
 BYTECODE_SUFFIXES = (".pyc", ".pyo")
 
-
-class UnsafeKernelError(KernelhubError):
-    """A kernel variant holding something whose bytes a digest could not vouch for."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,15 +24,12 @@ import os
 import tomllib
 from pathlib import Path
 
-from kernelhub.registry.errors import KernelhubError
+from kernelhub.declare.errors import UntrustedKernelError, KernelhubError
 
 BUILT_IN = ("kernels-community",)
 ENV = "KERNELHUB_TRUSTED"
 CONFIG_ENV = "KERNELHUB_CONFIG"
 
-
-class UntrustedKernelError(KernelhubError):
-    """A Hub kernel repo that is not on the trust allowlist."""
 
 
 def config_path() -> Path:

@@ -13,7 +13,7 @@ import kernelhub
 BLOCK = 64
 
 
-def chunked_softmax_attention(module, q, k, v, mask, *, scaling, dropout=0.0, **kw):
+def chunked_softmax_attention(module, q, k, v, mask, *, scaling, dropout=0.0):
     """q [B, H, Q, D], k/v [B, H_kv, KV, D], mask bool [B|1, 1, Q, KV] -> (out [B, Q, H, D], None)."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)

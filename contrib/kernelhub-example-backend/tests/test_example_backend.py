@@ -31,7 +31,8 @@ def test_backend_binds_and_matches_eager(registry, tmp_path):
     with torch.no_grad():
         a, b = ours(ids, attention_mask=mask).logits, eager(ids, attention_mask=mask).logits
     assert (a[mask.bool()] - b[mask.bool()]).abs().max() <= 1e-4
-    assert ours.generate(ids[:1, :20], max_new_tokens=5).tolist() == eager.generate(ids[:1, :20], max_new_tokens=5).tolist()
+    prompt = ids[:1, :20]
+    assert ours.generate(prompt, max_new_tokens=5).tolist() == eager.generate(prompt, max_new_tokens=5).tolist()
 
 
 def test_refused_where_it_cannot_serve(registry, tmp_path):

@@ -65,6 +65,9 @@ def _attention_function(backend):
         if backend.accepts_is_causal and attention_mask is None:
             extra["is_causal"] = getattr(module, "is_causal", True) and query.shape[2] > 1
         if kwargs.get("softcap") is not None:
+            if not backend.capabilities.on(query.device.type).softcap:  # never drop it silently
+                raise ValueError(f"kernelhub backend {backend.name!r} has no logit softcap, which this model "
+                                 f"uses (softcap {kwargs['softcap']}); use one that has: eager, flex, flash")
             extra["softcap"] = kwargs["softcap"]
         if backend.mask_format == "bool" and attention_mask is not None and attention_mask.dtype != torch.bool:
             attention_mask = attention_mask.bool()

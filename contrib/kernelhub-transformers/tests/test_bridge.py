@@ -6,7 +6,7 @@ import transformers
 
 import kernelhub
 import kernelhub_transformers
-from kernelhub.backends.eager import eager_attention
+from kernelhub.declare.eager import eager_attention
 
 BACKENDS = ["eager", "sdpa", "flex"]
 

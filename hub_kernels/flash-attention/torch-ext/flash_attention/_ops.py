@@ -28,7 +28,7 @@ def uses_triton(x: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _flash_forward(Q, K, V, O, CU_Q, CU_K, SEQ_K, BLOCK_TABLE,
+    def _flash_forward(Q, K, V, O, CU_Q, CU_K, SEQ_K, BLOCK_TABLE,  # noqa: E741 - the paper's Q, K, V in, O out
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                        stride_table, page_size, groups, head_dim, scale, softcap, window_left, window_right,
                        PAGED: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
@@ -113,7 +113,8 @@ def _check(q, k, v, dropout_p, alibi_slopes):
     if alibi_slopes is not None:
         raise ValueError("this flash kernel has no ALiBi; alibi_slopes must be None")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k and v must share one of float16, bfloat16, float32; got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(f"q, k and v must share one of float16, bfloat16, float32; "
+                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.shape[-2] % k.shape[-2]:
         raise ValueError(f"query heads ({q.shape[-2]}) must be a multiple of key/value heads ({k.shape[-2]})")
 

@@ -2,11 +2,11 @@
 
 A model's attention module owns one site and calls it with q/k/v and the semantic
 `AttentionMask`. The site declares the semantics once (causal, window, softcap, heads);
-binding sets the callable and mask format it uses, so a forward does no registry look-up:
-it reads two attributes and calls a function.
+binding gives it one immutable `SiteBinding` (callable, mask format, flags), so a forward
+does no registry look-up: it reads one attribute and calls a function.
 
 >>> import torch
->>> from kernelhub.backends.attention_mask import AttentionMask
+>>> from kernelhub.declare.attention_mask import AttentionMask
 >>> site = AttentionSite(head_dim=8, num_heads=2)
 >>> q = torch.randn(1, 2, 3, 8)
 >>> out, weights = site(q, q, q, AttentionMask.build(batch=1, q_len=3))
@@ -16,10 +16,28 @@ it reads two attributes and calls a function.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from kernelhub.backends.eager import eager_attention
-from kernelhub.backends.paged_attention import PagedMask, paged_dense
+from kernelhub.declare.eager import eager_attention
+from kernelhub.declare.paged import PagedMask, paged_dense
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteBinding:
+    """What one site runs, as one immutable record: swapped whole, read once per forward.
+
+    `fn(module, q, k, v, mask, *, scaling, dropout[, softcap][, is_causal])`; `is_causal` (with
+    mask=None) is passed only when `accepts_is_causal`; `paged_fn` serves paged-cache forwards.
+    """
+
+    name: str
+    fn: object
+    mask_format: str
+    accepts_is_causal: bool = False
+    returns_weights: bool = False
+    paged_fn: object = None
 
 
 class AttentionSite(torch.nn.Module):
@@ -44,42 +62,57 @@ class AttentionSite(torch.nn.Module):
         self.reference = reference
         self.unbind()
 
+    def set_binding(self, binding: "SiteBinding") -> None:
+        """Point this site at a backend (called by kernelhub's binder, not by model code).
+
+        One assignment: a forward running in another thread sees the old record or the new
+        one, never a mix of the two."""
+        self._binding = binding
+
     def set_implementation(self, name: str, fn, mask_format: str, accepts_is_causal: bool = False,
                            returns_weights: bool = False, paged_fn=None):
-        """Point this site at `fn` (called by kernelhub's binder, not by model code).
+        """`set_binding` from its fields (for tests and tools that build one by hand)."""
+        self.set_binding(SiteBinding(name, fn, mask_format, accepts_is_causal, returns_weights, paged_fn))
 
-        `paged_fn` serves forwards over a paged KV cache (see `backends.paged_attention`);
-        None when the backend cannot read one."""
-        self.implementation, self._fn, self._mask_format = name, fn, mask_format
-        self.returns_weights, self.paged_fn = returns_weights, paged_fn
-        self._accepts_is_causal = accepts_is_causal
-        self._kwargs = {"softcap": self.softcap} if self.softcap else {}
+    @property
+    def binding(self) -> "SiteBinding":
+        """The current record: what runs here."""
+        return self._binding
 
-    def implementation_state(self) -> tuple:
-        """The arguments of `set_implementation` that reproduce the current binding."""
-        return (self.implementation, self._fn, self._mask_format, self._accepts_is_causal, self.returns_weights,
-                self.paged_fn)
+    @property
+    def implementation(self) -> str:
+        return self._binding.name
+
+    @property
+    def returns_weights(self) -> bool:
+        return self._binding.returns_weights
+
+    @property
+    def paged_fn(self):
+        return self._binding.paged_fn
 
     def unbind(self):
         """Return to the eager reference."""
-        self.set_implementation("eager", self.reference, "bool", returns_weights=True,
-                                paged_fn=paged_dense(self.reference, "bool"))
+        self.set_binding(SiteBinding("eager", self.reference, "bool", returns_weights=True,
+                                     paged_fn=paged_dense(self.reference, "bool")))
 
     def forward(self, q, k, v, mask):
         """q: [B, H, Q, D], k/v: [B, H_kv, KV, D], mask: AttentionMask -> (out [B, Q, H, D], weights|None).
 
         With a `PagedMask`, q is one packed row [1, H, T, D] and k/v are block pools."""
+        b = self._binding  # read once: a concurrent rebind cannot mix two records
         dropout = self.dropout if self.training else 0.0
+        kw = {"softcap": self.softcap} if self.softcap else {}
         if isinstance(mask, PagedMask):  # k/v are block pools; see backends.paged_attention
-            if self.paged_fn is None:
-                raise RuntimeError(f"attention backend {self.implementation!r} cannot read a paged KV cache; "
+            if b.paged_fn is None:
+                raise RuntimeError(f"attention backend {b.name!r} cannot read a paged KV cache; "
                                    "bind a backend with paged support (eager, sdpa, flex, flash)")
-            return self.paged_fn(self, q, k, v, mask, scaling=self.scaling, dropout=dropout, **self._kwargs)
-        if self._accepts_is_causal and mask.shortcut is not None:
-            return self._fn(self, q, k, v, None, scaling=self.scaling, dropout=dropout,
-                            is_causal=mask.shortcut == "causal", **self._kwargs)
-        materialized = mask.materialize(self._mask_format) if self._mask_format != "none" else None
-        return self._fn(self, q, k, v, materialized, scaling=self.scaling, dropout=dropout, **self._kwargs)
+            return b.paged_fn(self, q, k, v, mask, scaling=self.scaling, dropout=dropout, **kw)
+        if b.accepts_is_causal and mask.shortcut is not None:
+            return b.fn(self, q, k, v, None, scaling=self.scaling, dropout=dropout,
+                        is_causal=mask.shortcut == "causal", **kw)
+        materialized = mask.materialize(b.mask_format) if b.mask_format != "none" else None
+        return b.fn(self, q, k, v, materialized, scaling=self.scaling, dropout=dropout, **kw)
 
     def extra_repr(self):
         return (f"implementation={self.implementation!r}, heads={self.num_heads}/{self.num_kv_heads}, "

@@ -23,8 +23,36 @@ class RegistrationError(KernelhubError):
     """A backend or kernel that cannot be registered as given."""
 
 
+class HubKernelError(KernelhubError):
+    """A Hub or local kernel that cannot be resolved, downloaded, verified or imported."""
+
+
+class UntrustedKernelError(KernelhubError):
+    """A Hub kernel repo (or a dependency of one) that is not on the trust allowlist."""
+
+
+class LockError(KernelhubError):
+    """A lock file that cannot be read, misses a kernel, or does not match the files on disk."""
+
+
+class UnsafeKernelError(KernelhubError):
+    """A kernel variant holding something whose bytes a digest could not vouch for."""
+
+
+class KernelMetadataError(KernelhubError):
+    """A metadata.json or kernelhub.json field of the wrong type or value."""
+
+
+class SamplingError(KernelhubError):
+    """A sampling option of the wrong type or range, or an unknown one."""
+
+
 class CheckpointError(KernelhubError):
     """A checkpoint directory, config or weight file that cannot be loaded."""
+
+
+class ConfigError(CheckpointError):
+    """A config field (config.json or GGUF metadata) of the wrong type, range or size for its weights."""
 
 
 def closest_first(name: str, choices) -> list[str]:

@@ -25,7 +25,7 @@ import pluggy
 
 from kernelhub.registry import builtins, hookspecs
 from kernelhub.registry.capabilities import MASK_FORMATS, AttentionBackend
-from kernelhub.registry.errors import RegistrationError, UnknownBackendError, closest_first, suggestion
+from kernelhub.declare.errors import RegistrationError, UnknownBackendError, closest_first, suggestion
 
 ENTRY_POINT_GROUP = "kernelhub"
 # transformers' attn_implementation spellings, mapped to the backend name they mean here.
@@ -80,7 +80,7 @@ class Registry:
             name = f"{ep.name} ({dist})"
             try:
                 plugin = ep.load()
-            except Exception as e:  # a broken plugin must not break kernelhub
+            except Exception as e:  # noqa: BLE001 - a broken plugin must not break kernelhub
                 self._fail(name, f"import of {ep.value!r} failed: {type(e).__name__}: {e}")
                 continue
             self.add_plugin(plugin, name)
@@ -109,7 +109,7 @@ class Registry:
                         self.layer_kernel_sources.update({(layer, kernel): name for kernel in impls})
                 for group in caller("kernelhub_model_architectures", others)():
                     self.architectures.update(group or {})
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - reported as a plugin failure, with the reason
                 self._fail(name, f"hook raised {type(e).__name__}: {e}")
 
     def _fail(self, plugin: str, error: str) -> None:
@@ -258,3 +258,33 @@ def scoped_registry(*, fresh: bool = False, autoload: bool | None = None):
         yield reg
     finally:
         _current.reset(token)
+
+
+# -- the public functions over the current registry (re-exported from `kernelhub`) ---------
+
+def register_backend(backend: AttentionBackend, *, replace: bool = False) -> None:
+    """Register an attention backend in the current registry (scoped or global).
+
+    >>> import kernelhub
+    >>> from kernelhub.declare.eager import eager_attention
+    >>> with kernelhub.scoped_registry():
+    ...     kernelhub.register_backend(kernelhub.AttentionBackend("mine", eager_attention, mask_format="bool"))
+    ...     "mine" in [b.name for b in kernelhub.backends()]
+    True
+    """
+    get_registry().register_backend(backend, replace=replace)
+
+
+def unregister_backend(name: str) -> AttentionBackend:
+    """Remove a backend (by name or alias) from the current registry and return it."""
+    return get_registry().unregister_backend(name)
+
+
+def backends() -> list[AttentionBackend]:
+    """The registered backends, in registration order."""
+    return [r.backend for r in get_registry().backends()]
+
+
+def backend_sources() -> list[Registered]:
+    """The registered backends with the plugin each came from."""
+    return get_registry().backends()

@@ -20,6 +20,9 @@ import contextlib
 import contextvars
 import threading
 
+from kernelhub.declare.errors import KernelhubError
+from kernelhub.declare.site import AttentionSite
+
 _STORE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("kernelhub_capture", default=None)
 _HOOKED = "_kernelhub_capture_hooked"
 _INSTALL = threading.Lock()
@@ -71,11 +74,11 @@ def capturing(model, points, kinds):
         _STORE.reset(token)
 
 
-def require_weights(sites) -> None:
-    """Refuse output_attentions when a site's backend returns no weights; `sites` are (path, site)."""
-    from kernelhub.registry.errors import KernelhubError
-
-    bad = [(path, site.implementation) for path, site in sites if not site.returns_weights]
+def require_weights(model) -> None:
+    """Refuse output_attentions when an attention site of `model` is bound to a backend that
+    returns no weights."""
+    bad = [(path, site.implementation) for path, site in model.named_modules()
+           if isinstance(site, AttentionSite) and not site.returns_weights]
     if bad:
         path, name = bad[0]
         raise KernelhubError(

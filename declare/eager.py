@@ -16,7 +16,7 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, groups, s, d).reshape(b, h * groups, s, d)
 
 
-def eager_attention(module, q, k, v, mask, *, scaling, dropout=0.0, softcap=None, **kw):
+def eager_attention(module, q, k, v, mask, *, scaling, dropout=0.0, softcap=None):
     """Reference attention. `mask` is a bool tensor broadcastable to [B, H, Q, KV].
 
     >>> q = k = v = torch.ones(1, 2, 3, 4)

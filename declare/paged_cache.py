@@ -26,7 +26,7 @@ import collections
 
 import torch
 
-from kernelhub.backends.paged_attention import PagedMask, leading_decodes
+from kernelhub.declare.paged import PagedMask, leading_decodes
 
 
 class OutOfBlocks(RuntimeError):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernelhub.backends import masks as M
+from kernelhub.declare import masks as M
 
 
 class AttentionMask:
@@ -124,7 +124,7 @@ class AttentionMask:
 
     def to_varlen(self):
         """Packed-sequence form (`cu_seqlens`, gather indices) for flash-style kernels."""
-        from kernelhub.backends.varlen import varlen_from_mask
+        from kernelhub.declare.varlen import varlen_from_mask
         return varlen_from_mask(self)
 
     def to_ascii(self, batch_idx: int = 0) -> str:

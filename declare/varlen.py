@@ -7,7 +7,7 @@ semantic `AttentionMask` into that form, and refuses masks it cannot express exa
 subtly different mask.
 
 >>> import torch
->>> from kernelhub.backends.attention_mask import AttentionMask
+>>> from kernelhub.declare.attention_mask import AttentionMask
 >>> m = AttentionMask.build(batch=2, q_len=3, padding=torch.tensor([[1, 1, 1], [0, 1, 1]]))
 >>> v = m.materialize("varlen")
 >>> v.cu_seqlens_q.tolist(), v.max_seqlen_q, v.causal

@@ -1,0 +1,63 @@
+"""`use_kernels`: swap layer kernels on models for the length of a block, then put everything back.
+
+The swap is a rebind that keeps the rest of each model's binding (attention request, mode,
+dtype, device, lock, kernels it already had); on exit the previous plan, site records and
+layer forwards come back exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from kernelhub.declare.layer import layer_name
+from kernelhub.declare.site import AttentionSite
+from kernelhub.registry.bind import apply, decide, rebind
+
+
+@contextlib.contextmanager
+def use_kernels(kernels: dict, *models):
+    """Swap layer kernels on `models` inside the block, restoring their previous binding after.
+
+    The rest of each model's binding is kept: its attention request, mode, dtype, device,
+    lock and every kernel it already had (in-process ones included); on exit the previous
+    plan and forwards come back exactly.
+
+    >>> import torch, kernelhub
+    >>> from kernelhub.models.llama import LlamaForCausalLM
+    >>> model = LlamaForCausalLM({"vocab_size": 8, "hidden_size": 8, "intermediate_size": 16,
+    ...                           "num_hidden_layers": 1, "num_attention_heads": 2})
+    >>> class Zero(torch.nn.Module):
+    ...     def forward(self, x):
+    ...         return torch.zeros_like(x)
+    >>> with kernelhub.use_kernels({"RMSNorm": Zero}, model):
+    ...     bool(model(torch.tensor([[1, 2]])).logits.abs().sum() == 0)
+    True
+    """
+    saved = [_snapshot(m) for m in models]
+    decided = [rebind(m, kernels=kernels) if getattr(m, "binding", None) is not None else decide(m, None, kernels)
+               for m in models]  # every model is checked before any is changed
+    for model, decisions in zip(models, decided):
+        apply(model, decisions)
+    try:
+        yield
+    finally:
+        for snapshot in saved:
+            _restore(snapshot)
+
+
+def _snapshot(model):
+    """Everything binding changes on `model`, so it can be put back exactly."""
+    sites = [(m, m.binding) for m in model.modules() if isinstance(m, AttentionSite)]
+    layers = [(m, m.__dict__.get("forward")) for m in model.modules() if layer_name(m)]
+    return model, getattr(model, "binding", None), getattr(model, "binding_request", None), sites, layers
+
+
+def _restore(snapshot):
+    model, plan, request, sites, layers = snapshot
+    for site, record in sites:
+        site.set_binding(record)
+    for module, forward in layers:
+        module.__dict__.pop("forward", None)
+        if forward is not None:
+            module.forward = forward
+    model.binding, model.binding_request = plan, request

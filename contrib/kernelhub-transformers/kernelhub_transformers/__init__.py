@@ -8,7 +8,14 @@ added with `kernelhub_transformers.register()`.
 
 Each backend is registered in transformers' `AttentionInterface` (the function) and
 `AttentionMaskInterface` (a mask builder producing the backend's declared mask format), so
-transformers builds exactly the mask the backend expects: bool, additive or BlockMask.
+transformers builds exactly the mask the backend expects: bool, additive or BlockMask. When
+transformers refuses a `kernelhub:NAME`, its error also says why (a backend whose mask format
+transformers cannot build, such as flash's varlen) or lists the kernelhub names it accepts.
+
+Layer kernels need no bridge: `kernelhub.bind(hf_model, kernels={"RMSNorm": ...})` binds
+into transformers models that mark layers with `kernel_layer_name` (as `kernels` does);
+`attn_implementation=` there is refused with a pointer to this bridge, because transformers
+models have no kernelhub attention sites.
 """
 
 from __future__ import annotations
@@ -113,4 +120,47 @@ def register(names=None) -> list[str]:
     return keys
 
 
+def explain_request(requested: str) -> str:
+    """What kernelhub can say about a `kernelhub:NAME` that transformers refused: why that
+    backend cannot run inside transformers, or which names can."""
+    import difflib
+
+    import kernelhub
+
+    name = requested[len(PREFIX):]
+    backends = {b.name: b for b in kernelhub.backends()}
+    if name in backends and bridge_problem(backends[name]):
+        return f"kernelhub backend {name!r} cannot run inside transformers: {bridge_problem(backends[name])}."
+    usable = [PREFIX + n for n, b in backends.items() if not bridge_problem(b)]
+    near = difflib.get_close_matches(requested, usable, n=1)
+    hint = f" Did you mean {near[0]!r}?" if near else ""
+    return (f"kernelhub backends usable here: {', '.join(usable)}.{hint} A backend registered after "
+            "`import kernelhub_transformers` needs `kernelhub_transformers.register()`.")
+
+
+def _explained(original):
+    """transformers' attn_implementation check, with kernelhub's names and reasons added to its
+    error for a `kernelhub:` request (transformers' own message lists only its built-ins)."""
+
+    def get_correct_attn_implementation(self, requested_attention, is_init_check=False):
+        try:
+            return original(self, requested_attention, is_init_check)
+        except ValueError as e:
+            if not (isinstance(requested_attention, str) and requested_attention.startswith(PREFIX)):
+                raise
+            raise ValueError(f"{e} {explain_request(requested_attention)}") from None
+
+    get_correct_attn_implementation.__wrapped__ = original
+    return get_correct_attn_implementation
+
+
+def _install_explanations():
+    from transformers import PreTrainedModel
+
+    current = PreTrainedModel.get_correct_attn_implementation
+    if not hasattr(current, "__wrapped__"):
+        PreTrainedModel.get_correct_attn_implementation = _explained(current)
+
+
 register()
+_install_explanations()

@@ -83,3 +83,41 @@ def test_backends_transformers_cannot_feed_are_left_out_and_refused_by_name():
     assert "kernelhub:flash" not in kernelhub_transformers.register()
     with pytest.raises(ValueError, match="'flash' cannot be bridged to transformers: mask format 'varlen'"):
         kernelhub_transformers.register(["flash"])
+
+
+@pytest.mark.parametrize("name, phrases", [
+    ("kernelhub:flash", ["kernelhub backend 'flash' cannot run inside transformers", "mask format 'varlen'"]),
+    ("kernelhub:sdpx", ["kernelhub backends usable here: kernelhub:eager, kernelhub:sdpa",
+                        "Did you mean 'kernelhub:sdpa'"]),
+])
+def test_transformers_refusing_a_kernelhub_name_says_why(llama_dir, name, phrases):
+    with pytest.raises(ValueError) as info:
+        transformers.AutoModelForCausalLM.from_pretrained(llama_dir, attn_implementation=name)
+    message = str(info.value)
+    assert "is not supported" in message  # transformers' own sentence, kept
+    for phrase in phrases:
+        assert phrase in message, message
+
+
+def test_binding_attention_on_a_transformers_model_points_to_the_bridge(llama_dir):
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama_dir)
+    with pytest.raises(kernelhub.KernelhubError, match="no kernelhub attention sites.*kernelhub-transformers bridge"):
+        kernelhub.bind(model, attn_implementation="flex")
+
+
+def test_layer_kernels_bind_into_a_transformers_model(llama_dir):
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama_dir)
+    norms = [p for p, m in model.named_modules() if getattr(type(m), "kernel_layer_name", None) == "RMSNorm"]
+    if not norms:  # transformers marks its RMSNorm for hub kernels; this guards the premise
+        pytest.fail("transformers' LlamaRMSNorm no longer declares kernel_layer_name")
+
+    class HalfNorm(torch.nn.Module):
+        def forward(self, hidden_states):
+            return hidden_states * 0.5
+
+    ids, _ = padded()
+    plan = kernelhub.bind(model, kernels={"RMSNorm": HalfNorm})
+    assert {e.path for e in plan.entries if e.chosen == "HalfNorm"} == set(norms)
+    with torch.no_grad():
+        out = model.model.norm(torch.ones(1, 2, 64))
+    assert torch.equal(out, torch.full((1, 2, 64), 0.5))

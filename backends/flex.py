@@ -4,16 +4,17 @@ The compiled kernel is created lazily, once per process (torch.compile caches pe
 family). Set `KERNELHUB_FLEX_COMPILE=0` (read on first use) or
 `kernelhub.backends.flex.COMPILE = False` for the uncompiled path, which materialises
 scores and suits tests and debugging. If compiling fails (inductor's CPU code generation
-has failed for some dynamic shapes), the call is retried uncompiled, a warning says why,
-and later calls stay uncompiled: never a crash, never a wrong result.
+has failed for some dynamic shapes), the call is retried uncompiled, a WARNING on the
+`kernelhub.backends.flex` logger says why (the traceback at DEBUG), and later calls stay
+uncompiled: never a crash, never a wrong result.
 
 Over a paged KV cache (continuous batching) flex always runs uncompiled: every step has new
 shapes, and each would cost a compilation.
 """
 
 import functools
+import logging
 import os
-import warnings
 
 import torch
 from torch.nn.attention.flex_attention import flex_attention
@@ -22,6 +23,8 @@ from kernelhub.backends.resolution import Resolution
 from kernelhub.declare.paged import paged_dense
 
 COMPILE = None  # None: decided from KERNELHUB_FLEX_COMPILE on first use
+
+logger = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -64,8 +67,10 @@ def flex_attention_backend(module, q, k, v, block_mask, *, scaling, dropout=0.0,
             return compiled_flex_attention()(q, k, v, **args).transpose(1, 2), None
         except Exception as e:  # noqa: BLE001 - a compiler failure; a genuine input error re-raises below
             COMPILE = False
-            warnings.warn(f"compiling flex_attention failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                          "kernelhub uses the uncompiled flex path from now on", RuntimeWarning, stacklevel=2)
+            first_line = (str(e).splitlines() or [""])[0][:200]
+            logger.warning("compiling flex_attention failed (%s: %s); kernelhub uses the uncompiled flex path "
+                           "from now on", type(e).__name__, first_line)
+            logger.debug("flex_attention compile failure", exc_info=True)
     return flex_attention(q, k, v, **args).transpose(1, 2), None
 
 

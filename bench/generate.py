@@ -26,9 +26,10 @@ QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "Wr
 
 
 def prompts(tokenizer, batch):
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS[:batch]]
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+             for q in QUESTIONS[:batch]]
     tokenizer.padding_side = "left"
-    return tokenizer(texts)
+    return tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)  # the template wrote them
 
 
 def interleaved(fns, repeat):

@@ -26,6 +26,8 @@ from kernelhub.registry.plan import BindingPlan, PlanEntry
 from kernelhub.registry.plugins import get_registry, scoped_registry
 from kernelhub.registry.pretrained import explain, from_pretrained, load_tokenizer
 
+from kernelhub import debug  # kernelhub.debug.trace(model, inputs); imported after the API it uses
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -34,7 +36,8 @@ __all__ = [
     "LayerCapabilities", "Linear", "LockError", "Mode", "PlanEntry", "RegistrationError", "SamplingError",
     "SamplingParams", "SiteBinding",
     "StaticCache", "UnknownBackendError", "UnsafeKernelError", "UntrustedKernelError", "and_masks", "backends",
-    "bidirectional_mask", "bind", "causal_mask", "chunked_mask", "explain", "from_pretrained", "load_tokenizer",
+    "bidirectional_mask", "bind", "causal_mask", "chunked_mask", "debug", "explain", "from_pretrained",
+    "load_tokenizer",
     "get_registry", "hookimpl", "layer", "or_masks", "padding_mask", "register_backend", "scoped_registry",
     "sliding_window_mask", "unbind", "unregister_backend", "unsupported", "use_kernels",
 ]

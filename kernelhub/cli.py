@@ -2,27 +2,36 @@
 
     kernelhub backends              capability matrix on this machine
     kernelhub plugins               loaded plugins and the ones that failed
-    kernelhub explain MODEL_DIR --attn flex [--kernels JSON] [--lock kernelhub.lock]
+    kernelhub explain MODEL --attn flex [--kernels RMSNorm=org/rmsnorm@v1] [--lock kernelhub.lock]
     kernelhub run MODEL --prompt "..." [--attn X] [--max-new-tokens N] [--temperature T --top-k K --top-p P --seed S]
     kernelhub demo
+    kernelhub diff MODEL --a eager --b sdpa                     (see cli_diff.py)
     kernelhub lock | download | kernel build|check|publish     (see cli_hub.py)
+
+Every failure is one line on stderr, `kernelhub: error: ...`, exit 2 for bad input and 1
+otherwise; `--debug` prints the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
+import traceback
 
-import torch
-
+from kernelhub.cli_args import (DTYPES, MODES, Parser, UsageError, non_negative_float, one_line, positive_int,
+                                probability, request_type)
+from kernelhub.cli_diff import add_diff_command
 from kernelhub.cli_hub import add_hub_commands
+from kernelhub.declare.errors import KernelhubError
 
 
 def cmd_backends(args) -> int:
+    import torch
+
     from kernelhub.docs_gen import capability_rows
-    from kernelhub.registry.plugins import backend_sources
     from kernelhub.registry.capabilities import machine_problems
+    from kernelhub.registry.plugins import backend_sources
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"attention backends on this machine ({device}):\n")
@@ -50,19 +59,12 @@ def cmd_plugins(args) -> int:
     return 1 if reg.failures and args.strict else 0
 
 
-def _parse_attn(text):
-    if text is None:
-        return None
-    if text.startswith(("[", "{")):
-        return json.loads(text)
-    return text
-
-
 def cmd_explain(args) -> int:
+    import json
+
     from kernelhub.registry.pretrained import explain
 
-    kernels = json.loads(args.kernels) if args.kernels else None
-    plan = explain(args.model, attn_implementation=_parse_attn(args.attn), kernels=kernels, dtype=args.dtype,
+    plan = explain(args.model, attn_implementation=args.attn, kernels=args.kernels, dtype=args.dtype,
                    mode=args.mode, lock=args.lock)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan)
     return 0
@@ -77,79 +79,181 @@ def cmd_demo(args) -> int:
 def cmd_run(args) -> int:
     import time
 
+    import torch
+
     from kernelhub.models.sampling import SamplingParams
     from kernelhub.registry.pretrained import from_pretrained, load_tokenizer
 
     # temperature 0 means greedy here, as in most chat CLIs; bad values fail before the model loads
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens, do_sample=args.temperature != 0,
                               temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    kernels = json.loads(args.kernels) if args.kernels else None
-    model = from_pretrained(args.model, attn_implementation=_parse_attn(args.attn), kernels=kernels, dtype=args.dtype)
+    model = from_pretrained(args.model, attn_implementation=args.attn, kernels=args.kernels, dtype=args.dtype,
+                            lock=args.lock)
     tokenizer = load_tokenizer(args.model, model=model)
     if not hasattr(model, "generate"):  # an encoder: show the sentence embedding
         from kernelhub.models.bert import mean_pool
 
-        batch = tokenizer([args.prompt])
+        batch = tokenizer([args.prompt], return_tensors="pt")
         with torch.no_grad():
             emb = mean_pool(model(**batch).last_hidden_state, batch["attention_mask"])[0]
         print(f"sentence embedding ({emb.numel()} dims): {[round(v, 4) for v in emb[:8].tolist()]} ...")
         return 0
-    text = args.prompt
-    if tokenizer.chat_template and not args.no_chat:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
-    ids = torch.tensor([tokenizer.encode(text)])
+    if tokenizer.chat_template and not args.no_chat:  # the template writes the special tokens itself
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                            return_tensors="pt")["input_ids"]
+    else:
+        ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
     start = time.perf_counter()
     out = model.generate(ids, sampling=sampling, eos_token_id=tokenizer.eos_token_id)
     seconds = time.perf_counter() - start
-    print(tokenizer.decode(out[0, ids.shape[1]:]).strip())
+    print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
     new = out.shape[1] - ids.shape[1]
     print(f"\n[{new} tokens in {seconds:.2f} s, {new / seconds:.1f} tokens/s, attention: "
           f"{', '.join(sorted(model.binding.chosen()))}]", file=sys.stderr)
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="kernelhub", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("backends", help="list attention backends and whether they run here").set_defaults(fn=cmd_backends)
-    p = sub.add_parser("plugins", help="list loaded and failed plugins")
+ATTN_HELP = ("attn_implementation: a name (sdpa, flex, eager, flash, paged|sdpa, org/repo@v1:fn), JSON "
+             """('["flash", "sdpa"]', '{"sliding_attention": "flex", "*": "sdpa"}') or key=value pairs """
+             "(sliding_attention=flex,*=sdpa); lists only in JSON")
+KERNELS_HELP = ("""layer kernels as JSON ('{"RMSNorm": "org/rmsnorm@v1"}', lists allowed) or key=value pairs """
+                "(RMSNorm=org/rmsnorm@v1,Linear=onednn)")
+
+
+def subcommand(sub, name: str, summary: str, details: str = "", parents=()) -> argparse.ArgumentParser:
+    """A subparser whose one-line `summary` shows in the parent's help and, with `details`, in its own.
+
+    >>> parser = Parser(prog="kernelhub")
+    >>> p = subcommand(parser.add_subparsers(), "hello", "say hello")
+    >>> p.description
+    'Say hello.'
+    """
+    return sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + "." +
+                          (f"\n\n{details}" if details else ""), formatter_class=argparse.RawDescriptionHelpFormatter,
+                          parents=list(parents))
+
+
+def build_parser() -> Parser:
+    """The whole `kernelhub` argument parser (no heavy imports: `--help` and `--version` stay fast)."""
+    from kernelhub import __version__
+
+    parser = Parser(prog="kernelhub", description="kernelhub: pick attention and layer kernels for PyTorch "
+                    "models, explain the binding, run models, lock and publish Hub kernels.")
+    parser.add_argument("--version", action="version", version=f"kernelhub {__version__}",
+                        help="print the version and exit")
+    parser.add_argument("--debug", action="store_true", help="on failure, print the full traceback")
+    # --debug is accepted after the subcommand too; SUPPRESS keeps a subparser from resetting it
+    common = Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="on failure, print the full traceback")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subcommand(sub, "backends", "list attention backends and whether they run here",
+               parents=[common]).set_defaults(fn=cmd_backends)
+    p = subcommand(sub, "plugins", "list loaded plugins and the ones that failed to load", parents=[common])
     p.add_argument("--strict", action="store_true", help="exit 1 if any plugin failed")
     p.set_defaults(fn=cmd_plugins)
-    p = sub.add_parser("explain", help="print the binding plan for a checkpoint without loading weights")
-    p.add_argument("model", help="checkpoint directory (config.json)")
-    p.add_argument("--attn", default=None, help="attn_implementation: a name, paged|NAME, or JSON list/dict")
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--mode", default="inference", choices=["inference", "training", "compile"])
-    p.add_argument("--kernels", default=None, help='layer kernels as JSON, e.g. \'{"RMSNorm": "org/rmsnorm@v1"}\'')
-    p.add_argument("--lock", default=None, help="verify Hub kernels against this lock file")
+
+    p = subcommand(sub, "explain", "print the binding plan for a checkpoint without loading weights",
+                   "example: kernelhub explain ./llama --attn sliding_attention=flex,*=sdpa "
+                   "--kernels RMSNorm=reference",
+                   parents=[common])
+    p.add_argument("model", help="checkpoint directory (config.json) or .gguf file")
+    p.add_argument("--attn", type=request_type("--attn"), default=None, help=ATTN_HELP)
+    p.add_argument("--kernels", type=request_type("--kernels"), default=None, help=KERNELS_HELP)
+    p.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="dtype to plan for (default: the checkpoint's); one of: %(choices)s")
+    p.add_argument("--mode", default="inference", choices=MODES, help="binding mode; one of: %(choices)s")
+    p.add_argument("--lock", default=None, metavar="FILE", help="verify Hub kernels against this lock file")
     p.add_argument("--json", action="store_true", help="print plan.to_dict() as JSON")
     p.set_defaults(fn=cmd_explain)
-    p = sub.add_parser("demo", help="embed with MiniLM under each backend, chat with SmolLM2")
-    p.add_argument("--attn", default="sdpa", help="attention backend for the chat part")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+
+    p = subcommand(sub, "demo", "embed sentences with MiniLM under each backend, then chat with SmolLM2",
+                   parents=[common])
+    p.add_argument("--attn", default="sdpa", help="attention backend for the chat part (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=48, metavar="N",
+                   help="tokens to generate per answer, 1 or more (default: %(default)s)")
     p.set_defaults(fn=cmd_demo)
-    p = sub.add_parser("run", help="generate from a checkpoint directory or .gguf file")
+
+    p = subcommand(sub, "run", "generate from a checkpoint directory or .gguf file (an encoder prints an embedding)",
+                   'example: kernelhub run model.gguf --prompt "What is the capital of France?" --attn flex',
+                   parents=[common])
     p.add_argument("model", help="checkpoint directory or .gguf file")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--attn", default=None, help="attn_implementation (default: recorded, else sdpa)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None, help="sample from the K most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with probability >= P")
+    p.add_argument("--prompt", required=True, help="the user message (wrapped in the chat template if any)")
+    p.add_argument("--attn", type=request_type("--attn"), default=None,
+                   help=ATTN_HELP + " (default: the recorded request, else sdpa)")
+    p.add_argument("--kernels", type=request_type("--kernels"), default=None, help=KERNELS_HELP)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N",
+                   help="tokens to generate, 1 or more (default: %(default)s)")
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, metavar="T",
+                   help="sampling temperature; 0 = greedy (default)")
+    p.add_argument("--top-k", type=positive_int, default=None, metavar="K",
+                   help="sample from the K most likely tokens")
+    p.add_argument("--top-p", type=probability, default=None, metavar="P",
+                   help="sample from the smallest set with probability >= P, 0 < P <= 1")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output)")
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--kernels", default=None, help='layer kernels as JSON, e.g. \'{"Linear": "onednn"}\'')
+    p.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="weights dtype (default: the checkpoint's); one of: %(choices)s")
+    p.add_argument("--lock", default=None, metavar="FILE", help="verify Hub kernels against this lock file")
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.set_defaults(fn=cmd_run)
-    add_hub_commands(sub)
-    args = parser.parse_args(argv)
-    from kernelhub.declare.errors import KernelhubError
+    add_diff_command(sub)
+    add_hub_commands(sub, subcommand, common)
+    return parser
 
+
+def _fail(message: str, status: int) -> int:
+    print(f"kernelhub: error: {one_line(message)}", file=sys.stderr)
+    return status
+
+
+def _os_message(e: OSError) -> str:
+    if e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return str(e) or type(e).__name__
+
+
+def main(argv=None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 1 failure, 2 bad input, 130 interrupted).
+
+    >>> main(["explain"])
+    2
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv  # known before parsing, so even a parse failure honours it
     try:
-        return args.fn(args)
-    except KernelhubError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as e:  # --help / --version printed their text
+            status = e.code if isinstance(e.code, int) else 0
+        else:
+            status = args.fn(args)
+        sys.stdout.flush()  # a closed pipe shows up here, inside the handler, not at interpreter exit
+        return status
+    except BrokenPipeError:
+        # The reader went away (`| head`): point stdout at devnull so the exit-time flush is quiet too
+        # (https://docs.python.org/3/library/signal.html#note-on-sigpipe).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        return 130
+    except (UsageError, KernelhubError) as e:
+        if debug:
+            traceback.print_exc()
+            return 2
+        return _fail(str(e), 2)
+    except OSError as e:
+        if debug:
+            traceback.print_exc()
+            return 1
+        return _fail(_os_message(e), 1)
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, never a traceback
+        if debug:
+            traceback.print_exc()
+            return 1
+        return _fail(f"internal error: {type(e).__name__}: {one_line(str(e))} (run with --debug for the traceback)", 1)
 
 
 if __name__ == "__main__":

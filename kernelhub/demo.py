@@ -35,7 +35,7 @@ def embeddings_demo() -> bool:
     from kernelhub.samples import minilm_dir
 
     path = minilm_dir()
-    batch = kernelhub.load_tokenizer(path)(SENTENCES)
+    batch = kernelhub.load_tokenizer(path)(SENTENCES, padding=True, return_tensors="pt")
     print(f"== all-MiniLM-L6-v2 sentence embeddings ({len(SENTENCES)} sentences, padded batch) ==\n")
     results, model = {}, None
     for backend in ("eager", "sdpa", "flex"):
@@ -72,27 +72,32 @@ def chat_demo(attn: str, max_new_tokens: int) -> None:
           f"attention {sorted(model.binding.chosen())}, Linear {linear}\n")
     answers = []
     for question in QUESTIONS:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}])
-        ids = torch.tensor([tokenizer.encode(prompt)])
+        ids = torch.tensor([chat_ids(tokenizer, question)])
         start = time.perf_counter()
         out = model.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id)
         seconds = time.perf_counter() - start
         new = out.shape[1] - ids.shape[1]
         answers.append(out[0, ids.shape[1]:].tolist())
-        answer = tokenizer.decode(answers[-1]).strip().replace("\n", "\n      ")
+        answer = tokenizer.decode(answers[-1], skip_special_tokens=True).strip().replace("\n", "\n      ")
         print(f"  Q: {question}\n  A: {answer}\n     ({new} tokens, {new / seconds:.1f} tokens/s)\n")
     batch_demo(model, tokenizer, max_new_tokens, answers)
 
 
+def chat_ids(tokenizer, question: str) -> list[int]:
+    """The token ids of a one-turn chat, ready for the assistant's answer."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                         return_dict=False)
+
+
 def batch_demo(model, tokenizer, max_new_tokens: int, answers: list) -> None:
     questions = QUESTIONS + MORE_QUESTIONS
-    prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}])) for q in questions]
+    prompts = [chat_ids(tokenizer, q) for q in questions]
     print(f"== the same model, {len(prompts)} prompts at once: model.generate_batch (continuous batching) ==\n")
     start = time.perf_counter()
     results = model.generate_batch(prompts, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id)
     seconds = time.perf_counter() - start
     for question, result in zip(questions[len(QUESTIONS):], results[len(QUESTIONS):]):
-        print(f"  Q: {question}\n  A: {tokenizer.decode(result.tokens).strip()[:70]!r}")
+        print(f"  Q: {question}\n  A: {tokenizer.decode(result.tokens, skip_special_tokens=True).strip()[:70]!r}")
     new = sum(len(r.tokens) for r in results)
     same = all(r.tokens == a for r, a in zip(results, answers))
     print(f"\n  {new} tokens in {seconds:.1f} s ({new / seconds:.1f} tokens/s); the first {len(answers)} answers "

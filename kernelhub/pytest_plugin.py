@@ -7,6 +7,8 @@ Fixtures:
     assert_bound(model, path, impl)   assert what the binding plan chose for one site
     hub_kernel_repo(name, layers=[Cls], functions=[fn])   a built Hub-layout kernel repo in tmp_path
     offline_hub_cache(repo_id, repo_dir)   a pre-populated HF cache with HF_HUB_OFFLINE on
+    assert_matches_reference(model, inputs, kernels=..., attn_implementation="eager")
+                                module by module, a binding gives the eager reference's outputs
 
 Marker:
 
@@ -156,3 +158,46 @@ def offline_hub_cache(tmp_path, monkeypatch):
 
     yield add
     forget_loaded()
+
+
+@pytest.fixture
+def assert_matches_reference():
+    """`assert_matches_reference(model, inputs, kernels=None, attn_implementation="eager", atol=None, rtol=None)`.
+
+    Traces `model` on `inputs` unbound (every site and layer on its eager reference), then
+    bound with `attn_implementation` and `kernels`, and fails naming the first module
+    (in forward order) whose outputs differ beyond tolerance, with its numbers. Tolerances
+    default per dtype (see `kernelhub.debug.compare`). The model's own binding is put back
+    afterwards (rebound from its request), or it is left unbound if it had none. Returns
+    the comparison.
+
+        def test_my_norm(tiny_model, assert_matches_reference):
+            assert_matches_reference(tiny_model, torch.tensor([[1, 2, 3]]), kernels={"RMSNorm": MyRMSNorm})
+    """
+    from kernelhub.debug import compare, format_comparison, trace
+    from kernelhub.registry.bind import bind, unbind
+
+    def check(model, inputs, *, kernels=None, attn_implementation="eager", atol=None, rtol=None) -> dict:
+        __tracebackhide__ = True
+        plan = getattr(model, "binding", None)
+        try:
+            unbind(model)
+            reference = trace(model, inputs, keep_tensors=True)
+            bind(model, attn_implementation, kernels)
+            bound = trace(model, inputs, keep_tensors=True)
+        finally:
+            unbind(model)
+            if plan is not None:
+                request = plan.request
+                bind(model, request.attn_implementation, request.kernels, device=plan.device,
+                     dtype=getattr(torch, plan.dtype), mode=request.mode, lock=request.lock)
+        result = compare(reference, bound, atol=atol, rtol=rtol)
+        first = result["first_divergent"]
+        if first is not None:
+            where = (first["module_path"] or "(model)") + (f" [{first['output']}]" if first["output"] else "")
+            raise AssertionError(f"{where} ({first['type']}) diverges from the eager reference: max abs "
+                                 f"{float(first['max_abs']):.3g}, max rel {float(first['max_rel']):.3g}; "
+                                 f"{first['note']}\n\n{format_comparison(result, names=('reference', 'binding'))}")
+        return result
+
+    return check

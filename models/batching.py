@@ -31,8 +31,11 @@ import itertools
 
 import torch
 
+from kernelhub.declare.log import progress as progress_bar
 from kernelhub.declare.paged_cache import PagedKVCache
 from kernelhub.declare.site import AttentionSite
+from kernelhub.declare.errors import SamplingError
+from kernelhub.models.generate import config_defaults
 from kernelhub.models.sampling import SamplingParams, make_generator, sample
 
 DEFAULT_BATCH_TOKENS = 2048
@@ -128,7 +131,7 @@ class ContinuousBatcher:
                  generator: torch.Generator | None = None, **options):
         """`sampling` (or its fields as keyword `options`) is every request's default; a request
         with a `seed` draws from its own generator, the others from `generator`."""
-        self.sampling = SamplingParams.from_kwargs(sampling, **options)
+        self.sampling = batch_sampling(SamplingParams.from_kwargs(sampling, **batch_defaults(model, sampling, options)))
         not_paged = _sites_without_paged(model)
         if not_paged:
             raise ValueError(f"continuous batching reads a paged KV cache, and these attention sites are bound "
@@ -158,7 +161,7 @@ class ContinuousBatcher:
         `sampling` replaces the batcher's `SamplingParams` for this request; keyword `options`
         (`max_new_tokens`, `do_sample`, `temperature`, `top_k`, `top_p`, `eos_token_id`, `seed`)
         override single fields of it."""
-        params = SamplingParams.from_kwargs(self.sampling if sampling is None else sampling, **options)
+        params = batch_sampling(SamplingParams.from_kwargs(self.sampling if sampling is None else sampling, **options))
         tokens = _as_token_list(prompt, "prompt", self.model.config.vocab_size)
         request_id = next(self._ids) if request_id is None else request_id
         if request_id in self._active_ids():
@@ -285,7 +288,7 @@ class ContinuousBatcher:
             request = scheduled[i][0]
             request.tokens.append(token)
             generated = len(request.tokens) - len(request.prompt)
-            eos = token == request.sampling.eos_token_id
+            eos = token in request.sampling.eos_token_ids
             if eos or generated >= request.sampling.max_new_tokens:
                 self.running.remove(request)
                 cache.free(request.id)
@@ -301,18 +304,43 @@ def _draw_key(request: _Request):
     return (p.temperature, p.top_k, p.top_p, id(request.generator)) if p.do_sample else "greedy"
 
 
+# What per-prompt `generate` does that continuous batching does not (yet): refused, never ignored.
+_NOT_BATCHED = {"min_new_tokens": 0, "max_length": None, "repetition_penalty": 1.0, "stop_strings": ()}
+
+
+def batch_defaults(model, sampling, options: dict) -> dict:
+    """`options` over what `model.generation_config` says (as `generate` reads it) for the fields
+    continuous batching honours; a given `sampling` replaces the config, as in `generate`."""
+    if sampling is not None:
+        return options
+    honoured = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id")
+    return {**{k: v for k, v in config_defaults(model).items() if k in honoured}, **options}
+
+
+def batch_sampling(params: SamplingParams) -> SamplingParams:
+    """`params` if continuous batching honours every field that is set; a clear error otherwise."""
+    unsupported = [f"{name}={getattr(params, name)!r}" for name, off in _NOT_BATCHED.items()
+                   if getattr(params, name) != off]
+    if unsupported:
+        raise SamplingError(f"continuous batching does not support {', '.join(unsupported)}; use model.generate "
+                            "for these, or leave them at their defaults")
+    return params
+
+
 def generate_batch(model, prompts, *, sampling: SamplingParams | None = None,
                    max_batch_tokens: int = DEFAULT_BATCH_TOKENS, block_size: int = DEFAULT_BLOCK_SIZE,
-                   kv_memory: int | None = None, generator: torch.Generator | None = None, **options
-                   ) -> BatchResults:
+                   kv_memory: int | None = None, generator: torch.Generator | None = None, progress: bool = False,
+                   **options) -> BatchResults:
     """Generate for every prompt (lists of token ids) with continuous batching; results in prompt order,
     with this call's counters in `.stats`.
 
     `sampling` is a `SamplingParams`; `options` are its fields as keywords and override it.
     The KV pool is sized from `kv_memory` (bytes; default `default_kv_memory`) but never larger
     than this workload can use. A request that cannot fit it finishes with an error; the others run.
+    `progress=True` shows a bar of finished requests on stderr (off whenever
+    `HF_HUB_DISABLE_PROGRESS_BARS=1`; see `kernelhub.declare.log.progress`).
     """
-    params = SamplingParams.from_kwargs(sampling, **options)
+    params = batch_sampling(SamplingParams.from_kwargs(sampling, **batch_defaults(model, sampling, options)))
     prompts = list(prompts)
     if not prompts:
         raise ValueError("prompts is empty; generate_batch needs at least one prompt")
@@ -323,7 +351,10 @@ def generate_batch(model, prompts, *, sampling: SamplingParams | None = None,
                                 kv_memory=kv_memory, max_blocks=workload, generator=generator)
     for i, prompt in enumerate(prompts):
         batcher.add_request(prompt, request_id=i)
-    results = {r.request_id: r for r in batcher}
+    # progress=False means no bar at all, not "a bar on a terminal only"; an asked-for bar stays when done
+    with progress_bar(batcher, desc="generating", total=len(prompts), unit="request", leave=True,
+                      disable=not progress) as finished:
+        results = {r.request_id: r for r in finished}
     stats = dict(batcher.stats, kv_memory_bytes=batcher.cache.memory_bytes, block_size=block_size,
                  num_blocks=batcher.cache.num_blocks)
     return BatchResults([results[i] for i in range(len(prompts))], stats)

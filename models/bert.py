@@ -24,6 +24,8 @@ from kernelhub.declare.capture import capturing, require_weights
 from kernelhub.declare.layer import Linear, layer
 from kernelhub.declare.site import AttentionSite
 from kernelhub.models.checkpoint import save_pretrained
+from kernelhub.models.model_api import ModelAPI
+from kernelhub.models.outputs import EncoderOutput
 from kernelhub.models.config_schema import (boolean, check_dims, check_layer_count, choice, divides, found,
                                             positive_float, positive_int, probability)
 from kernelhub.declare.errors import ConfigError
@@ -196,16 +198,9 @@ class BertPooler(nn.Module):
         return torch.tanh(self.dense(x[:, 0]))
 
 
-@dataclasses.dataclass
-class EncoderOutput:
-    last_hidden_state: torch.Tensor
-    pooler_output: torch.Tensor
-    attentions: tuple | None = None
-    hidden_states: tuple | None = None
-
-
-class BertModel(nn.Module):
-    """BERT encoder; `forward(input_ids, attention_mask, token_type_ids)` -> `EncoderOutput`."""
+class BertModel(ModelAPI, nn.Module):
+    """BERT encoder; `forward(input_ids, attention_mask, token_type_ids)` -> `EncoderOutput`
+    (`last_hidden_state`, `pooler_output`, ...; also `out[0]`, `out["pooler_output"]`)."""
 
     config_class = BertConfig
     # Old transformers checkpoints store this buffer; it is recomputed, never read.
@@ -219,6 +214,7 @@ class BertModel(nn.Module):
         self.encoder = BertEncoder(cfg)
         self.pooler = BertPooler(cfg)
         self.binding = None
+        self.init_api(cfg)
 
     def capture_points(self):
         """Where outputs come from: embeddings and each layer (hidden states), each site (weights)."""
@@ -241,8 +237,9 @@ class BertModel(nn.Module):
             for layer_ in self.encoder.layer:
                 x, _ = layer_(x, mask)
         attentions, hidden = captured.get("attentions"), captured.get("hidden_states")
-        return EncoderOutput(x, self.pooler(x), tuple(attentions) if attentions is not None else None,
-                             tuple(hidden) if hidden is not None else None)
+        return EncoderOutput(last_hidden_state=x, pooler_output=self.pooler(x),
+                             hidden_states=tuple(hidden) if hidden is not None else None,
+                             attentions=tuple(attentions) if attentions is not None else None)
 
     def get_input_embeddings(self):
         return self.embeddings.word_embeddings

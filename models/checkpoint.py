@@ -9,6 +9,7 @@ against its weights before any tensor is read.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from kernelhub.models.config_schema import found
 from kernelhub.declare.errors import CheckpointError, ConfigError
+from kernelhub.declare.log import progress
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -25,6 +27,8 @@ DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+logger = logging.getLogger(__name__)
 
 
 def config_path(path) -> Path:
@@ -153,13 +157,18 @@ def weight_shapes(path) -> dict[str, tuple[int, ...]]:
 
 
 def read_state_dict(path) -> dict:
-    """All tensors of a checkpoint directory, by name."""
+    """All tensors of a checkpoint directory, by name; a progress bar counts the bytes, shard by shard."""
+    files = weight_files(Path(path))
     state = {}
-    for file in weight_files(Path(path)):
-        try:
-            state.update(load_file(file))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"cannot read {file}: {e} (truncated or not a safetensors file?)") from None
+    sizes = [file.stat().st_size for file in files]
+    with progress(desc="loading weights", total=sum(sizes), unit="B", unit_scale=True, unit_divisor=1024) as bar:
+        for file, size in zip(files, sizes):
+            try:
+                state.update(load_file(file))
+            except (SafetensorError, OSError, ValueError) as e:
+                raise CheckpointError(f"cannot read {file}: {e} (truncated or not a safetensors file?)") from None
+            bar.update(size)
+    logger.debug("read %d tensors from %d file(s) in %s", len(state), len(files), path)
     return state
 
 
@@ -205,7 +214,8 @@ def load_weights(model: torch.nn.Module, state: dict, *, dtype, device, source: 
 
 
 def save_pretrained(model, path) -> None:
-    """Write config.json (with the model's binding request) and model.safetensors."""
+    """Write config.json (with the model's binding request), generation_config.json (when the
+    model has generation defaults) and model.safetensors."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = dict(model.config.raw)
@@ -216,6 +226,9 @@ def save_pretrained(model, path) -> None:
     else:
         config.pop("kernelhub", None)
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and generation.to_dict():  # a reload generates the same way
+        (path / "generation_config.json").write_text(json.dumps(generation.to_dict(), indent=2, sort_keys=True) + "\n")
     state = {}
     seen = set()
     for name, tensor in model.state_dict().items():

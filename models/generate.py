@@ -1,8 +1,8 @@
-"""Token generation: greedy or sampled, over a dynamic or static KV cache.
+"""Token generation: greedy or sampled, over a dynamic or static KV cache, with transformers' options.
 
 Works for any causal model whose forward is `forward(input_ids, attention_mask,
 position_ids, cache, logits_to_keep) -> output with .logits` and which offers
-`make_cache(kind, ...)`.
+`make_cache(kind, ...)`. Options not passed come from `model.generation_config`.
 
 >>> from kernelhub.models.llama import LlamaForCausalLM
 >>> cfg = {"vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
@@ -12,58 +12,128 @@ position_ids, cache, logits_to_keep) -> output with .logits` and which offers
 torch.Size([1, 5])
 >>> generate(model, [1, 2], sampling=SamplingParams(max_new_tokens=2, do_sample=True, seed=0)).shape
 torch.Size([1, 4])
+>>> out = generate(model, [1, 2], max_new_tokens=2, return_dict_in_generate=True, output_scores=True)
+>>> out.sequences.shape, len(out.scores), out.scores[0].shape
+(torch.Size([1, 4]), 2, torch.Size([1, 32]))
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernelhub.models.sampling import SamplingParams, make_generator, sample
+from kernelhub.models.outputs import GenerateOutput
+from kernelhub.models.sampling import SamplingParams, make_generator, pick, process_logits, warp
 
 CACHE_KINDS = ("dynamic", "static")
+# generate's own keywords; together with SamplingParams' fields, everything generate accepts
+GENERATE_OPTIONS = ("input_ids", "sampling", "attention_mask", "cache", "generator", "streamer", "tokenizer",
+                    "return_dict_in_generate", "output_scores")
+_SAMPLED_ONLY = ("temperature", "top_k", "top_p")  # a generation config's values, used only when it samples
+
+
+def config_defaults(model) -> dict:
+    """SamplingParams keywords from `model.generation_config` (sampling settings only if it samples)."""
+    gc = getattr(model, "generation_config", None)
+    defaults = gc.sampling_defaults() if gc is not None else {}
+    if not defaults.get("do_sample"):
+        defaults = {k: v for k, v in defaults.items() if k not in _SAMPLED_ONLY}
+    if defaults.get("top_k") == 0:  # transformers' spelling of "off"
+        defaults["top_k"] = None
+    return defaults
+
+
+def resolve(model, sampling, options: dict, prompt_len: int) -> tuple[SamplingParams, int]:
+    """The params of this call and how many tokens it may add.
+
+    Keywords override `sampling`, which overrides `model.generation_config`. `max_length`
+    (prompt + new) applies unless `max_new_tokens` is given too (as a keyword or in the
+    generation config), as in transformers.
+    """
+    merged = options if sampling is not None else {**config_defaults(model), **options}
+    params = SamplingParams.from_kwargs(sampling, also=GENERATE_OPTIONS, caller="generate", **merged)
+    limit = params.max_new_tokens
+    if params.max_length is not None and "max_new_tokens" not in merged:
+        limit = params.max_length - prompt_len
+        if limit < 1:
+            raise ValueError(f"max_length={params.max_length} leaves no room after the {prompt_len}-token prompt; "
+                             "raise max_length or pass max_new_tokens")
+    return params, limit
+
+
+def stop_string_hits(tokenizer, new_tokens: torch.Tensor, stops: tuple) -> torch.Tensor:
+    """[B] bool: rows whose generated text now contains one of `stops` (decoded from the tail only:
+    a row that matched earlier has already stopped)."""
+    window = 4 * max(map(len, stops)) + 2  # a character is at most 4 byte-level tokens
+    texts = [tokenizer.decode(row[-window:].tolist(), skip_special_tokens=False) for row in new_tokens]
+    return torch.tensor([any(s in t for s in stops) for t in texts], device=new_tokens.device)
 
 
 @torch.inference_mode()
 def generate(model, input_ids, *, sampling: SamplingParams | None = None, attention_mask=None, cache="dynamic",
-             generator: torch.Generator | None = None, **options):
+             generator: torch.Generator | None = None, streamer=None, tokenizer=None,
+             return_dict_in_generate: bool = False, output_scores: bool = False, **options):
     """Extend `input_ids` [B, S] by up to `max_new_tokens` tokens; returns [B, S + new].
 
     `sampling` is a `SamplingParams`; `options` are its fields as keywords (`max_new_tokens`,
-    `do_sample`, `temperature`, `top_k`, `top_p`, `eos_token_id`, `seed`) and override it.
-    Padded batches are left-padded with `attention_mask` (1 = token, 0 = padding).
-    Finished rows (after `eos_token_id`) keep emitting `eos_token_id`.
+    `min_new_tokens`, `max_length`, `do_sample`, `temperature`, `top_k`, `top_p`,
+    `repetition_penalty`, `eos_token_id` (int or list), `pad_token_id`, `stop_strings`, `seed`)
+    and override it; unknown keywords are an error listing the valid ones. Padded batches are
+    left-padded with `attention_mask` (1 = token, 0 = padding). Rows that finished (an eos id,
+    or one of `stop_strings`, which needs `tokenizer=`) are filled with `pad_token_id`
+    (default: the first eos id). `streamer` gets `put(prompt)`, then `put(tokens)` per step and
+    `end()` (transformers' `TextStreamer` works). `return_dict_in_generate=True` returns a
+    `GenerateOutput` with `sequences` and, with `output_scores=True`, the processed scores.
+
+    >>> model.generate(ids, max_new_tokens=20, eos_token_id=[2, 7], repetition_penalty=1.2)  # doctest: +SKIP
     """
-    params = SamplingParams.from_kwargs(sampling, **options)
-    if cache not in CACHE_KINDS:
-        raise ValueError(f"unknown cache {cache!r}; valid: {', '.join(CACHE_KINDS)}")
-    max_new_tokens, eos_token_id = params.max_new_tokens, params.eos_token_id
     input_ids = torch.as_tensor(input_ids)
     if input_ids.ndim == 1:
         input_ids = input_ids[None]
     if input_ids.shape[-1] == 0:
         raise ValueError("input_ids is empty; generation needs at least one prompt token")
     batch, prompt_len = input_ids.shape
+    params, limit = resolve(model, sampling, options, prompt_len)
+    if cache not in CACHE_KINDS:
+        raise ValueError(f"unknown cache {cache!r}; valid: {', '.join(CACHE_KINDS)}")
+    if params.stop_strings and tokenizer is None:
+        raise ValueError("stop_strings needs the tokenizer to read the text: pass tokenizer=...")
     device = next(model.parameters()).device
     generator = make_generator(params, device, generator)
     input_ids = input_ids.to(device)
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else torch.as_tensor(attention_mask)
     attention_mask = attention_mask.to(device)
-    kv = model.make_cache(cache, batch=batch, max_len=prompt_len + max_new_tokens)
+    kv = model.make_cache(cache, batch=batch, max_len=prompt_len + limit)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    step_ids, tokens = input_ids, [input_ids]
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
+    eos = torch.tensor(params.eos_token_ids, dtype=torch.long, device=device)
+    pad = params.pad_token_id if params.pad_token_id is not None else (int(eos[0]) if len(eos) else None)
+    step_ids, sequences, scores = input_ids, input_ids, []
+    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    for step in range(limit):
         logits = model(step_ids, attention_mask=attention_mask, position_ids=positions, cache=kv,
                        logits_to_keep=1).logits[:, -1]
-        nxt = sample(logits, params, generator)
-        if eos_token_id is not None:
-            nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-            done |= nxt == eos_token_id
-        tokens.append(nxt[:, None])
-        if eos_token_id is not None and bool(done.all()):
+        step_scores = warp(process_logits(logits, params, sequences, step), params)
+        if output_scores:
+            scores.append(step_scores)
+        nxt = pick(step_scores, params, generator)
+        if pad is not None:
+            nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad))
+        sequences = torch.cat([sequences, nxt[:, None]], dim=-1)
+        if streamer is not None:
+            streamer.put(nxt.cpu())
+        if len(eos):
+            unfinished &= ~torch.isin(nxt, eos)
+        if params.stop_strings:
+            unfinished &= ~stop_string_hits(tokenizer, sequences[:, prompt_len:], params.stop_strings)
+        if not bool(unfinished.any()):
             break
         step_ids = nxt[:, None]
         positions = positions[:, -1:] + 1
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
-    return torch.cat(tokens, dim=-1)
+    if streamer is not None:
+        streamer.end()
+    if return_dict_in_generate:
+        return GenerateOutput(sequences=sequences, scores=tuple(scores) if output_scores else None,
+                              past_key_values=kv)
+    return sequences

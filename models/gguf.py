@@ -23,6 +23,7 @@ import torch
 from kernelhub.models.config_schema import (check_dims, check_layer_count, divides, invalid, non_negative_int,
                                             positive_float, positive_int)
 from kernelhub.declare.errors import CheckpointError, ConfigError
+from kernelhub.declare.log import progress
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 TENSOR_NAMES = {
@@ -154,14 +155,8 @@ def read_tensors(reader, config: dict) -> dict:
     """All tensors, dequantised to float32, under transformers' names."""
     from gguf.quants import dequantize
 
-    try:
-        from tqdm import tqdm
-    except ImportError:  # progress bars are a nicety
-        def tqdm(it, **kw):
-            return it
-
     state = {}
-    for t in tqdm(reader.tensors, desc="dequantising GGUF", unit="tensor", leave=False):
+    for t in progress(reader.tensors, desc="dequantising GGUF", unit="tensor"):
         name = hf_name(t.name)
         try:
             array = dequantize(t.data, t.tensor_type)

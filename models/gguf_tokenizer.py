@@ -3,6 +3,9 @@
 Supports the byte-level BPE vocabularies llama.cpp calls `gpt2` (SmolLM2, Llama 3, Qwen2),
 built the way transformers builds them from the same file: BPE over the byte-to-unicode
 alphabet, a ByteLevel pre-tokenizer and decoder, control tokens added as special tokens.
+The files it writes load with `kernelhub.models.tokenizer.Tokenizer.from_file`, so a GGUF
+tokenizer has the same transformers-style API (`tok(texts, padding=True, return_tensors="pt")`,
+`decode`, `apply_chat_template`, special-token ids) as a checkpoint's.
 """
 
 from __future__ import annotations
@@ -67,11 +70,12 @@ def tokenizer_files(meta: dict) -> tuple[str, dict]:
         idx = meta.get(f"tokenizer.ggml.{key}")
         return tokens[idx] if idx is not None and idx < len(tokens) else None
 
+    # As transformers reads the same file: special tokens by their ids, no padding token unless
+    # the file names one, right padding; the result loads through `Tokenizer.from_file` like any
+    # checkpoint, so the GGUF tokenizer has exactly the API of the others.
     config = {
         "bos_token": token("bos_token_id"), "eos_token": token("eos_token_id"),
         "pad_token": token("padding_token_id"), "unk_token": token("unknown_token_id"),
-        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id", meta.get("tokenizer.ggml.eos_token_id")),
-        "chat_template": meta.get("tokenizer.chat_template"),
+        "chat_template": meta.get("tokenizer.chat_template"), "padding_side": "right",
     }
     return tok.to_str(), config

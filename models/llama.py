@@ -32,6 +32,9 @@ from kernelhub.models.config_schema import (boolean, check_dims, check_layer_cou
 from kernelhub.models.batching import generate_batch
 from kernelhub.models.checkpoint import save_pretrained
 from kernelhub.models.generate import generate
+from kernelhub.models.loss import causal_lm_loss
+from kernelhub.models.model_api import ModelAPI
+from kernelhub.models.outputs import CausalLMOutput
 from kernelhub.models.rope import RotaryEmbedding, apply_rope, rope_parameters
 from kernelhub.declare.errors import ConfigError
 
@@ -235,13 +238,6 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), weights
 
 
-@dataclasses.dataclass
-class CausalLMOutput:
-    logits: torch.Tensor
-    attentions: tuple | None = None
-    hidden_states: tuple | None = None
-
-
 class LlamaModel(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -298,8 +294,8 @@ def _tuple(items):
     return tuple(items) if items is not None else None
 
 
-class LlamaForCausalLM(nn.Module):
-    """A causal language model; `forward` returns `CausalLMOutput(logits, attentions)`."""
+class LlamaForCausalLM(ModelAPI, nn.Module):
+    """A causal language model; `forward` returns a `CausalLMOutput` (loss, logits, past_key_values, ...)."""
 
     config_class = LlamaConfig
 
@@ -312,13 +308,32 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.binding = None
+        self.init_api(cfg)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, logits_to_keep=0,
-                output_hidden_states: bool = False, output_attentions: bool | None = None):
-        """`logits_to_keep=N` computes logits for the last N positions only (0 = all), or for the
-        positions in a 1-D index tensor; generation needs few, and the vocabulary projection is
-        the largest matmul of the model.
-        `output_hidden_states` / `output_attentions` (default: the config's) fill those fields."""
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
+                use_cache: bool | None = None, labels=None, logits_to_keep=0, output_hidden_states: bool = False,
+                output_attentions: bool | None = None, cache=None):
+        """Logits for `input_ids` [B, S], as transformers' `LlamaForCausalLM.forward`.
+
+        `labels` [B, S] adds `loss` (shifted cross-entropy, -100 ignored). `past_key_values`
+        (or `cache`, the same thing) is a kernelhub cache (`make_cache`) the forward extends;
+        `use_cache=True` without one creates a `DynamicCache`; either way the cache comes back
+        as `past_key_values` unless `use_cache=False`. `logits_to_keep=N` computes logits for the
+        last N positions only (0 = all), or for the positions in a 1-D index tensor (generation
+        needs few; the vocabulary projection is the largest matmul of the model).
+        `output_hidden_states` / `output_attentions` (default: the config's) fill those fields.
+
+        >>> model = LlamaForCausalLM({"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
+        ...                           "num_hidden_layers": 1, "num_attention_heads": 2})
+        >>> out = model(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]]), use_cache=True)
+        >>> out.loss.shape, out.past_key_values.get_seq_length()
+        (torch.Size([]), 3)
+        """
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise ValueError("pass the cache as past_key_values or as cache, not both")
+        cache = past_key_values if past_key_values is not None else cache
+        if cache is None and use_cache:
+            cache = self.make_cache("dynamic")
         if output_attentions is None:
             output_attentions = self.config.output_attentions
         hidden, captured = self.model(input_ids, attention_mask, position_ids, cache,
@@ -328,7 +343,10 @@ class LlamaForCausalLM(nn.Module):
         elif logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
-        return CausalLMOutput(logits, _tuple(captured.get("attentions")), _tuple(captured.get("hidden_states")))
+        return CausalLMOutput(loss=causal_lm_loss(logits, labels) if labels is not None else None, logits=logits,
+                              past_key_values=cache if use_cache is not False else None,
+                              hidden_states=_tuple(captured.get("hidden_states")),
+                              attentions=_tuple(captured.get("attentions")))
 
     def get_input_embeddings(self):
         return self.model.embed_tokens

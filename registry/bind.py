@@ -16,13 +16,16 @@ declared layers go through the same grammar (`request`) and the same chooser (`c
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import logging
 import os
 
 import torch
 
 from kernelhub.declare.errors import BindError, KernelhubError
 from kernelhub.declare.layer import layer_name, reset_layer_forward, set_layer_forward
+from kernelhub.declare.log import first_time
 from kernelhub.declare.site import AttentionSite, SiteBinding
 from kernelhub.registry.bind_layers import layer_decisions
 from kernelhub.registry.capabilities import on_device, unsupported
@@ -33,10 +36,12 @@ from kernelhub.registry.hub.fetch import hub_budget
 from kernelhub.registry.hub.lockfile import KernelLock
 from kernelhub.registry.hub.ref import looks_like_kernel_ref
 from kernelhub.registry.modes import Mode, parse_mode
-from kernelhub.registry.plan import BindingPlan, BindRequest
+from kernelhub.registry.plan import BindingPlan, BindRequest, _collapse
 from kernelhub.registry.plugins import get_registry
 from kernelhub.registry.request import KNOWN_LAYER_TYPES, glob_matches, parse_attn_implementation
 from kernelhub.registry.watch import watch_moves
+
+logger = logging.getLogger(__name__)
 
 
 def _device_and_dtype(model, device, dtype):
@@ -173,6 +178,7 @@ def apply(model, decisions: Decisions) -> BindingPlan:
     model.binding = decisions.plan
     model.binding_request = _serialisable_request(decisions.plan.request)
     watch_moves(model, rebind, apply)
+    _log_binding(model, decisions.plan)
     return decisions.plan
 
 
@@ -207,6 +213,33 @@ def unbind(model: torch.nn.Module) -> None:
             reset_layer_forward(module)
     model.binding = None
     model.binding_request = None
+
+
+def _log_binding(model, plan: BindingPlan) -> None:
+    """INFO: what runs where, counted; WARNING: each distinct fallback reason, once per process."""
+    if logger.isEnabledFor(logging.INFO):
+        counts: dict = collections.defaultdict(collections.Counter)  # label -> chosen -> sites, in plan order
+        for e in plan.entries:
+            label = "attention" if e.kind == "attention" else (layer_name(_submodule(model, e.path)) or "layer")
+            counts[label][e.chosen] += 1
+        summary = "; ".join(f"{label} " + ", ".join(f"{chosen} x{n}" for chosen, n in chosen.items())
+                            for label, chosen in counts.items())
+        logger.info("bound %s on %s/%s (%s): %s", type(model).__name__, str(plan.device).split(":")[0],
+                    plan.dtype, plan.mode, summary or "nothing to bind")
+    # Collapsed paths (model.layers.{0..31}...) and a process-wide memory of (candidate, reason):
+    # a 32-layer model, or the same model loaded a hundred times, warns once per reason.
+    for e in _collapse(plan.entries):
+        for name, reasons in e.rejected:
+            new = [r for r in reasons if first_time(("fallback", name, r))]
+            if new:
+                logger.warning("%s: %s rejected: %s; using %s", e.path, name, "; ".join(new), e.chosen)
+
+
+def _submodule(model, path: str):
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def _serialisable_request(request: BindRequest):

@@ -17,6 +17,8 @@ and its capabilities (`layer_contract`) before anything is applied.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from kernelhub.declare.errors import KernelhubError, closest_first, suggestion
 from kernelhub.declare.layer import layer_name
 from kernelhub.registry.choose import Option, choose
@@ -103,6 +105,9 @@ def _load(value, layer, declared_cls, origin, registry, device, lock) -> Option:
         return Option(name, source, impl, tuple(problems), caps)
     if isinstance(value, str):
         known = registry.layer_kernels.get(layer, {})
+        if value not in known and Path(value).is_dir():  # local or Hub is never guessed
+            raise KernelhubError(f"{origin}: a directory {value} exists; write ./{value} to use it as a local "
+                                 f"kernel (a bare name means a kernel registered for layer {layer!r})")
         if value not in known:
             valid = closest_first(value, [*known, REFERENCE])
             raise KernelhubError(f"{origin}: no kernel {value!r} is registered for layer {layer!r}."

@@ -16,12 +16,15 @@ True
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 from kernelhub.declare.errors import BindError, LockError, UnsafeKernelError, UntrustedKernelError
 from kernelhub.registry.plan import PlanEntry
 from kernelhub.registry.request import Chain
 
 REFUSALS = (UntrustedKernelError, LockError, UnsafeKernelError)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +51,7 @@ that failed to load comes back with `problems`. `reasons(option) -> [str]`.
         why = list(option.problems) or reasons(option)
         if why:
             rejected.append((option.name, tuple(why)))
+            logger.debug("%s %s: %s rejected: %s", kind, path, option.name, "; ".join(why))
         else:
             fitting.append(option)
             if pick is None:
@@ -56,6 +60,7 @@ that failed to load comes back with `problems`. `reasons(option) -> [str]`.
         raise no_fit(kind, path, key, chain, rejected, device, dtype, mode, valid)
     chosen = pick(fitting) if pick else fitting[0]
     note = "selected by policy hook" if chosen is not fitting[0] else ""
+    logger.debug("%s %s: %s (%s)%s", kind, path, chosen.name, chosen.source, f", {note}" if note else "")
     return PlanEntry(path, kind, chosen.name, chosen.source, chain.origin, tuple(rejected), note), chosen
 
 

@@ -3,8 +3,9 @@
 One `Registry` per scope. The process-wide one is built on first use: built-ins first,
 then every entry point in the group `kernelhub` (unless
 `KERNELHUB_DISABLE_PLUGIN_AUTOLOAD=1`). A plugin that fails to load is recorded in
-`failures` and warned about, never swallowed. `scoped_registry()` swaps in a copy for the
-current context (a `ContextVar`, so threads and asyncio tasks are isolated).
+`failures` (listed by `kernelhub plugins`) and logged at WARNING with its traceback at
+DEBUG, never swallowed. `scoped_registry()` swaps in a copy for the current context (a
+`ContextVar`, so threads and asyncio tasks are isolated).
 
 >>> with scoped_registry() as reg:
 ...     "sdpa" in reg.backend_names()
@@ -17,14 +18,15 @@ import contextlib
 import contextvars
 import dataclasses
 import importlib.metadata
+import logging
 import os
 import threading
-import warnings
 
 import pluggy
 
 from kernelhub.registry import builtins, hookspecs
 from kernelhub.registry.capabilities import MASK_FORMATS, AttentionBackend
+from kernelhub.declare import log as _log  # noqa: F401 - configures the "kernelhub" logger before any failure
 from kernelhub.declare.errors import RegistrationError, UnknownBackendError, closest_first, suggestion
 
 ENTRY_POINT_GROUP = "kernelhub"
@@ -32,6 +34,8 @@ ENTRY_POINT_GROUP = "kernelhub"
 # They resolve to whichever backend is registered under that name (a plugin's, say).
 TRANSFORMERS_SPELLINGS = {"flash_attention_2": "flash", "flash_attention_3": "flash", "flex_attention": "flex"}
 AUTOLOAD_ENV = "KERNELHUB_DISABLE_PLUGIN_AUTOLOAD"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,14 +78,14 @@ class Registry:
     # -- plugins ----------------------------------------------------------------------
 
     def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> None:
-        """Load every installed plugin of `group`; failures are recorded and warned about."""
+        """Load every installed plugin of `group`; failures are recorded and logged."""
         for ep in importlib.metadata.entry_points(group=group):
             dist = ep.dist.name if ep.dist else "?"
             name = f"{ep.name} ({dist})"
             try:
                 plugin = ep.load()
             except Exception as e:  # noqa: BLE001 - a broken plugin must not break kernelhub
-                self._fail(name, f"import of {ep.value!r} failed: {type(e).__name__}: {e}")
+                self._fail(name, f"import of {ep.value!r} failed: {type(e).__name__}: {e}", e)
                 continue
             self.add_plugin(plugin, name)
 
@@ -91,7 +95,7 @@ class Registry:
             try:
                 self.pm.register(plugin, name=name)
             except ValueError as e:
-                self._fail(name, str(e))
+                self._fail(name, str(e), e)
                 return
             self.plugins.append(name)
             caller = self.pm.subset_hook_caller
@@ -102,7 +106,7 @@ class Registry:
                         try:
                             self._add_backend(backend, name, replace=False)
                         except RegistrationError as e:
-                            self._fail(name, str(e))
+                            self._fail(name, str(e), e)
                 for group in caller("kernelhub_layer_kernels", others)():
                     for layer, impls in (group or {}).items():
                         self.layer_kernels.setdefault(layer, {}).update(impls)
@@ -110,11 +114,14 @@ class Registry:
                 for group in caller("kernelhub_model_architectures", others)():
                     self.architectures.update(group or {})
             except Exception as e:  # noqa: BLE001 - reported as a plugin failure, with the reason
-                self._fail(name, f"hook raised {type(e).__name__}: {e}")
+                self._fail(name, f"hook raised {type(e).__name__}: {e}", e)
 
-    def _fail(self, plugin: str, error: str) -> None:
+    def _fail(self, plugin: str, error: str, exc: BaseException) -> None:
         self.failures.append(PluginFailure(plugin, error))
-        warnings.warn(f"kernelhub plugin {plugin} failed: {error}", RuntimeWarning, stacklevel=3)
+        logger.warning("kernelhub plugin %s failed: %s (`kernelhub plugins` lists every failure; "
+                       "KERNELHUB_VERBOSITY=debug shows the traceback)", plugin, error)
+        # The traceback is for whoever debugs the plugin, not for every user of kernelhub.
+        logger.debug("traceback of kernelhub plugin %s", plugin, exc_info=(type(exc), exc, exc.__traceback__))
 
     # -- backends ---------------------------------------------------------------------
 

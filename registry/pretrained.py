@@ -9,6 +9,7 @@ device, so `explain` costs no memory and `from_pretrained` allocates each weight
 from __future__ import annotations
 
 import inspect
+import warnings
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ import torch
 from kernelhub.models.checkpoint import (config_path, load_weights, read_config, read_state_dict, resolve_dtype,
                                          weight_shapes)
 from kernelhub.models.config_schema import found
+from kernelhub.models.generation_config import GenerationConfig
 from kernelhub.registry.bind import bind
 from kernelhub.registry.modes import parse_mode
 from kernelhub.declare.errors import CheckpointError, ConfigError, suggestion
@@ -100,17 +102,65 @@ def _requested(config, attn_implementation, kernels, source):
             kernels if kernels is not None else recorded.get("kernels"))
 
 
+SINGLE_DEVICE_MAPS = '"auto", "cpu", "cuda", "cuda:N", a torch.device, or {"": device}'
+
+
+def resolve_device_map(device_map) -> torch.device:
+    """The one device a single-device `device_map` names (kernelhub does not split a model across devices).
+
+    >>> resolve_device_map({"": "cpu"})
+    device(type='cpu')
+    >>> resolve_device_map({"model.layers.0": 0, "lm_head": 1})
+    Traceback (most recent call last):
+        ...
+    ValueError: device_map={'model.layers.0': 0, 'lm_head': 1} places modules on several devices; ...
+    """
+    if device_map == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    value = device_map
+    if isinstance(device_map, dict):
+        if set(device_map) != {""}:
+            raise ValueError(f"device_map={device_map!r} places modules on several devices; kernelhub loads a "
+                             f"model onto one device. Supported: {SINGLE_DEVICE_MAPS} "
+                             "(tensor parallel: tp_plan='auto' under torchrun)")
+        value = device_map[""]
+    try:
+        return torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device_map={device_map!r} is not a device; supported: {SINGLE_DEVICE_MAPS}") from None
+
+
+def _dtype_and_device(dtype, torch_dtype, device, device_map):
+    """Fold transformers' spellings (`torch_dtype`, `device_map`) into `dtype` and `device`."""
+    if torch_dtype is not None:
+        if dtype is not None:
+            raise ValueError(f"pass dtype={dtype!r} or torch_dtype={torch_dtype!r}, not both "
+                             "(torch_dtype is the deprecated name of dtype)")
+        warnings.warn("torch_dtype is deprecated; use dtype", DeprecationWarning, stacklevel=3)
+        dtype = torch_dtype
+    if device_map is not None:
+        if device is not None:
+            raise ValueError(f"pass device={device!r} or device_map={device_map!r}, not both")
+        device = resolve_device_map(device_map)
+    return dtype, torch.device(device or "cpu")
+
+
 def from_pretrained(path, attn_implementation=None, kernels=None, *, dtype=None, device=None,
-                    mode: str = "inference", output_attentions: bool = False, lock=None):
+                    mode: str = "inference", output_attentions: bool = False, lock=None, torch_dtype=None,
+                    device_map=None):
     """Load a Hugging Face-layout checkpoint directory (or a .gguf file) and bind it.
 
     `attn_implementation=None` uses what `save_pretrained` recorded, else sdpa (falling
-    back to eager). `dtype=None` uses the checkpoint's dtype. `lock` pins Hub kernels
-    (see `bind`).
+    back to eager). `dtype=None` uses the checkpoint's dtype (`torch_dtype` is its deprecated
+    transformers name). `device_map` is transformers' spelling of one device: "auto" (cuda if
+    available, else cpu), "cpu", "cuda:0", a torch.device or {"": device}. `lock` pins Hub
+    kernels (see `bind`). `model.generation_config` comes from generation_config.json when
+    the checkpoint has one.
 
     >>> model = kernelhub.from_pretrained("path/to/checkpoint", attn_implementation="sdpa")  # doctest: +SKIP
     >>> print(model.binding)                                                                 # doctest: +SKIP
     """
+    dtype, device = _dtype_and_device(dtype, torch_dtype, device, device_map)
     path = checkpoint_dir(path)
     config = read_config(path)
     source = str(config_path(path))
@@ -120,9 +170,11 @@ def from_pretrained(path, attn_implementation=None, kernels=None, *, dtype=None,
     check = getattr(parsed, "check_weights", None)
     if check is not None:  # sizes against the weights' headers: a wrong config fails before anything is built
         check(weight_shapes(path), source=source, weights=str(path))
+    generation_config = GenerationConfig.from_checkpoint(path, config) if path.is_dir() else None
     with torch.device("meta"):
         model = arch(parsed)
-    device = torch.device(device or "cpu")
+    if generation_config is not None and hasattr(model, "generation_config"):
+        model.generation_config = generation_config
     # Bind before loading weights: a bad request fails fast, before any tensor is read.
     bind(model, attn, kern, device=device, dtype=dtype, mode=mode, lock=lock)
     load_weights(model, read_state_dict(path), dtype=dtype, device=device, source=str(Path(path)))

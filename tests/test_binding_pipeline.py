@@ -203,14 +203,13 @@ def test_a_move_the_binding_cannot_serve_fails_before_anything_moves(tiny_checkp
     assert_unchanged(model, before)
 
 
-def test_a_forward_replaced_by_kernels_kernelize_shows_in_the_plan(model):
-    from kernels import LayerRepository, Mode as KMode, kernelize, use_kernel_mapping  # noqa: F401
-    from kernels import LocalLayerRepository
+def test_a_forward_replaced_by_kernels_kernelize_shows_in_the_plan(model, tmp_path):
+    import kernels
 
-    repo = kernel(pytest.importorskip("pathlib").Path(__import__("tempfile").mkdtemp()), "norm")
-    mapping = {"RMSNorm": {"cpu": LocalLayerRepository(repo_path=repo, layer_name="RMSNorm")}}
-    with use_kernel_mapping(mapping, inherit_mapping=False):
-        kernelize(model, mode=KMode.INFERENCE, device="cpu")
+    repo = kernel(tmp_path, "norm")
+    mapping = {"RMSNorm": {"cpu": kernels.LocalLayerRepository(repo_path=repo, layer_name="RMSNorm")}}
+    with kernels.use_kernel_mapping(mapping, inherit_mapping=False):
+        kernels.kernelize(model, mode=kernels.Mode.INFERENCE, device="cpu")
     entry = model.binding["model.layers.0.input_layernorm"]
     assert entry.chosen == "replaced outside kernelhub" and "RMSNorm" in entry.source and "reference" in entry.note
 
@@ -235,3 +234,14 @@ def test_use_kernels_keeps_mode_dtype_and_in_process_kernels_and_restores_exactl
         assert inside["model.layers.0.self_attn.rotary"].chosen == "Zero"
     assert model.binding is plan
     assert_unchanged(model, before)
+
+
+def test_a_bare_name_that_is_a_directory_is_never_guessed(model, tmp_path, monkeypatch):
+    kernel(tmp_path, "my-rmsnorm")
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(model)
+    with pytest.raises(kernelhub.KernelhubError, match="a directory my-rmsnorm exists; write ./my-rmsnorm"):
+        kernelhub.bind(model, "sdpa", kernels={"RMSNorm": "my-rmsnorm"})
+    assert_unchanged(model, before)
+    plan = kernelhub.bind(model, "sdpa", kernels={"RMSNorm": "./my-rmsnorm"})
+    assert any(e.source.startswith("local ") for e in plan.entries)

@@ -38,7 +38,8 @@ def test_hidden_states_and_attentions_match_transformers(llama):
 def test_bert_hidden_states_match_transformers():
     import transformers
 
-    batch = kernelhub.load_tokenizer(minilm_dir())(["A man is eating food.", "Hi"])
+    batch = kernelhub.load_tokenizer(minilm_dir())(["A man is eating food.", "Hi"], padding=True,
+                                                    return_tensors="pt")
     ours = kernelhub.from_pretrained(minilm_dir(), attn_implementation="sdpa")
     theirs = transformers.BertModel.from_pretrained(minilm_dir(), attn_implementation="sdpa").eval()
     with torch.no_grad():

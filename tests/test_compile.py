@@ -1,9 +1,9 @@
 """Static cache decode under torch.compile(fullgraph=True), and compiled flex."""
 
-import pytest
 import torch
 
 import kernelhub
+from kernelhub.declare.log import captured_logs
 from kernelhub.backends import flex
 
 
@@ -38,7 +38,9 @@ def test_a_failing_flex_compile_falls_back_with_a_warning(tiny_checkpoint, monke
     model = kernelhub.from_pretrained(tiny_checkpoint, attn_implementation="flex")
     eager = kernelhub.from_pretrained(tiny_checkpoint, attn_implementation="eager")
     ids = torch.tensor([[3, 1, 4, 1, 5]])
-    with pytest.warns(RuntimeWarning, match="compiling flex_attention failed .*simulated"), torch.no_grad():
+    with captured_logs("warning") as records, torch.no_grad():
         out = model(ids).logits
+    assert any("compiling flex_attention failed" in r.getMessage() and "simulated" in r.getMessage()
+               for r in records), [r.getMessage() for r in records]
     torch.testing.assert_close(out, eager(ids).logits, atol=1e-5, rtol=1e-5)
     assert flex.COMPILE is False

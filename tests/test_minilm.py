@@ -13,7 +13,7 @@ SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.", "The 
 
 @pytest.fixture(scope="module")
 def batch():
-    return kernelhub.load_tokenizer(minilm_dir())(SENTENCES)
+    return kernelhub.load_tokenizer(minilm_dir())(SENTENCES, padding=True, return_tensors="pt")
 
 
 @pytest.fixture(scope="module")

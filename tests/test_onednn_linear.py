@@ -44,7 +44,8 @@ def test_refused_for_training_and_bf16_with_reasons(tiny_checkpoint):
 def test_encoder_with_onednn_matches_reference():
     from kernelhub.samples import minilm_dir
 
-    batch = kernelhub.load_tokenizer(minilm_dir())(["A man is eating food.", "Hi"])
+    batch = kernelhub.load_tokenizer(minilm_dir())(["A man is eating food.", "Hi"], padding=True,
+                                                    return_tensors="pt")
     fast = kernelhub.from_pretrained(minilm_dir(), kernels={"Linear": "onednn"})
     reference = kernelhub.from_pretrained(minilm_dir())
     with torch.no_grad():

@@ -16,7 +16,8 @@ from kernelhub.models.sampling import SamplingParams, sample
 from tests.unchanged import assert_unchanged, snapshot
 from threads import run_in_threads
 
-FIELDS = ["do_sample", "eos_token_id", "max_new_tokens", "seed", "temperature", "top_k", "top_p"]
+FIELDS = ["do_sample", "eos_token_id", "max_length", "max_new_tokens", "min_new_tokens", "pad_token_id",
+          "repetition_penalty", "seed", "stop_strings", "temperature", "top_k", "top_p"]
 SAMPLED = {"do_sample": True, "temperature": 0.8, "top_k": 20, "max_new_tokens": 8}
 
 
@@ -82,7 +83,7 @@ def test_every_caller_validates_the_same_way_before_any_work(model, call):
            "add_request": lambda **kw: ContinuousBatcher(model, kv_memory=1 << 20).add_request([1, 2], **kw)}[call]
     with pytest.raises(SamplingError, match="^top_k must be None \\(off\\) or an int >= 1, got 0 \\(int\\)$"):
         run(do_sample=True, top_k=0)
-    with pytest.raises(SamplingError, match=r"^unknown sampling options \['topk'\]; valid: top_k, "):
+    with pytest.raises(SamplingError, match=r"^unknown (sampling|generate) options \['topk'\]; valid: top_k, "):
         run(topk=3)
     if call != "add_request":  # a request takes no generator: its seed makes its own
         with pytest.raises(SamplingError, match="^pass seed \\(1\\) or generator, not both"):

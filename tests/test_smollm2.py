@@ -47,7 +47,7 @@ def reference():
 
 @pytest.fixture(scope="module")
 def prompt_ids(tokenizer):
-    return torch.tensor([tokenizer.encode(tokenizer.apply_chat_template(QUESTION))])
+    return tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_tensors="pt")["input_ids"]
 
 
 def test_tokenization_matches_transformers(tokenizer, reference):
@@ -59,8 +59,8 @@ def test_tokenization_matches_transformers(tokenizer, reference):
 
 def test_chat_template_matches_transformers(tokenizer, reference):
     _, ref_tok = reference
-    assert tokenizer.apply_chat_template(QUESTION) == ref_tok.apply_chat_template(
-        QUESTION, tokenize=False, add_generation_prompt=True)
+    assert tokenizer.apply_chat_template(QUESTION, tokenize=False, add_generation_prompt=True) == \
+        ref_tok.apply_chat_template(QUESTION, tokenize=False, add_generation_prompt=True)
 
 
 def test_logits_match_transformers(model, reference, prompt_ids):
@@ -71,7 +71,7 @@ def test_logits_match_transformers(model, reference, prompt_ids):
 
 def test_greedy_tokens_match_transformers(model, reference, prompt_ids):
     ref_model, _ = reference
-    ours = model.generate(prompt_ids, max_new_tokens=32)
+    ours = model.generate(prompt_ids, max_new_tokens=32, eos_token_id=None)  # not the config eos: 32 tokens
     theirs = ref_model.generate(prompt_ids, max_new_tokens=32, do_sample=False, eos_token_id=None,
                                 min_new_tokens=32)
     assert ours.tolist() == theirs.tolist()

@@ -95,14 +95,19 @@ def kernels_backend(device: torch.device) -> str:
 def local_variant_path(path: Path, backend: str) -> Path:
     """The build variant `kernels` would pick in a local kernel directory."""
     from kernels.resolver import resolve_local_kernel
+    path = Path(path)
+    if not (path / "build").is_dir() and not (path / METADATA).is_file() and not any(path.glob(f"*/{METADATA}")):
+        raise HubKernelError(f"{path}: no usable build in this directory: the kernel is not built (no build/ "
+                             f"folder and no {METADATA}); run `kernelhub kernel build {path}` first")
     try:
-        return resolve_local_kernel(Path(path), backend=backend).variant_path
+        return resolve_local_kernel(path, backend=backend).variant_path
     except Exception as e:  # noqa: BLE001 - kernels raises FileNotFoundError/ValueError here
-        for meta in [Path(path) / METADATA, *sorted(Path(path).glob(f"build/*/{METADATA}"))]:
+        for meta in [path / METADATA, *sorted(path.glob(f"build/*/{METADATA}"))]:
             if meta.is_file():  # our reading names the field; kernels' names only the line
                 read_variant_metadata({METADATA: meta.read_bytes()}, str(meta.parent))
-        raise HubKernelError(f"{path}: no usable build for this platform in this directory. "
-                             f"{str(e).strip()}") from e
+        why = " ".join(str(e).split()).rstrip(":. ")  # kernels' text ends in ':' and a (maybe empty) trace
+        raise HubKernelError(f"{path}: no usable build for {backend} in this directory ({why}); rebuild with "
+                             f"`kernelhub kernel build {path}` (build.toml's backends must include {backend!r})") from e
 
 
 # -- resolve and verify (no import, no lock held) ---------------------------------------------

@@ -8,6 +8,9 @@ directories are locked the same way, keyed by their path relative to the lock fi
 Offline (`HF_HUB_OFFLINE=1`) a Hub ref is locked from the cache: what you have is what you
 pin. Nothing is ever imported while locking or checking.
 
+Downloads show huggingface_hub's own bars; verifying shows a bar over the locked variants.
+Both follow `HF_HUB_DISABLE_PROGRESS_BARS`.
+
 >>> lock = lock_kernels(["my-org/rmsnorm@v1"])        # doctest: +SKIP
 >>> lock.entries["my-org/rmsnorm@v1"].commit           # doctest: +SKIP
 '3f2a...'
@@ -15,15 +18,19 @@ pin. Nothing is ever imported while locking or checking.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from kernelhub.declare.errors import KernelhubError
+from kernelhub.declare.log import progress
 from kernelhub.registry.hub.fetch import HubKernelError, explain_failure, hub_budget, offline, probe, run_bounded
 from kernelhub.registry.hub.lockfile import KernelLock, LockEntry, LockError, lock_key
 from kernelhub.registry.hub.metadata import read_variant_metadata
 from kernelhub.registry.hub.ref import HubRef, LocalRef, parse_kernel_ref
 from kernelhub.registry.hub.snapshot import hub_blobs_dir, read_variant
 from kernelhub.registry.hub.trust import check_trusted
+
+logger = logging.getLogger(__name__)
 
 
 def _snapshot_build(ref: HubRef, revision: str | None, version: int | None, local_only: bool) -> Path:
@@ -117,12 +124,16 @@ def _entry_build(key: str, entry: LockEntry, lock: KernelLock, local_only: bool)
 def download_locked(lock: KernelLock) -> list[str]:
     """Fetch every locked Hub kernel at its pinned commit and verify every variant; one line each."""
     lines = []
-    with hub_budget():
-        for key, entry in sorted(lock.entries.items()):
+    entries = sorted(lock.entries.items())
+    with hub_budget(), progress(desc="verifying kernels", total=sum(len(e.variants) for _, e in entries),
+                                unit="variant") as bar:
+        for key, entry in entries:
+            logger.info("fetching %s @ %s", key, (entry.commit or "local")[:12])
             build = _entry_build(key, entry, lock, local_only=offline())
             for variant in sorted(entry.variants):
                 path = build / variant
                 entry.verify(variant, read_variant(path, blobs=hub_blobs_dir(path)).digests, path)
+                bar.update()
             lines.append(f"{key} @ {(entry.commit or 'local')[:12]}: {len(entry.variants)} variants verified")
     return lines
 
@@ -134,25 +145,36 @@ def check_lock(lock: KernelLock) -> tuple[list[str], list[str]]:
     unless none of an entry's variants is there.
     """
     lines, problems = [], []
-    for key, entry in sorted(lock.entries.items()):
-        try:
-            build = _entry_build(key, entry, lock, local_only=True)
-        except KernelhubError as e:
-            problems.append(f"{key}: {e}")
+    entries = sorted(lock.entries.items())
+    with progress(desc="checking kernels", total=sum(len(e.variants) for _, e in entries), unit="variant") as bar:
+        for key, entry in entries:
+            lines_, problems_ = _check_entry(key, entry, lock, bar)
+            lines += lines_
+            problems += problems_
+    return lines, problems
+
+
+def _check_entry(key: str, entry: LockEntry, lock: KernelLock, bar) -> tuple[list[str], list[str]]:
+    lines, problems = [], []
+    try:
+        build = _entry_build(key, entry, lock, local_only=True)
+    except KernelhubError as e:
+        bar.update(len(entry.variants))
+        return lines, [f"{key}: {e}"]
+    present = 0
+    for variant in sorted(entry.variants):
+        bar.update()
+        path = build / variant
+        if not path.is_dir():
+            lines.append(f"{key} {variant}: not downloaded")
             continue
-        present = 0
-        for variant in sorted(entry.variants):
-            path = build / variant
-            if not path.is_dir():
-                lines.append(f"{key} {variant}: not downloaded")
-                continue
-            try:
-                entry.verify(variant, read_variant(path, blobs=hub_blobs_dir(path)).digests, path)
-            except (LockError, KernelhubError) as e:
-                problems.append(f"{key} {variant}: {e}")
-                continue
-            present += 1
-            lines.append(f"{key} {variant}: ok ({len(entry.variants[variant]['files'])} files)")
-        if not present and not any(p.startswith(f"{key} ") for p in problems):
-            problems.append(f"{key}: none of its variants is in the cache; run `kernelhub download`")
+        try:
+            entry.verify(variant, read_variant(path, blobs=hub_blobs_dir(path)).digests, path)
+        except (LockError, KernelhubError) as e:
+            problems.append(f"{key} {variant}: {e}")
+            continue
+        present += 1
+        lines.append(f"{key} {variant}: ok ({len(entry.variants[variant]['files'])} files)")
+    if not present and not problems:
+        problems.append(f"{key}: none of its variants is in the cache; run `kernelhub download`")
     return lines, problems

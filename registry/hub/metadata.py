@@ -30,7 +30,7 @@ import torch
 
 from kernelhub.registry.capabilities import MASK_FORMATS, Capabilities
 from kernelhub.declare.errors import KernelMetadataError, KernelhubError
-from kernelhub.registry.hub.ref import HubRef, parse_kernel_ref
+from kernelhub.registry.hub.ref import HubRef, parse_hub_ref
 
 FILE = "kernelhub.json"
 METADATA = "metadata.json"
@@ -96,7 +96,7 @@ def _dependency(dep, field: str, file: str) -> HubRef:
         raise _bad(file, f"{field}.revision", revision, "a branch, tag or commit")
     text = f"{dep['repo-id']}@{f'v{version}' if version is not None else revision}"
     try:
-        ref = parse_kernel_ref(text, f"{file}: {field}") if isinstance(dep["repo-id"], str) else None
+        ref = parse_hub_ref(text, f"{file}: {field}") if isinstance(dep["repo-id"], str) else None
     except KernelhubError as e:
         raise KernelMetadataError(str(e)) from None
     if not isinstance(ref, HubRef):

@@ -6,7 +6,9 @@
     "./hub_kernels/rmsnorm"                   a local directory in the Hub kernel layout
     "./hub_kernels/rmsnorm:RMSNorm"           ... with an explicit symbol
 
-Only the shape is checked here; nothing is downloaded or imported.
+Only the shape is checked here; nothing is downloaded or imported. A value that names an
+existing directory but does not start with './', '/' or '~' is refused, never guessed:
+`hub_kernels/rmsnorm` could be that directory or a Hub repo of the same name.
 
 >>> parse_kernel_ref("kernels-community/rmsnorm@v1:RMSNorm", "example")
 HubRef(repo_id='kernels-community/rmsnorm', revision=None, version=1, symbol='RMSNorm')
@@ -96,10 +98,42 @@ def parse_local_ref(value, origin: str) -> LocalRef:
     return LocalRef(path, symbol)
 
 
+def _guessed_directory(text: str) -> str | None:
+    """The existing directory a Hub-looking value names (with or without its ':Symbol'), if any."""
+    body, sep, symbol = text.rpartition(":")
+    for candidate in (text, body if sep and symbol.isidentifier() else None):
+        if candidate and Path(candidate).is_dir():
+            return candidate
+    return None
+
+
 def parse_kernel_ref(value, origin: str) -> HubRef | LocalRef:
-    """A `HubRef` or `LocalRef` from what the user wrote; a clear error for a malformed one."""
+    """A `HubRef` or `LocalRef` from what the user wrote; a clear error for a malformed one.
+
+    Local directories start with './', '/' or '~'; a value that names an existing directory
+    without one is an error rather than a guess between the directory and a Hub repo.
+
+    >>> parse_kernel_ref("my-org/rmsnorm@main", "example")
+    HubRef(repo_id='my-org/rmsnorm', revision='main', version=None, symbol=None)
+    >>> parse_kernel_ref("./hub_kernels/rmsnorm:RMSNorm", "example")      # doctest: +SKIP
+    LocalRef(path=PosixPath('hub_kernels/rmsnorm'), symbol='RMSNorm')
+    """
     if is_local_ref(value):
         return parse_local_ref(value, origin)
+    if isinstance(value, str):
+        directory = _guessed_directory(value)
+        if directory is not None:
+            raise KernelhubError(f"{origin}: a directory {directory} exists; write ./{value} for the local kernel "
+                                 "(a Hub repo id never names a local directory here)")
+    return parse_hub_ref(value, origin)
+
+
+def parse_hub_ref(value, origin: str) -> HubRef:
+    """A `HubRef` from 'org/name[@rev][:Symbol]' (never a directory); a clear error for a malformed one.
+
+    >>> parse_hub_ref("my-org/rmsnorm@v2", "--repo")
+    HubRef(repo_id='my-org/rmsnorm', revision=None, version=2, symbol=None)
+    """
     if not isinstance(value, str):
         raise _bad(value, origin, f"got {type(value).__name__}")
     text = value.strip()

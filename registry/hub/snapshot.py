@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import logging
 import os
 import stat
 from pathlib import Path
@@ -30,6 +31,7 @@ from kernelhub.declare.errors import UnsafeKernelError
 
 BYTECODE_SUFFIXES = (".pyc", ".pyo")
 
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +94,8 @@ def read_variant(root, *, blobs: Path | None = None) -> Snapshot:
                     files[rel] = _read_blob_link(root, rel, Path(entry.path), blobs)
                 else:
                     raise _refuse(root, rel, "which is not a regular file")
+    # No bar: a variant is a few small files, read on every bind; the total says what was hashed.
+    logger.debug("read kernel variant %s: %d files, %d bytes", root, len(files), sum(map(len, files.values())))
     return Snapshot(root, dict(sorted(files.items())))
 
 

@@ -104,7 +104,9 @@ def cmd_run(args) -> int:
     else:
         ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
     start = time.perf_counter()
-    out = model.generate(ids, sampling=sampling, eos_token_id=tokenizer.eos_token_id)
+    # The checkpoint's generation config (all its eos ids) wins; the tokenizer's eos is the fallback.
+    eos = {} if model.generation_config.eos_token_id is not None else {"eos_token_id": tokenizer.eos_token_id}
+    out = model.generate(ids, sampling=sampling, **eos)
     seconds = time.perf_counter() - start
     print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
     new = out.shape[1] - ids.shape[1]

@@ -35,7 +35,7 @@ from kernelhub.declare.log import progress as progress_bar
 from kernelhub.declare.paged_cache import PagedKVCache
 from kernelhub.declare.site import AttentionSite
 from kernelhub.declare.errors import SamplingError
-from kernelhub.models.generate import config_defaults
+from kernelhub.models.generate import config_defaults, set_fields
 from kernelhub.models.sampling import SamplingParams, make_generator, sample
 
 DEFAULT_BATCH_TOKENS = 2048
@@ -131,7 +131,7 @@ class ContinuousBatcher:
                  generator: torch.Generator | None = None, **options):
         """`sampling` (or its fields as keyword `options`) is every request's default; a request
         with a `seed` draws from its own generator, the others from `generator`."""
-        self.sampling = batch_sampling(SamplingParams.from_kwargs(sampling, **batch_defaults(model, sampling, options)))
+        self.sampling = batch_sampling(SamplingParams.from_kwargs(None, **batch_defaults(model, sampling, options)))
         not_paged = _sites_without_paged(model)
         if not_paged:
             raise ValueError(f"continuous batching reads a paged KV cache, and these attention sites are bound "
@@ -309,12 +309,11 @@ _NOT_BATCHED = {"min_new_tokens": 0, "max_length": None, "repetition_penalty": 1
 
 
 def batch_defaults(model, sampling, options: dict) -> dict:
-    """`options` over what `model.generation_config` says (as `generate` reads it) for the fields
-    continuous batching honours; a given `sampling` replaces the config, as in `generate`."""
-    if sampling is not None:
-        return options
+    """The options of this batch merged as `generate` merges them (generation config, then
+    `sampling`, then keywords), taking from the generation config only what batching honours."""
     honoured = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id")
-    return {**{k: v for k, v in config_defaults(model).items() if k in honoured}, **options}
+    from_config = {k: v for k, v in config_defaults(model).items() if k in honoured}
+    return {**from_config, **set_fields(sampling), **options}
 
 
 def batch_sampling(params: SamplingParams) -> SamplingParams:
@@ -340,7 +339,7 @@ def generate_batch(model, prompts, *, sampling: SamplingParams | None = None,
     `progress=True` shows a bar of finished requests on stderr (off whenever
     `HF_HUB_DISABLE_PROGRESS_BARS=1`; see `kernelhub.declare.log.progress`).
     """
-    params = batch_sampling(SamplingParams.from_kwargs(sampling, **batch_defaults(model, sampling, options)))
+    params = batch_sampling(SamplingParams.from_kwargs(None, **batch_defaults(model, sampling, options)))
     prompts = list(prompts)
     if not prompts:
         raise ValueError("prompts is empty; generate_batch needs at least one prompt")

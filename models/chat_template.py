@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import datetime
 import functools
+import json
 
 
 def _raise(message):
     raise ValueError(f"chat template: {message}")
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 @functools.cache
@@ -23,6 +28,7 @@ def _compile(template: str):
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    env.filters["tojson"] = _tojson  # transformers' filter: Jinja's own escapes HTML and sorts keys
     return env.from_string(template)
 
 

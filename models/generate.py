@@ -19,6 +19,7 @@ torch.Size([1, 4])
 
 from __future__ import annotations
 
+import dataclasses
 import torch
 
 from kernelhub.models.outputs import GenerateOutput
@@ -42,15 +43,31 @@ def config_defaults(model) -> dict:
     return defaults
 
 
+def set_fields(sampling: SamplingParams | None) -> dict:
+    """The fields `sampling` sets (those that differ from the defaults)."""
+    if sampling is None:
+        return {}
+    if not isinstance(sampling, SamplingParams):
+        SamplingParams.from_kwargs(sampling)  # the one error for a wrong type
+    return {f.name: getattr(sampling, f.name) for f in dataclasses.fields(sampling)
+            if getattr(sampling, f.name) != f.default}
+
+
+def call_options(model, sampling: SamplingParams | None, options: dict) -> dict:
+    """The options of one call: `model.generation_config`, then what `sampling` sets, then
+    keywords; each overrides the one before."""
+    return {**config_defaults(model), **set_fields(sampling), **options}
+
+
 def resolve(model, sampling, options: dict, prompt_len: int) -> tuple[SamplingParams, int]:
     """The params of this call and how many tokens it may add.
 
-    Keywords override `sampling`, which overrides `model.generation_config`. `max_length`
-    (prompt + new) applies unless `max_new_tokens` is given too (as a keyword or in the
-    generation config), as in transformers.
+    Keywords override `sampling`, which overrides `model.generation_config` (`call_options`).
+    `max_length` (prompt + new) applies unless `max_new_tokens` is given too (as a keyword, in
+    `sampling` or in the generation config), as in transformers.
     """
-    merged = options if sampling is not None else {**config_defaults(model), **options}
-    params = SamplingParams.from_kwargs(sampling, also=GENERATE_OPTIONS, caller="generate", **merged)
+    merged = call_options(model, sampling, options)
+    params = SamplingParams.from_kwargs(None, also=GENERATE_OPTIONS, caller="generate", **merged)
     limit = params.max_new_tokens
     if params.max_length is not None and "max_new_tokens" not in merged:
         limit = params.max_length - prompt_len

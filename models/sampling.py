@@ -156,7 +156,8 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, sequences: torc
         scores = scores.scatter(-1, sequences, seen)
     if new_tokens < params.min_new_tokens and params.eos_token_ids:
         scores = scores.clone()
-        scores[:, list(params.eos_token_ids)] = float("-inf")
+        in_vocab = [e for e in params.eos_token_ids if e < scores.shape[-1]]  # an id past the vocabulary never comes
+        scores[:, in_vocab] = float("-inf")
     return scores
 
 

@@ -130,3 +130,12 @@ def test_smollm2_batched_chat_and_decode(smollm2):
     ids = theirs("hi <|im_end|> x")["input_ids"]
     for skip in (False, True):
         assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(ids, skip_special_tokens=skip)
+
+
+def test_chat_template_tojson_renders_like_transformers(minilm):
+    ours, theirs = minilm
+    template = "{{ tools | tojson }}|{{ messages | tojson(indent=2) }}"
+    tools = [{"name": "f", "description": "a < b & 'c' é"}]
+    messages = [{"role": "user", "content": "x > y"}]
+    kwargs = dict(chat_template=template, tools=tools, tokenize=False)
+    assert ours.apply_chat_template(messages, **kwargs) == theirs.apply_chat_template(messages, **kwargs)

@@ -272,3 +272,26 @@ def test_generation_config_survives_save_and_reload_and_batching_follows_it(mode
     assert batch[0].tokens == stopped and batch[0].finish_reason == "eos"
     with pytest.raises(kernelhub.SamplingError, match="continuous batching does not support repetition_penalty=1.5"):
         reloaded.generate_batch([ids[0].tolist()], max_new_tokens=8, repetition_penalty=1.5)
+
+
+def test_sampling_params_override_the_generation_config_field_by_field(model):
+    from kernelhub import SamplingParams
+
+    ids = PROMPTS[:1]
+    free = model.generate(ids, max_new_tokens=8, eos_token_id=None)[0, 5:].tolist()
+    saved = model.generation_config.eos_token_id
+    try:
+        model.generation_config.eos_token_id = [free[2]]
+        stopped = free[:free.index(free[2]) + 1]
+        assert model.generate(ids, sampling=SamplingParams(max_new_tokens=8))[0, 5:].tolist() == stopped
+        assert model.generate_batch([ids[0].tolist()], sampling=SamplingParams(max_new_tokens=8))[0].tokens == stopped
+    finally:
+        model.generation_config.eos_token_id = saved
+    # max_new_tokens set in `sampling` wins over max_length, as in transformers
+    assert model.generate(ids, sampling=SamplingParams(max_new_tokens=2, max_length=50),
+                          eos_token_id=None).shape == (1, 7)
+
+
+def test_an_eos_id_outside_the_vocabulary_is_ignored_by_min_new_tokens(model):
+    out = model.generate(PROMPTS[:1], eos_token_id=10_000, min_new_tokens=2, max_new_tokens=3)
+    assert out.shape == (1, 8)

@@ -46,13 +46,18 @@ def read_config(path) -> dict:
     if not file.is_file():
         raise CheckpointError(f"{str(path)!r} has no config.json; a checkpoint directory needs config.json "
                               "and model.safetensors (or model.safetensors.index.json)")
+    return read_json_object(file, ConfigError, "the config")
+
+
+def read_json_object(file: Path, error=CheckpointError, what: str = "the top level") -> dict:
+    """The JSON object in `file`; `CheckpointError` for invalid JSON, `error` for another JSON value."""
     try:
-        config = json.loads(file.read_text())
+        data = json.loads(Path(file).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{file}: the config is {found(config)}; allowed: a JSON object")
-    return config
+    if not isinstance(data, dict):
+        raise error(f"{file}: {what} is {found(data)}; allowed: a JSON object")
+    return data
 
 
 def resolve_dtype(dtype, config: dict) -> torch.dtype:

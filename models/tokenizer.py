@@ -17,7 +17,6 @@ vocabulary (see `models/gguf_tokenizer.py`); both give this class. As in transfo
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ from tokenizers import Tokenizer as Backend
 from kernelhub.declare.errors import CheckpointError
 from kernelhub.models.batch_encoding import BatchEncoding
 from kernelhub.models.chat_template import render_chat
+from kernelhub.models.checkpoint import read_json_object
 
 SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 PADDING = {False: None, "do_not_pad": None, True: "longest", "longest": "longest", "max_length": "max_length"}
@@ -260,15 +260,8 @@ class Tokenizer:
 
 
 def _json(file: Path) -> dict:
-    if not file.is_file():
-        return {}
-    try:
-        data = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file} must hold a JSON object, not {type(data).__name__}")
-    return data
+    """A tokenizer side file's JSON object, or {} when the checkpoint has none."""
+    return read_json_object(file) if file.is_file() else {}
 
 
 def _content(token):

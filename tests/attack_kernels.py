@@ -11,12 +11,10 @@ import importlib._bootstrap_external as bootstrap
 import json
 from pathlib import Path
 
-import pytest
 
-import kernelhub
 from kernelhub.testing import populate_hub_cache, write_kernel_repo
 from tests.hub_test_kernels import COUNTED_RMSNORM
-from tests.unchanged import assert_unchanged, registry_snapshot, snapshot
+from tests.unchanged import refused as unchanged_refused
 
 TRUSTED = "kernelhub-test"
 
@@ -65,15 +63,5 @@ def plant_pyc(source_file: Path, evil_source: str) -> Path:
 
 
 def refused(model, error, phrases, marker: Path, **kwargs) -> str:
-    """Binding fails with `error` naming every phrase; the model, the registry and the file
-    system (no marker) are as they were."""
-    before, registry_before = snapshot(model), registry_snapshot()
-    with pytest.raises(error) as info:
-        kernelhub.bind(model, kwargs.pop("attn", "sdpa"), **kwargs)
-    message = str(info.value)
-    for phrase in phrases:
-        assert phrase in message, message
-    assert not marker.exists(), "the malicious kernel ran"
-    assert_unchanged(model, before)
-    assert registry_snapshot() == registry_before
-    return message
+    """`tests.unchanged.refused` with sdpa as the default attention and the marker checked."""
+    return unchanged_refused(model, error, phrases, attn=kwargs.pop("attn", "sdpa"), marker=marker, **kwargs)

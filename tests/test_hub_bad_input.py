@@ -10,7 +10,7 @@ import kernelhub
 from kernelhub.registry.hub.lockfile import LockError
 from kernelhub.registry.hub.trust import UntrustedKernelError
 from kernelhub.testing import point_hub_at
-from tests.unchanged import assert_unchanged, registry_snapshot, snapshot
+from tests.unchanged import refused
 
 ORG = "kernelhub-test"
 
@@ -18,17 +18,6 @@ ORG = "kernelhub-test"
 @pytest.fixture
 def model(tiny_checkpoint):
     return kernelhub.from_pretrained(tiny_checkpoint, attn_implementation="sdpa")
-
-
-def refused(model, error, phrases, **kwargs):
-    before, registry_before = snapshot(model), registry_snapshot()
-    with pytest.raises(error) as info:
-        kernelhub.bind(model, kwargs.pop("attn", "eager"), **kwargs)
-    for phrase in phrases:
-        assert phrase in str(info.value), str(info.value)
-    assert_unchanged(model, before)
-    assert registry_snapshot() == registry_before
-    return str(info.value)
 
 
 @pytest.mark.parametrize("ref, phrase", [

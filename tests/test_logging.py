@@ -10,10 +10,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import kernelhub
-from kernelhub.backends import flex
 from kernelhub.declare import log
 from kernelhub.declare.eager import eager_attention
 from kernelhub.declare.errors import KernelhubError
@@ -98,20 +96,6 @@ def test_a_failing_plugin_is_a_warning_with_its_traceback_at_debug():
     assert "hook broken on purpose" in logging.Formatter().format(debug)
     assert "Traceback" in logging.Formatter().format(debug)
     assert [f.plugin for f in registry.failures] == ["broken-hook (dist)"]  # still listed by `kernelhub plugins`
-
-
-def test_a_failing_flex_compile_is_a_warning_on_the_logger(tiny_checkpoint, monkeypatch):
-    def broken(*args, **kwargs):
-        raise RuntimeError("C++ compile error (simulated)\nsecond line")
-
-    monkeypatch.setattr(flex, "COMPILE", True)
-    monkeypatch.setattr(flex, "compiled_flex_attention", lambda: broken)
-    model = kernelhub.from_pretrained(tiny_checkpoint, attn_implementation="flex")
-    with captured_logs("warning") as records, torch.no_grad():
-        model(torch.tensor([[3, 1, 4]]))
-    (warning,) = messages(records, logging.WARNING)
-    assert warning.startswith("compiling flex_attention failed (RuntimeError: C++ compile error (simulated))")
-    assert flex.COMPILE is False
 
 
 @pytest.mark.parametrize("text, level", [("debug", 10), ("INFO", 20), (" Warning ", 30), ("error", 40),

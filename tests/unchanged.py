@@ -1,6 +1,7 @@
 """Snapshots of what a bind may change, read through public API only: a refused request
 must leave the model and the registry exactly as they were."""
 
+import pytest
 import torch
 
 import kernelhub
@@ -28,3 +29,18 @@ def assert_unchanged(model, before):
     assert plan is before[0] and request == before[1] and sites == before[2] and layers == before[3]
     assert entries == before[5]
     assert all(torch.equal(weights[k], before[4][k]) for k in weights)
+
+
+def refused(model, error, phrases, *, attn="eager", marker=None, **kwargs) -> str:
+    """`bind(model, attn, **kwargs)` fails with `error` naming every phrase, and the model, the
+    registry and (when given) the file system (no `marker`) are as they were."""
+    before, registry_before = snapshot(model), registry_snapshot()
+    with pytest.raises(error) as info:
+        kernelhub.bind(model, attn, **kwargs)
+    message = str(info.value)
+    for phrase in phrases:
+        assert phrase in message, message
+    assert marker is None or not marker.exists(), "the malicious kernel ran"
+    assert_unchanged(model, before)
+    assert registry_snapshot() == registry_before
+    return message

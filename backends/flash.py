@@ -14,6 +14,11 @@ records what was chosen and why:
    inputs run on it with IEEE float32 products, never silently in TF32 or half precision.
 3. Nowhere else: on a CPU without the interpreter, binding fails with "flash needs CUDA".
 
+Attention sinks (gpt-oss) run on the Triton kernel, folded into its online softmax, on
+every path (packed, block tables). flash-attn 2's kernels have no sink input, so where
+flash-attn is chosen, a site with sinks is refused with that reason (the plan says so, and a
+preference list moves on); it is never run without them.
+
 A Hub flash kernel (`attn_implementation="kernels-community/flash-attn2"` or any repo
 exposing `flash_attn_varlen_func`) is bound through the Hub attention path instead.
 """
@@ -27,7 +32,7 @@ import os
 
 import torch
 
-from kernelhub.backends.flash_style import flash_varlen_attention
+from kernelhub.backends.flash_style import flash_varlen_attention, sink_kwargs
 from kernelhub.backends.paged_attention import paged_block_table, paged_varlen
 from kernelhub.backends.resolution import Resolution
 
@@ -83,7 +88,9 @@ def _flash_attn_resolution(fa) -> Resolution:
         fn = decode if mask.max_seqlen_q == 1 else native
         return fn(module, q, k_pool, v_pool, mask, **kw)
 
-    return Resolution(flash_varlen_attention(varlen), paged, note=f"flash-attn {version}")
+    no_sinks = (f"flash-attn {version} has no attention-sink input (its kernels take no s_aux); bind flex, or "
+                "kernelhub's Triton flash kernel (published as the flash-attention Hub kernel), which takes them")
+    return Resolution(flash_varlen_attention(varlen), paged, note=f"flash-attn {version}", no_sinks=no_sinks)
 
 
 @functools.cache
@@ -107,10 +114,10 @@ def paged_kvcache_decode(with_kvcache):
     """A decode step (one query per sequence) through flash-attn's `flash_attn_with_kvcache`,
     its split-KV decode kernel. The new keys are in the pool already, so none are passed."""
 
-    def attention(module, q, k_pool, v_pool, mask, *, scaling, dropout=0.0, softcap=None):
+    def attention(module, q, k_pool, v_pool, mask, *, scaling, dropout=0.0, softcap=None, sinks=None):
         out = with_kvcache(q[0].transpose(0, 1).unsqueeze(1), k_pool, v_pool, cache_seqlens=mask.kv_lens,
                            block_table=mask.block_tables, softmax_scale=scaling, causal=True,
-                           window_size=mask.window, softcap=softcap or 0.0)
+                           window_size=mask.window, softcap=softcap or 0.0, **sink_kwargs(sinks))
         return out.transpose(0, 1), None
 
     return attention

@@ -4,13 +4,15 @@
   `paged_block_table`;
 - `paged_varlen`: the sequences' keys are gathered into one packed run for a varlen kernel.
 
-`paged_adapter` picks the gathering adapter for a backend's mask format at bind time.
+`paged_adapter` picks the gathering adapter for a backend's mask format at bind time. Every
+adapter passes a site's attention sinks (`sinks=`) on to the function it wraps.
 """
 
 from __future__ import annotations
 
 import torch
 
+from kernelhub.backends.flash_style import sink_kwargs
 from kernelhub.declare.paged import PagedMask, paged_dense
 from kernelhub.declare.varlen import VarlenMask
 
@@ -33,13 +35,13 @@ def paged_varlen(fn):
 
 def paged_block_table(varlen_fn):
     """Serve a paged cache with a flash-attn style `flash_attn_varlen_func(..., block_table=)`,
-    which reads the pool through the block tables itself."""
+    which reads the pool through the block tables itself; sinks go as `s_aux`, as in `flash_style`."""
 
-    def attention(module, q, k_pool, v_pool, mask: PagedMask, *, scaling, dropout=0.0, softcap=None, **kw):
+    def attention(module, q, k_pool, v_pool, mask: PagedMask, *, scaling, dropout=0.0, softcap=None, sinks=None):
         out = varlen_fn(q[0].transpose(0, 1), k_pool, v_pool, mask.cu_seqlens_q, mask.cu_seqlens_k,
                         mask.max_seqlen_q, mask.max_seqlen_k, dropout_p=dropout, softmax_scale=scaling,
                         causal=True, window_size=mask.window, softcap=softcap or 0.0,
-                        block_table=mask.block_tables)
+                        block_table=mask.block_tables, **sink_kwargs(sinks))
         if isinstance(out, tuple):
             out = out[0]
         return out[None], None

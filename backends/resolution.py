@@ -16,9 +16,13 @@ import dataclasses
 class Resolution:
     """What serves a backend on one device and dtype, decided at bind time: the function for
     plain forwards, the one for paged-cache forwards, a note for the plan, or the problems
-    that leave nothing to serve it."""
+    that leave nothing to serve it. `no_sinks` / `no_sinks_compiled`: why the chosen
+    implementation cannot take attention sinks (always / under torch.compile), where its
+    backend otherwise declares them."""
 
     fn: object = None
     paged_fn: object = None
     note: str = ""
     problems: tuple[str, ...] = ()
+    no_sinks: str = ""
+    no_sinks_compiled: str = ""

@@ -120,6 +120,8 @@ class AttentionMask:
             return mod(b, h, q_idx + qo, kv_idx + ko)
 
         batch = self.batch if self.batch_dependent else None
+        if self.q_len <= FLEX_BLOCK and not (self.parts and (self.parts["sliding_window"] or self.parts["chunk_size"])):
+            return _every_block(shifted, self.q_len, self.kv_len, self.device)
         return create_block_mask(shifted, batch, None, self.q_len, self.kv_len, device=self.device)
 
     def to_varlen(self):
@@ -145,9 +147,34 @@ _BUILDERS = {
 }
 
 
+FLEX_BLOCK = 128  # flex attention's default block size
+
+
+def _every_block(mask_mod, q_len, kv_len, device):
+    """A BlockMask that visits every key block and applies `mask_mod` in each: exact for any mask.
+
+    For one block of queries (decode steps, short chunks) block sparsity skips little, but
+    `create_block_mask` evaluates the mask over the whole grid, several ms per forward on a CPU
+    (more than the attention itself). This one costs microseconds; the reverse (query-block)
+    index, needed only for a backward pass, is built only when autograd is on."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    q_blocks, kv_blocks = -(-q_len // FLEX_BLOCK), -(-kv_len // FLEX_BLOCK)
+    counts = torch.full((1, 1, q_blocks), kv_blocks, dtype=torch.int32, device=device)
+    indices = torch.arange(kv_blocks, dtype=torch.int32, device=device).expand(1, 1, q_blocks, kv_blocks)
+    return BlockMask.from_kv_blocks(counts, indices.contiguous(), BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod,
+                                    seq_lengths=(q_len, kv_len), compute_q_blocks=torch.is_grad_enabled())
+
+
 def _extend_padding(padding, length, device):
-    """Bool [B, length] padding, or None when nothing is padded (lets sdpa skip the mask)."""
-    padding = padding.to(device=device, dtype=torch.bool)
+    """Bool [B, length] padding, or None when nothing is padded (lets sdpa skip the mask).
+
+    Under torch.compile a full-length mask is kept as given (nonzero = real; `padding_mask`
+    reads it so): inductor's CPU flex kernel cannot lower a mask_mod that captures a tensor
+    computed in the graph (torch 2.13), only one passed in, such as this mask.
+    """
+    keep = torch.compiler.is_compiling() and padding.shape[-1] >= length
+    padding = padding.to(device=device, dtype=None if keep else torch.bool)
     if padding.shape[-1] < length:
         padding = F.pad(padding, (0, length - padding.shape[-1]), value=True)
     if not torch.compiler.is_compiling() and bool(padding.all()):

@@ -55,6 +55,11 @@ class ConfigError(CheckpointError):
     """A config field (config.json or GGUF metadata) of the wrong type, range or size for its weights."""
 
 
+class TensorParallelError(KernelhubError):
+    """A tensor-parallel load that cannot run as asked: no process group, a plan key matching no module,
+    sizes the group does not divide, ranks on different devices. Raised before any weight is read."""
+
+
 def closest_first(name: str, choices) -> list[str]:
     """Return `choices` sorted with the closest matches to `name` first.
 

@@ -50,10 +50,13 @@ def chunked_mask(chunk_size: int):
 
 
 def padding_mask(valid: torch.Tensor):
-    """Keys whose position is marked valid in the [batch, positions] bool tensor `valid`."""
-
-    def padding(batch_idx, head_idx, q_idx, kv_idx):
-        return valid[batch_idx, kv_idx]
+    """Keys whose position is marked valid (True or nonzero) in the [batch, positions] tensor `valid`."""
+    if valid.dtype == torch.bool:
+        def padding(batch_idx, head_idx, q_idx, kv_idx):
+            return valid[batch_idx, kv_idx]
+    else:
+        def padding(batch_idx, head_idx, q_idx, kv_idx):
+            return valid[batch_idx, kv_idx] != 0
 
     return padding
 

@@ -63,6 +63,11 @@ class PagedMask:
     def batch(self) -> int:
         return self.kv_lens.shape[0]
 
+    def attend(self, fn, module, q, k_pool, v_pool, **kw):
+        """Run a paged attention function `fn` over this step (a compiled step's mask, in
+        `kernelhub.models.compiled_batching`, runs it as one opaque op instead)."""
+        return fn(module, q, k_pool, v_pool, self, **kw)
+
     def memo(self, key, build):
         """Build a derived tensor once per step; every layer of the group shares it."""
         out = self._memo.get(key)

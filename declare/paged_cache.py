@@ -27,6 +27,7 @@ import collections
 import torch
 
 from kernelhub.declare.paged import PagedMask, leading_decodes
+from kernelhub.declare.site import AttentionSite
 
 
 class OutOfBlocks(RuntimeError):
@@ -102,14 +103,17 @@ class PagedKVCache:
         32
         """
         cfg, p = model.config, next(model.parameters())
-        per_block = 2 * len(cfg.layer_types) * block_size * cfg.num_key_value_heads * cfg.head_dim * p.element_size()
+        # the kv heads this process holds: fewer than the config's under tensor parallelism
+        kv_heads = next((m.num_kv_heads for m in model.modules() if isinstance(m, AttentionSite)),
+                        cfg.num_key_value_heads)
+        per_block = 2 * len(cfg.layer_types) * block_size * kv_heads * cfg.head_dim * p.element_size()
         num_blocks = memory_bytes // per_block
         if max_blocks is not None:
             num_blocks = min(num_blocks, max_blocks)
         if num_blocks < 2:
             raise ValueError(f"a KV cache budget of {memory_bytes} bytes holds {num_blocks} blocks of "
                              f"{block_size} positions ({per_block} bytes each); it needs at least 2")
-        return cls(cfg.layer_types, num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+        return cls(cfg.layer_types, num_kv_heads=kv_heads, head_dim=cfg.head_dim,
                    block_size=block_size, num_blocks=num_blocks, sliding_window=cfg.sliding_window,
                    dtype=p.dtype, device=p.device)
 
@@ -223,6 +227,10 @@ class PagedKVCache:
                 sliding_window=self.sliding_window if g == "sliding_attention" else None,
                 num_decodes=leading_decodes(q_lens))
         return positions
+
+    def step_slots(self) -> dict:
+        """{group: [T] pool rows (block * block_size + offset)} this step's tokens are written to."""
+        return dict(self._slots)
 
     def update(self, k, v, layer_idx: int):
         """Write this step's k/v ([1, H_kv, T, D]) into the pool; return the pools to attend over."""

@@ -28,8 +28,9 @@ from kernelhub.declare.paged import PagedMask, paged_dense
 class SiteBinding:
     """What one site runs, as one immutable record: swapped whole, read once per forward.
 
-    `fn(module, q, k, v, mask, *, scaling, dropout[, softcap][, is_causal])`; `is_causal` (with
-    mask=None) is passed only when `accepts_is_causal`; `paged_fn` serves paged-cache forwards.
+    `fn(module, q, k, v, mask, *, scaling, dropout[, softcap][, sinks][, is_causal])`; `is_causal` (with
+    mask=None) is passed only when `accepts_is_causal`, `sinks` only when the site declares sinks;
+    `paged_fn` serves paged-cache forwards.
     """
 
     name: str
@@ -96,24 +97,40 @@ class AttentionSite(torch.nn.Module):
         self.set_binding(SiteBinding("eager", self.reference, "bool", returns_weights=True,
                                      paged_fn=paged_dense(self.reference, "bool")))
 
-    def forward(self, q, k, v, mask):
+    def forward(self, q, k, v, mask, sinks=None):
         """q: [B, H, Q, D], k/v: [B, H_kv, KV, D], mask: AttentionMask -> (out [B, Q, H, D], weights|None).
 
-        With a `PagedMask`, q is one packed row [1, H, T, D] and k/v are block pools."""
+        With a `PagedMask`, q is one packed row [1, H, T, D] and k/v are block pools. A site declared
+        with `sinks=True` takes its module's sink logits ([num_heads]) as `sinks`, and only then."""
         b = self._binding  # read once: a concurrent rebind cannot mix two records
         dropout = self.dropout if self.training else 0.0
         kw = {"softcap": self.softcap} if self.softcap else {}
+        if self.sinks:
+            kw["sinks"] = self._check_sinks(sinks, q.shape[1])
+        elif sinks is not None:
+            raise ValueError("this attention site was declared without sinks but was given sinks; "
+                             "declare AttentionSite(..., sinks=True) to use them")
         if isinstance(mask, PagedMask):  # k/v are block pools; see backends.paged_attention
             if b.paged_fn is None:
                 raise RuntimeError(f"attention backend {b.name!r} cannot read a paged KV cache; "
                                    "bind a backend with paged support (eager, sdpa, flex, flash)")
-            return b.paged_fn(self, q, k, v, mask, scaling=self.scaling, dropout=dropout, **kw)
+            return mask.attend(b.paged_fn, self, q, k, v, scaling=self.scaling, dropout=dropout, **kw)
         if b.accepts_is_causal and mask.shortcut is not None:
             return b.fn(self, q, k, v, None, scaling=self.scaling, dropout=dropout,
                         is_causal=mask.shortcut == "causal", **kw)
         materialized = mask.materialize(b.mask_format) if b.mask_format != "none" else None
         return b.fn(self, q, k, v, materialized, scaling=self.scaling, dropout=dropout, **kw)
 
+    @staticmethod
+    def _check_sinks(sinks, heads: int):
+        if sinks is None:
+            raise ValueError("this attention site declares sinks=True but was called without them; "
+                             "pass the module's sink logits: site(q, k, v, mask, sinks=self.sinks)")
+        if tuple(sinks.shape) != (heads,):  # q's heads: local heads under tensor parallelism
+            raise ValueError(f"sinks must hold one logit per query head: shape ({heads},), "
+                             f"got {tuple(sinks.shape)}")
+        return sinks
+
     def extra_repr(self):
         return (f"implementation={self.implementation!r}, heads={self.num_heads}/{self.num_kv_heads}, "
-                f"head_dim={self.head_dim}, type={self.layer_type}")
+                f"head_dim={self.head_dim}, type={self.layer_type}" + (", sinks" if self.sinks else ""))

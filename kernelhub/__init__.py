@@ -9,7 +9,8 @@ from kernelhub.declare.attention_mask import AttentionMask
 from kernelhub.declare.cache import DynamicCache, StaticCache
 from kernelhub.declare.errors import (BindError, CheckpointError, ConfigError, HubKernelError, KernelhubError,
                                       KernelMetadataError, LockError, RegistrationError, SamplingError,
-                                      UnknownBackendError, UnsafeKernelError, UntrustedKernelError)
+                                      TensorParallelError, UnknownBackendError, UnsafeKernelError,
+                                      UntrustedKernelError)
 from kernelhub.declare.layer import Linear, layer
 from kernelhub.declare.masks import (and_masks, bidirectional_mask, causal_mask, chunked_mask, or_masks,
                                      padding_mask, sliding_window_mask)
@@ -35,7 +36,8 @@ __all__ = [
     "CheckpointError", "ConfigError", "DynamicCache", "HubKernelError", "KernelMetadataError", "KernelhubError",
     "LayerCapabilities", "Linear", "LockError", "Mode", "PlanEntry", "RegistrationError", "SamplingError",
     "SamplingParams", "SiteBinding",
-    "StaticCache", "UnknownBackendError", "UnsafeKernelError", "UntrustedKernelError", "and_masks", "backends",
+    "StaticCache", "TensorParallelError", "UnknownBackendError", "UnsafeKernelError", "UntrustedKernelError",
+    "and_masks", "backends",
     "bidirectional_mask", "bind", "causal_mask", "chunked_mask", "debug", "explain", "from_pretrained",
     "load_tokenizer",
     "get_registry", "hookimpl", "layer", "or_masks", "padding_mask", "register_backend", "scoped_registry",

@@ -1,9 +1,10 @@
 """The `kernelhub` command line: backends, plugins, explain, run, demo, lock, download, kernel.
 
-    kernelhub backends              capability matrix on this machine
+    kernelhub backends              capability matrix on this machine (attention backends, layer kernels)
     kernelhub plugins               loaded plugins and the ones that failed
     kernelhub explain MODEL --attn flex [--kernels RMSNorm=org/rmsnorm@v1] [--lock kernelhub.lock]
     kernelhub run MODEL --prompt "..." [--attn X] [--max-new-tokens N] [--temperature T --top-k K --top-p P --seed S]
+                                    [--tp N]  (tensor parallel on N ranks; or torchrun ... -m kernelhub run ...)
     kernelhub demo
     kernelhub diff MODEL --a eager --b sdpa                     (see cli_diff.py)
     kernelhub lock | download | kernel build|check|publish     (see cli_hub.py)
@@ -43,7 +44,27 @@ def cmd_backends(args) -> int:
         reasons = machine_problems(entry.backend, device)
         status = "available" if not reasons else "unavailable: " + "; ".join(reasons)
         print("  ".join(str(row[h]).ljust(w) for h, w in zip(header, widths)) + "  " + status)
+    _print_layer_kernels(device)
     return 0
+
+
+def _print_layer_kernels(device: str) -> None:
+    """Layer kernels per declared layer name, with their capabilities and whether they run on `device`."""
+    from kernelhub.docs_gen import layer_kernel_rows
+    from kernelhub.registry.plugins import get_registry
+
+    rows = layer_kernel_rows(get_registry())
+    print(f"\nlayer kernels on this machine ({device}); 'reference' (the layer's own forward) serves every layer:")
+    header = ["name", "devices", "dtypes", "features", "source"]
+    widths = [max(len(str(r[h])) for r in rows + [dict(zip(header, header))]) for h in header]
+    layer = None
+    for row in rows:
+        if row["layer"] != layer:
+            layer = row["layer"]
+            print(f"\n{layer}:\n  " + "  ".join(h.ljust(w) for h, w in zip(header, widths)) + "  status")
+        devices = row["caps"].devices
+        status = "available" if not devices or device in devices else f"unavailable: runs on {', '.join(devices)}"
+        print("  " + "  ".join(str(row[h]).ljust(w) for h, w in zip(header, widths)) + "  " + status)
 
 
 def cmd_plugins(args) -> int:
@@ -64,8 +85,13 @@ def cmd_explain(args) -> int:
 
     from kernelhub.registry.pretrained import explain
 
+    if args.tp_rank is not None and args.tp is None:  # a rank means nothing without a tensor-parallel size
+        raise UsageError(f"--tp-rank {args.tp_rank} needs --tp N (the number of ranks); "
+                         f"example: kernelhub explain {args.model} --tp 2 --tp-rank {args.tp_rank}")
+    if args.tp is not None and args.tp_rank is not None and not 0 <= args.tp_rank < args.tp:
+        raise UsageError(f"--tp-rank {args.tp_rank} is not a rank of --tp {args.tp}; valid: 0..{args.tp - 1}")
     plan = explain(args.model, attn_implementation=args.attn, kernels=args.kernels, dtype=args.dtype,
-                   mode=args.mode, lock=args.lock)
+                   mode=args.mode, lock=args.lock, tp_size=args.tp, tp_rank=args.tp_rank or 0)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan)
     return 0
 
@@ -76,19 +102,62 @@ def cmd_demo(args) -> int:
     return run_demo(attn=args.attn, max_new_tokens=args.max_new_tokens)
 
 
-def cmd_run(args) -> int:
-    import time
+def _tensor_parallel_group(args):
+    """For `run --tp N` (or under torchrun): (exit status of N relaunched ranks, None) when started
+    outside torchrun, else (None, whether this call created the process group)."""
+    import subprocess
 
     import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return None, False
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:  # start N ranks of this very command
+        from kernelhub.registry.pretrained import explain
+
+        # every refusal a rank would meet (sizes, plan, request) as one line here, before N processes start
+        explain(args.model, attn_implementation=args.attn, kernels=args.kernels, dtype=args.dtype, lock=args.lock,
+                tp_size=args.tp)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.tp}",
+                   "-m", "kernelhub", *args.argv]
+        return subprocess.call(command), False
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return None, True
+
+
+def cmd_run(args) -> int:
+    import torch.distributed as dist
 
     from kernelhub.models.sampling import SamplingParams
-    from kernelhub.registry.pretrained import from_pretrained, load_tokenizer
+    from kernelhub.registry.pretrained import from_pretrained
 
     # temperature 0 means greedy here, as in most chat CLIs; bad values fail before the model loads
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens, do_sample=args.temperature != 0,
                               temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    model = from_pretrained(args.model, attn_implementation=args.attn, kernels=args.kernels, dtype=args.dtype,
-                            lock=args.lock)
+    if args.tp is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun ... -m kernelhub run
+        args.tp = int(os.environ["WORLD_SIZE"])
+    if not args.tp or (args.tp == 1 and "WORLD_SIZE" not in os.environ):
+        return _generate(args, sampling, from_pretrained(args.model, attn_implementation=args.attn,
+                                                         kernels=args.kernels, dtype=args.dtype, lock=args.lock))
+    status, owned = _tensor_parallel_group(args)
+    if status is not None:
+        return status
+    try:
+        model = from_pretrained(args.model, attn_implementation=args.attn, kernels=args.kernels, dtype=args.dtype,
+                                lock=args.lock, tp_plan="auto", tp_size=args.tp)
+        return _generate(args, sampling, model, quiet=dist.get_rank() != 0)  # every rank computes, rank 0 prints
+    finally:
+        if owned:
+            dist.destroy_process_group()
+
+
+def _generate(args, sampling, model, quiet: bool = False) -> int:
+    import time
+
+    import torch
+
+    from kernelhub.registry.pretrained import load_tokenizer
+
     tokenizer = load_tokenizer(args.model, model=model)
     if not hasattr(model, "generate"):  # an encoder: show the sentence embedding
         from kernelhub.models.bert import mean_pool
@@ -108,6 +177,8 @@ def cmd_run(args) -> int:
     eos = {} if model.generation_config.eos_token_id is not None else {"eos_token_id": tokenizer.eos_token_id}
     out = model.generate(ids, sampling=sampling, **eos)
     seconds = time.perf_counter() - start
+    if quiet:
+        return 0
     print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
     new = out.shape[1] - ids.shape[1]
     print(f"\n[{new} tokens in {seconds:.2f} s, {new / seconds:.1f} tokens/s, attention: "
@@ -167,6 +238,10 @@ def build_parser() -> Parser:
     p.add_argument("--mode", default="inference", choices=MODES, help="binding mode; one of: %(choices)s")
     p.add_argument("--lock", default=None, metavar="FILE", help="verify Hub kernels against this lock file")
     p.add_argument("--json", action="store_true", help="print plan.to_dict() as JSON")
+    p.add_argument("--tp", type=positive_int, default=None, metavar="N",
+                   help="plan one rank of a tensor-parallel load on N ranks (no process group needed)")
+    p.add_argument("--tp-rank", type=int, default=None, metavar="R",
+                   help="the rank to plan, with --tp only (default: 0)")
     p.set_defaults(fn=cmd_explain)
 
     p = subcommand(sub, "demo", "embed sentences with MiniLM under each backend, then chat with SmolLM2",
@@ -197,6 +272,8 @@ def build_parser() -> Parser:
                    help="weights dtype (default: the checkpoint's); one of: %(choices)s")
     p.add_argument("--lock", default=None, metavar="FILE", help="verify Hub kernels against this lock file")
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    p.add_argument("--tp", type=positive_int, default=None, metavar="N",
+                   help="tensor parallel on N ranks (started under torchrun for you; gloo on CPU); rank 0 prints")
     p.set_defaults(fn=cmd_run)
     add_diff_command(sub)
     add_hub_commands(sub, subcommand, common)
@@ -228,6 +305,7 @@ def main(argv=None) -> int:
         except SystemExit as e:  # --help / --version printed their text
             status = e.code if isinstance(e.code, int) else 0
         else:
+            args.argv = argv  # `run --tp N` starts N ranks of this same command
             status = args.fn(args)
         sys.stdout.flush()  # a closed pipe shows up here, inside the handler, not at interpreter exit
         return status

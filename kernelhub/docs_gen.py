@@ -1,4 +1,4 @@
-"""Docs tables generated from backend capabilities (capabilities are data).
+"""Docs tables generated from backend and layer-kernel capabilities (capabilities are data).
 
     python -m kernelhub.docs_gen docs/attention.md   # rewrites the generated block
 """
@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 BEGIN, END = "<!-- capability-matrix:begin -->", "<!-- capability-matrix:end -->"
+LAYERS_BEGIN, LAYERS_END = "<!-- layer-kernels:begin -->", "<!-- layer-kernels:end -->"
 FEATURES = ("gqa", "sliding_window", "softcap", "sinks", "dropout", "returns_weights", "varlen", "paged",
             "arbitrary_mask", "compile", "backward")
 
@@ -66,11 +67,44 @@ def capability_matrix_markdown(entries) -> str:
     return "\n".join(lines)
 
 
-def render(text: str, entries) -> str:
-    """`text` with the block between the capability-matrix markers regenerated."""
-    head, _, rest = text.partition(BEGIN)
-    _, _, tail = rest.partition(END)
-    return f"{head}{BEGIN}\n{capability_matrix_markdown(entries)}\n{END}{tail}"
+def layer_kernel_rows(registry) -> list[dict]:
+    """One dict per registered layer kernel: layer, name, source, devices, dtypes, features (capabilities as data)."""
+    from kernelhub.registry.layer_contract import layer_capabilities
+
+    rows = []
+    for layer in sorted(registry.layer_kernels):
+        for name, impl in registry.layer_kernels[layer].items():
+            caps = layer_capabilities(impl, hub=False)
+            rows.append({"layer": layer, "name": name, "source": registry.layer_kernel_sources.get((layer, name), "-"),
+                         "devices": ", ".join(caps.devices or ("any",)),
+                         "dtypes": _dtypes(caps.dtypes) if caps.dtypes else "any",
+                         "features": ", ".join(caps.features()) or "-", "caps": caps})
+    return rows
+
+
+def layer_kernel_markdown(registry) -> str:
+    """A markdown table: one row per registered layer kernel, grouped by layer name."""
+    cols = ["layer", "name", "devices", "dtypes", "features"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in layer_kernel_rows(registry)]
+    return "\n".join(lines)
+
+
+def _replace(text: str, begin: str, end: str, body: str) -> str:
+    if begin not in text:
+        return text
+    head, _, rest = text.partition(begin)
+    _, _, tail = rest.partition(end)
+    return f"{head}{begin}\n{body}\n{end}{tail}"
+
+
+def render(text: str, entries, registry=None) -> str:
+    """`text` with the blocks between the capability-matrix and layer-kernels markers regenerated
+    (layer kernels from `registry`, default the current one)."""
+    from kernelhub.registry.plugins import get_registry
+
+    text = _replace(text, BEGIN, END, capability_matrix_markdown(entries))
+    return _replace(text, LAYERS_BEGIN, LAYERS_END, layer_kernel_markdown(registry or get_registry()))
 
 
 def main(path: str) -> None:
@@ -78,7 +112,7 @@ def main(path: str) -> None:
 
     with scoped_registry(fresh=True, autoload=False) as reg:
         file = Path(path)
-        file.write_text(render(file.read_text(), reg.backends()))
+        file.write_text(render(file.read_text(), reg.backends(), reg))
 
 
 if __name__ == "__main__":

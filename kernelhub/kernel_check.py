@@ -41,6 +41,7 @@ class CheckReport:
 
 def reference_layers() -> dict:
     """Declared layer name -> (host module with random state, example inputs), float32."""
+    from kernelhub.declare.experts import Experts
     from kernelhub.models.bert import LayerNorm
     from kernelhub.models.llama import ApplyRotary, RMSNorm, SiLUAndMul
 
@@ -52,7 +53,13 @@ def reference_layers() -> dict:
     angles = torch.randn(2, 5, 8, generator=g)
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
     q, k = torch.randn(2, 5, 4, 16, generator=g).transpose(1, 2), torch.randn(2, 5, 2, 16, generator=g).transpose(1, 2)
-    return {"RMSNorm": (rms, (torch.randn(2, 3, 64, generator=g),)),
+    experts = Experts(4, 32, 16)  # plain silu experts: what every Experts kernel serves
+    experts.gate_up_proj.data = torch.randn(4, 32, 32, generator=g) / 6
+    experts.down_proj.data = torch.randn(4, 32, 16, generator=g) / 4
+    routed = (torch.randn(6, 32, generator=g), torch.tensor([[0, 1], [1, 3], [3, 0], [0, 1], [1, 0], [3, 1]]),
+              torch.rand(6, 2, generator=g))
+    return {"Experts": (experts, routed),
+            "RMSNorm": (rms, (torch.randn(2, 3, 64, generator=g),)),
             "SiLUAndMul": (SiLUAndMul(), (torch.randn(2, 3, 96, generator=g),)),
             "LayerNorm": (ln, (torch.randn(2, 3, 48, generator=g) * 3 + 1,)),
             "ApplyRotary": (ApplyRotary(), (q, k, cos, sin))}

@@ -35,8 +35,10 @@ from kernelhub.declare.log import progress as progress_bar
 from kernelhub.declare.paged_cache import PagedKVCache
 from kernelhub.declare.site import AttentionSite
 from kernelhub.declare.errors import SamplingError
+from kernelhub.models.compiled_batching import CompiledStep
 from kernelhub.models.generate import config_defaults, set_fields
 from kernelhub.models.sampling import SamplingParams, make_generator, sample
+from kernelhub.models.tensor_parallel_sync import agreed_min, same_on_every_rank
 
 DEFAULT_BATCH_TOKENS = 2048
 DEFAULT_BLOCK_SIZE = 16
@@ -66,7 +68,8 @@ class GenerationResult:
 class BatchResults(list):
     """The `GenerationResult`s of one `generate_batch` call, in prompt order (a plain list), with
     `stats`: that call's counters (steps, tokens, preemptions, peak_blocks, kv_memory_bytes,
-    block_size, num_blocks). Per call, so concurrent calls never see each other's."""
+    block_size, num_blocks; with `compile=True`, token_buckets: the padded row lengths compiled
+    for). Per call, so concurrent calls never see each other's."""
 
     def __init__(self, results, stats: dict):
         super().__init__(results)
@@ -128,15 +131,19 @@ class ContinuousBatcher:
 
     def __init__(self, model, *, sampling: SamplingParams | None = None, max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
                  block_size: int = DEFAULT_BLOCK_SIZE, kv_memory: int | None = None, max_blocks: int | None = None,
-                 generator: torch.Generator | None = None, **options):
+                 generator: torch.Generator | None = None, compile: bool = False, **options):
         """`sampling` (or its fields as keyword `options`) is every request's default; a request
-        with a `seed` draws from its own generator, the others from `generator`."""
+        with a `seed` draws from its own generator, the others from `generator`. `compile=True`
+        runs each step as a compiled graph, one per token-count bucket
+        (`kernelhub.models.compiled_batching`); results equal the uncompiled steps'."""
         self.sampling = batch_sampling(SamplingParams.from_kwargs(None, **batch_defaults(model, sampling, options)))
         not_paged = _sites_without_paged(model)
         if not_paged:
             raise ValueError(f"continuous batching reads a paged KV cache, and these attention sites are bound "
                              f"to backends without paged support: {', '.join(not_paged[:4])}; bind with "
                              "attn_implementation='paged|sdpa' (or eager, flex, flash)")
+        if compile not in (True, False):
+            raise ValueError(f"compile must be True or False, got {compile!r}")
         if max_batch_tokens < 1 or block_size < 1:
             raise ValueError(f"max_batch_tokens and block_size must be >= 1, got {max_batch_tokens}, {block_size}")
         self.model = model
@@ -144,8 +151,11 @@ class ContinuousBatcher:
         make_generator(self.sampling, self.device, generator)  # refuses a seed together with a generator
         self.generator = generator
         self.max_batch_tokens = max_batch_tokens
-        self.cache = PagedKVCache.for_model(model, memory_bytes=kv_memory or default_kv_memory(self.device),
-                                            block_size=block_size, max_blocks=max_blocks)
+        # Under tensor parallelism every rank must schedule alike: the ranks agree on one budget (the
+        # smallest; free GPU memory differs per rank), so their pools hold the same number of blocks.
+        memory = agreed_min(model, kv_memory or default_kv_memory(self.device))
+        self.cache = PagedKVCache.for_model(model, memory_bytes=memory, block_size=block_size, max_blocks=max_blocks)
+        self.compiled = CompiledStep(model, self.cache, max_batch_tokens) if compile else None
         self.waiting: collections.deque[_Request] = collections.deque()
         self.running: list[_Request] = []  # in admission order
         self.finished: list[GenerationResult] = []
@@ -276,9 +286,14 @@ class ContinuousBatcher:
         ends = list(itertools.accumulate(q_lens))
         sampling = [i for i, (r, n) in enumerate(scheduled) if r.computed + n == len(r.tokens)]
         keep = torch.tensor([ends[i] - 1 for i in sampling], dtype=torch.long, device=self.device)
-        logits = self.model(ids, position_ids=positions.to(self.device)[None], cache=cache,
-                            logits_to_keep=keep).logits[0]
+        if self.compiled is not None:
+            logits = self.compiled(ids[0], positions.to(self.device), keep)
+        else:
+            logits = self.model(ids, position_ids=positions.to(self.device)[None], cache=cache,
+                                logits_to_keep=keep).logits[0]
         nxt = self._sample(logits, [scheduled[i][0] for i in sampling])
+        if nxt:  # rank 0's tokens on every rank: scheduling depends only on requests, blocks and tokens
+            nxt = same_on_every_rank(self.model, torch.tensor(nxt, dtype=torch.long, device=self.device)).tolist()
         self.stats["steps"] += 1
         self.stats["tokens"] += len(q_lens)
         self.stats["peak_blocks"] = max(self.stats["peak_blocks"], cache.used_blocks())
@@ -329,7 +344,7 @@ def batch_sampling(params: SamplingParams) -> SamplingParams:
 def generate_batch(model, prompts, *, sampling: SamplingParams | None = None,
                    max_batch_tokens: int = DEFAULT_BATCH_TOKENS, block_size: int = DEFAULT_BLOCK_SIZE,
                    kv_memory: int | None = None, generator: torch.Generator | None = None, progress: bool = False,
-                   **options) -> BatchResults:
+                   compile: bool = False, **options) -> BatchResults:
     """Generate for every prompt (lists of token ids) with continuous batching; results in prompt order,
     with this call's counters in `.stats`.
 
@@ -338,6 +353,11 @@ def generate_batch(model, prompts, *, sampling: SamplingParams | None = None,
     than this workload can use. A request that cannot fit it finishes with an error; the others run.
     `progress=True` shows a bar of finished requests on stderr (off whenever
     `HF_HUB_DISABLE_PROGRESS_BARS=1`; see `kernelhub.declare.log.progress`).
+    `compile=True` compiles the step once per token-count bucket (packed rows are padded to powers
+    of two up to `max_batch_tokens`; see `kernelhub.models.compiled_batching`): worth it for long
+    runs, where the compilations are paid once; results equal the uncompiled run's.
+
+    >>> model.generate_batch(prompts, max_new_tokens=64, compile=True)  # doctest: +SKIP
     """
     params = batch_sampling(SamplingParams.from_kwargs(None, **batch_defaults(model, sampling, options)))
     prompts = list(prompts)
@@ -346,8 +366,10 @@ def generate_batch(model, prompts, *, sampling: SamplingParams | None = None,
     vocab = model.config.vocab_size
     prompts = [_as_token_list(p, f"prompt {i}", vocab) for i, p in enumerate(prompts)]
     workload = 1 + sum(-(-(len(p) + params.max_new_tokens) // block_size) for p in prompts)
+    if compile:  # the pool's size is part of the compiled graphs' shapes: bucket it too, so calls share them
+        workload = 1 << (workload - 1).bit_length()
     batcher = ContinuousBatcher(model, sampling=params, max_batch_tokens=max_batch_tokens, block_size=block_size,
-                                kv_memory=kv_memory, max_blocks=workload, generator=generator)
+                                kv_memory=kv_memory, max_blocks=workload, generator=generator, compile=compile)
     for i, prompt in enumerate(prompts):
         batcher.add_request(prompt, request_id=i)
     # progress=False means no bar at all, not "a bar on a terminal only"; an asked-for bar stays when done
@@ -356,4 +378,6 @@ def generate_batch(model, prompts, *, sampling: SamplingParams | None = None,
         results = {r.request_id: r for r in finished}
     stats = dict(batcher.stats, kv_memory_bytes=batcher.cache.memory_bytes, block_size=block_size,
                  num_blocks=batcher.cache.num_blocks)
+    if compile:
+        stats["token_buckets"] = sorted(batcher.compiled.buckets)
     return BatchResults([results[i] for i in range(len(prompts))], stats)

@@ -23,7 +23,6 @@ from kernelhub.declare.attention_mask import AttentionMask
 from kernelhub.declare.capture import capturing, require_weights
 from kernelhub.declare.layer import Linear, layer
 from kernelhub.declare.site import AttentionSite
-from kernelhub.models.checkpoint import save_pretrained
 from kernelhub.models.model_api import ModelAPI
 from kernelhub.models.outputs import EncoderOutput
 from kernelhub.models.config_schema import (boolean, check_dims, check_layer_count, choice, divides, found,
@@ -243,10 +242,6 @@ class BertModel(ModelAPI, nn.Module):
 
     def get_input_embeddings(self):
         return self.embeddings.word_embeddings
-
-    def save_pretrained(self, path):
-        """Write config.json (with the binding request) and model.safetensors."""
-        save_pretrained(self, path)
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -180,30 +180,47 @@ def read_state_dict(path) -> dict:
 def load_weights(model: torch.nn.Module, state: dict, *, dtype, device, source: str = "checkpoint"):
     """Copy a checkpoint's `state` into `model` (built on the meta device), checking names and shapes.
 
-    Names and shapes are checked in the checkpoint's own naming (models that fuse
-    projections declare `FUSED`, see `join_fused`/`split_fused`), so errors name
-    the tensor as it is in the file. The model is materialised on `device` in `dtype`;
-    tied weights stay tied.
+    Names and shapes are checked in the checkpoint's own naming (see `to_checkpoint`:
+    models that fuse projections declare `FUSED`, or convert their whole layout), so
+    errors name the tensor as it is in the file. The model is materialised on `device` in
+    `dtype`; tied weights stay tied.
     """
+    expected = check_weight_names(model, {n: tuple(t.shape) for n, t in state.items()}, source)
+    return materialize(model, from_checkpoint(model, {n: state[n] for n in expected}), dtype=dtype, device=device)
+
+
+def _ties(model) -> list[tuple[str, str]]:
+    """(alias, canonical name) of every parameter reachable under two names."""
     canonical = {id(p): name for name, p in model.named_parameters()}
-    ties = [(name, canonical[id(p)]) for name, p in model.named_parameters(remove_duplicate=False)
+    return [(name, canonical[id(p)]) for name, p in model.named_parameters(remove_duplicate=False)
             if canonical[id(p)] != name]
-    tied = {alias for alias, _ in ties}
+
+
+def check_weight_names(model, shapes: dict, source: str) -> dict:
+    """The checkpoint tensors `model` needs ({name: meta tensor}, the file's naming), checked against
+    `shapes` ({name: shape}, from the file): none missing, none unused, every shape right."""
+    tied = {alias for alias, _ in _ties(model)}
     ours = {k: v for k, v in model.state_dict().items() if k not in tied}
-    expected = split_fused(model, ours)
-    missing = [n for n in expected if n not in state]
+    expected = to_checkpoint(model, ours)
+    missing = [n for n in expected if n not in shapes]
     ignored = set(getattr(model, "checkpoint_keys_to_ignore", ()))
-    unexpected = [n for n in state if n not in expected and n not in tied and n not in ignored]
+    unexpected = [n for n in shapes if n not in expected and n not in tied and n not in ignored]
     if missing:
         raise CheckpointError(f"{source} lacks {len(missing)} weight(s) the model needs: {', '.join(missing[:8])}")
     if unexpected:
         raise CheckpointError(f"{source} has {len(unexpected)} weight(s) the model does not use: "
                               f"{', '.join(unexpected[:8])}")
     for name, want in expected.items():
-        if tuple(state[name].shape) != tuple(want.shape):
-            raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(state[name].shape)}, "
+        if tuple(shapes[name]) != tuple(want.shape):
+            raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(shapes[name])}, "
                                   f"the model expects {tuple(want.shape)}")
-    state = join_fused(model, {n: state[n] for n in expected})
+    return expected
+
+
+def materialize(model, state: dict, *, dtype, device):
+    """Allocate `model` (built on the meta device) on `device` in `dtype` and copy `state` (the model's
+    own names and shapes) into it; tied weights stay tied, non-persistent buffers are recomputed."""
+    ties = _ties(model)
     model.to_empty(device=device)
     model.to(dtype)
     for alias, target in ties:  # to_empty gives every name its own tensor: tie them again
@@ -221,6 +238,9 @@ def load_weights(model: torch.nn.Module, state: dict, *, dtype, device, source: 
 def save_pretrained(model, path) -> None:
     """Write config.json (with the model's binding request), generation_config.json (when the
     model has generation defaults) and model.safetensors."""
+    if getattr(model, "tensor_parallel", None) is not None:
+        raise CheckpointError("save_pretrained of a tensor-parallel model would write one rank's shards; save the "
+                              "checkpoint from a model loaded without tp_plan")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = dict(model.config.raw)
@@ -241,7 +261,38 @@ def save_pretrained(model, path) -> None:
             continue
         seen.add(tensor.data_ptr())
         state[name] = tensor.detach().contiguous().cpu()
-    save_file(split_fused(model, state), os.fspath(path / "model.safetensors"), metadata={"format": "pt"})
+    save_file(to_checkpoint(model, state), os.fspath(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def to_checkpoint(model, state: dict) -> dict:
+    """`state` (the model's names and layout) in the checkpoint file's names and layout.
+
+    A model converts its own layout by defining `model_to_checkpoint(state) -> state` and
+    its inverse `checkpoint_to_model(state) -> state`; both must work on meta tensors (load
+    checks names and shapes in the file's layout before reading anything). Without them,
+    `FUSED` projections are split (`split_fused`). A Qwen3-MoE-style model that also fuses
+    q/k/v would write:
+
+        def model_to_checkpoint(self, state):
+            return split_per_expert(split_fused(self, state))
+
+        def checkpoint_to_model(self, state):
+            return join_fused(self, fuse_per_expert(state))
+
+    >>> class M:
+    ...     def model_to_checkpoint(self, state):
+    ...         return {k.replace("fused", "file"): v for k, v in state.items()}
+    >>> sorted(to_checkpoint(M(), {"l.fused": torch.ones(1)}))
+    ['l.file']
+    """
+    convert = getattr(model, "model_to_checkpoint", None)
+    return convert(state) if convert is not None else split_fused(model, state)
+
+
+def from_checkpoint(model, state: dict) -> dict:
+    """A checkpoint's `state` in the model's names and layout; the inverse of `to_checkpoint`."""
+    convert = getattr(model, "checkpoint_to_model", None)
+    return convert(state) if convert is not None else join_fused(model, state)
 
 
 def join_fused(model, state: dict) -> dict:

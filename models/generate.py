@@ -22,13 +22,15 @@ from __future__ import annotations
 import dataclasses
 import torch
 
+from kernelhub.models.compiled_decode import run_compiled, static_cache_length
 from kernelhub.models.outputs import GenerateOutput
 from kernelhub.models.sampling import SamplingParams, make_generator, pick, process_logits, warp
+from kernelhub.models.tensor_parallel_sync import check_cache_heads, same_on_every_rank
 
 CACHE_KINDS = ("dynamic", "static")
 # generate's own keywords; together with SamplingParams' fields, everything generate accepts
 GENERATE_OPTIONS = ("input_ids", "sampling", "attention_mask", "cache", "generator", "streamer", "tokenizer",
-                    "return_dict_in_generate", "output_scores")
+                    "return_dict_in_generate", "output_scores", "compile")
 _SAMPLED_ONLY = ("temperature", "top_k", "top_p")  # a generation config's values, used only when it samples
 
 
@@ -88,7 +90,7 @@ def stop_string_hits(tokenizer, new_tokens: torch.Tensor, stops: tuple) -> torch
 @torch.inference_mode()
 def generate(model, input_ids, *, sampling: SamplingParams | None = None, attention_mask=None, cache="dynamic",
              generator: torch.Generator | None = None, streamer=None, tokenizer=None,
-             return_dict_in_generate: bool = False, output_scores: bool = False, **options):
+             return_dict_in_generate: bool = False, output_scores: bool = False, compile: bool = False, **options):
     """Extend `input_ids` [B, S] by up to `max_new_tokens` tokens; returns [B, S + new].
 
     `sampling` is a `SamplingParams`; `options` are its fields as keywords (`max_new_tokens`,
@@ -100,8 +102,12 @@ def generate(model, input_ids, *, sampling: SamplingParams | None = None, attent
     (default: the first eos id). `streamer` gets `put(prompt)`, then `put(tokens)` per step and
     `end()` (transformers' `TextStreamer` works). `return_dict_in_generate=True` returns a
     `GenerateOutput` with `sequences` and, with `output_scores=True`, the processed scores.
+    `compile=True` (with `cache="static"`) runs each decode step as one compiled graph, built once
+    per cache-length bucket and batch size and reused across tokens and prompt lengths (see
+    `kernelhub.models.compiled_decode`); the prefill runs eagerly.
 
     >>> model.generate(ids, max_new_tokens=20, eos_token_id=[2, 7], repetition_penalty=1.2)  # doctest: +SKIP
+    >>> model.generate(ids, max_new_tokens=64, cache="static", compile=True)  # doctest: +SKIP
     """
     input_ids = torch.as_tensor(input_ids)
     if input_ids.ndim == 1:
@@ -112,6 +118,10 @@ def generate(model, input_ids, *, sampling: SamplingParams | None = None, attent
     params, limit = resolve(model, sampling, options, prompt_len)
     if cache not in CACHE_KINDS:
         raise ValueError(f"unknown cache {cache!r}; valid: {', '.join(CACHE_KINDS)}")
+    if compile not in (True, False):
+        raise ValueError(f"compile must be True or False, got {compile!r}")
+    if compile and cache != "static":
+        raise ValueError(f"compile=True needs cache='static' (fixed shapes to compile once), got cache={cache!r}")
     if params.stop_strings and tokenizer is None:
         raise ValueError("stop_strings needs the tokenizer to read the text: pass tokenizer=...")
     device = next(model.parameters()).device
@@ -119,7 +129,11 @@ def generate(model, input_ids, *, sampling: SamplingParams | None = None, attent
     input_ids = input_ids.to(device)
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else torch.as_tensor(attention_mask)
     attention_mask = attention_mask.to(device)
-    kv = model.make_cache(cache, batch=batch, max_len=prompt_len + limit)
+    max_len = static_cache_length(prompt_len + limit) if compile else prompt_len + limit
+    kv = model.make_cache(cache, batch=batch, max_len=max_len)
+    check_cache_heads(model, kv)
+    # compiled steps see the padding of the whole cache (ones past the prompt): one shape for every step
+    padding = torch.nn.functional.pad(attention_mask, (0, max_len - prompt_len), value=1) if compile else None
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     eos = torch.tensor(params.eos_token_ids, dtype=torch.long, device=device)
     pad = params.pad_token_id if params.pad_token_id is not None else (int(eos[0]) if len(eos) else None)
@@ -128,12 +142,15 @@ def generate(model, input_ids, *, sampling: SamplingParams | None = None, attent
     if streamer is not None:
         streamer.put(input_ids.cpu())
     for step in range(limit):
-        logits = model(step_ids, attention_mask=attention_mask, position_ids=positions, cache=kv,
-                       logits_to_keep=1).logits[:, -1]
+        if compile and step:
+            logits = run_compiled(step_ids, positions, padding, kv, model)
+        else:
+            logits = model(step_ids, attention_mask=attention_mask, position_ids=positions, cache=kv,
+                           logits_to_keep=1).logits[:, -1]
         step_scores = warp(process_logits(logits, params, sequences, step), params)
         if output_scores:
             scores.append(step_scores)
-        nxt = pick(step_scores, params, generator)
+        nxt = same_on_every_rank(model, pick(step_scores, params, generator))  # tensor parallel: rank 0's tokens
         if pad is not None:
             nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad))
         sequences = torch.cat([sequences, nxt[:, None]], dim=-1)

@@ -21,20 +21,14 @@ import dataclasses
 import torch
 from torch import nn
 
-from kernelhub.declare.attention_mask import AttentionMask
-from kernelhub.declare.cache import DynamicCache, StaticCache
-from kernelhub.declare.capture import capturing, require_weights
 from kernelhub.declare.layer import Linear, layer
 from kernelhub.declare.site import AttentionSite
 from kernelhub.models.config_schema import (boolean, check_dims, check_layer_count, choice, choice_list, divides,
                                             found, invalid, non_negative_int, optional_positive_int, positive_float,
                                             positive_int, probability)
-from kernelhub.models.batching import generate_batch
-from kernelhub.models.checkpoint import save_pretrained
-from kernelhub.models.generate import generate
-from kernelhub.models.loss import causal_lm_loss
-from kernelhub.models.model_api import ModelAPI
-from kernelhub.models.outputs import CausalLMOutput
+from kernelhub.models.decoder import (capture_outputs, causal_lm_output, keep_logits, layer_type_masks, positions,
+                                      select_cache)
+from kernelhub.models.model_api import CausalLMAPI
 from kernelhub.models.rope import RotaryEmbedding, apply_rope, rope_parameters
 from kernelhub.declare.errors import ConfigError
 
@@ -246,42 +240,13 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg)
         self.cfg = cfg
-        # One representative layer per layer type: masks are built per type, not per layer.
-        self.first_layer_of_type = {t: cfg.layer_types.index(t) for t in dict.fromkeys(cfg.layer_types)}
-
-    def build_masks(self, batch, q_len, attention_mask, cache, device):
-        """One semantic AttentionMask per layer type for this forward (a paged cache has built
-        its per-step `PagedMask`s already)."""
-        if getattr(cache, "paged", False):
-            return cache.step_masks
-        masks = {}
-        for layer_type, idx in self.first_layer_of_type.items():
-            past = cache.get_seq_length(idx) if cache is not None else 0
-            kv_len, kv_offset = cache.get_mask_sizes(q_len, idx) if cache is not None else (q_len, 0)
-            window = self.cfg.sliding_window if layer_type == "sliding_attention" else None
-            masks[layer_type] = AttentionMask.build(
-                batch=batch, q_len=q_len, kv_len=kv_len, q_offset=past, kv_offset=kv_offset,
-                causal=True, sliding_window=window, padding=attention_mask, device=device)
-        return masks
-
-    def capture_points(self):
-        """Where outputs come from: embeddings and each layer (hidden states), each site (weights)."""
-        return {"hidden_states": [self.embed_tokens, *self.layers],
-                "attentions": [layer_.self_attn.attn for layer_ in self.layers]}
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None,
                 output_hidden_states=False, output_attentions=False):
-        b, s = input_ids.shape
-        if output_attentions:
-            require_weights(self)
-        kinds = ["hidden_states" if output_hidden_states else None, "attentions" if output_attentions else None]
-        with capturing(self, self.capture_points, kinds) as captured:
+        with capture_outputs(self, output_hidden_states, output_attentions) as captured:
             x = self.embed_tokens(input_ids)
-            if position_ids is None:
-                past = cache.get_seq_length() if cache is not None else 0
-                position_ids = torch.arange(past, past + s, device=x.device).unsqueeze(0)
-            cos, sin = self.rotary_emb(position_ids, x.dtype)
-            masks = self.build_masks(b, s, attention_mask, cache, x.device)
+            cos, sin = self.rotary_emb(positions(x, cache, position_ids), x.dtype)
+            masks = layer_type_masks(self.cfg.layer_types, self.cfg.sliding_window, x, attention_mask, cache)
             for layer_ in self.layers:
                 x, _ = layer_(x, cos, sin, masks[layer_.self_attn.attn.layer_type], cache)
             x = self.norm(x)
@@ -290,14 +255,23 @@ class LlamaModel(nn.Module):
         return x, captured
 
 
-def _tuple(items):
-    return tuple(items) if items is not None else None
-
-
-class LlamaForCausalLM(ModelAPI, nn.Module):
+class LlamaForCausalLM(CausalLMAPI, nn.Module):
     """A causal language model; `forward` returns a `CausalLMOutput` (loss, logits, past_key_values, ...)."""
 
     config_class = LlamaConfig
+    # Tensor parallelism (`from_pretrained(path, tp_plan="auto")` under torchrun; see models.tensor_parallel):
+    # q/k/v split per head group, gate/up per half, vocabulary-parallel embedding, gathered logits.
+    tp_plan = {
+        "model.embed_tokens": "vocab_embedding",
+        "model.layers.*.self_attn.qkv_proj": "packed_colwise",
+        "model.layers.*.self_attn.o_proj": "rowwise",
+        "model.layers.*.mlp.gate_up_proj": "packed_colwise",
+        "model.layers.*.mlp.down_proj": "rowwise",
+        "model.layers.*.input_layernorm": "replicated",
+        "model.layers.*.post_attention_layernorm": "replicated",
+        "model.norm": "replicated",
+        "lm_head": "colwise_gather",
+    }
 
     def __init__(self, config):
         super().__init__()
@@ -329,64 +303,16 @@ class LlamaForCausalLM(ModelAPI, nn.Module):
         >>> out.loss.shape, out.past_key_values.get_seq_length()
         (torch.Size([]), 3)
         """
-        if cache is not None and past_key_values is not None and cache is not past_key_values:
-            raise ValueError("pass the cache as past_key_values or as cache, not both")
-        cache = past_key_values if past_key_values is not None else cache
-        if cache is None and use_cache:
-            cache = self.make_cache("dynamic")
+        cache = select_cache(self, past_key_values, cache, use_cache)
         if output_attentions is None:
             output_attentions = self.config.output_attentions
         hidden, captured = self.model(input_ids, attention_mask, position_ids, cache,
                                       output_hidden_states, output_attentions)
-        if isinstance(logits_to_keep, torch.Tensor):  # positions (packed batches: each sequence's last)
-            hidden = hidden[:, logits_to_keep]
-        elif logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)
-        return CausalLMOutput(loss=causal_lm_loss(logits, labels) if labels is not None else None, logits=logits,
-                              past_key_values=cache if use_cache is not False else None,
-                              hidden_states=_tuple(captured.get("hidden_states")),
-                              attentions=_tuple(captured.get("attentions")))
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def make_cache(self, kind="dynamic", *, batch=1, max_len=None):
-        """A KV cache for this model: "dynamic", or "static" with `max_len` positions."""
-        cfg = self.config
-        if kind == "dynamic":
-            return DynamicCache(cfg.layer_types, cfg.sliding_window)
-        if kind == "static":
-            p = self.lm_head.weight
-            return StaticCache(cfg.layer_types, batch=batch, max_len=max_len, num_kv_heads=cfg.num_key_value_heads,
-                               head_dim=cfg.head_dim, dtype=p.dtype, device=p.device)
-        raise ValueError(f"unknown cache kind {kind!r}; valid: 'dynamic', 'static'")
-
-    def generate(self, input_ids, **kwargs):
-        """Greedy or sampled generation; see `kernelhub.models.generate.generate`."""
-        return generate(self, input_ids, **kwargs)
-
-    def generate_batch(self, prompts, **kwargs):
-        """Continuous batching over a paged KV cache; see `kernelhub.models.batching.generate_batch`."""
-        return generate_batch(self, prompts, **kwargs)
-
-    def save_pretrained(self, path):
-        """Write config.json (with the binding request) and model.safetensors."""
-        save_pretrained(self, path)
+        logits = self.lm_head(keep_logits(hidden, logits_to_keep))
+        return causal_lm_output(logits, labels, cache, use_cache, captured)
 
     # -- checkpoint layout: transformers keeps q/k/v and gate/up separate; we hold them fused,
     # converted on load and save (`models.checkpoint`) so files stay interchangeable.
 
     FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
              "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
-
-    def fused_sizes(self) -> dict:
-        """Rows of each part of a fused projection, in `FUSED` order."""
-        cfg = self.config
-        kv = cfg.num_key_value_heads * cfg.head_dim
-        return {"self_attn.qkv_proj": [cfg.num_attention_heads * cfg.head_dim, kv, kv],
-                "mlp.gate_up_proj": [cfg.intermediate_size, cfg.intermediate_size]}
-
-    def reset_buffers(self):
-        """Recompute non-persistent buffers after construction on the meta device."""
-        self.model.rotary_emb.reset_buffers()

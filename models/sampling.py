@@ -34,7 +34,7 @@ def _real(v) -> bool:
 
 
 def _token_ids(v) -> bool:
-    return _int(v, 0) or (isinstance(v, (list, tuple)) and len(v) > 0 and all(_int(t, 0) for t in v))
+    return _int(v, 0) or (isinstance(v, (list, tuple)) and all(_int(t, 0) for t in v))
 
 
 # field -> (accepts the value, what is allowed); the messages read "<field> must be <allowed>, got ...".
@@ -44,7 +44,8 @@ _RULES = {
     "temperature": (lambda v: _real(v) and v > 0, "> 0 (a finite number; do_sample=False is greedy)"),
     "top_k": (lambda v: v is None or _int(v, 1), "None (off) or an int >= 1"),
     "top_p": (lambda v: v is None or (_real(v) and 0 < v <= 1), "None (off) or a number in (0, 1]"),
-    "eos_token_id": (lambda v: v is None or _token_ids(v), "None or a token id (an int >= 0) or a list of them"),
+    "eos_token_id": (lambda v: v is None or _token_ids(v), "None, a token id (an int >= 0) or a list of them "
+                     "([] for none: generation ends only at the length limit)"),
     "seed": (lambda v: v is None or _int(v, 0, 2**64 - 1), "None or an int in 0..2**64-1"),
     "min_new_tokens": (lambda v: _int(v, 0), "an int >= 0"),
     "max_length": (lambda v: v is None or _int(v, 1), "None or a positive int (prompt + new tokens)"),

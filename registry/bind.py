@@ -160,10 +160,15 @@ def decide(model, attn_implementation=None, kernels=None, *, device=None, dtype=
         entries, site_actions = _attention_decisions(model, attn_implementation, registry, device, dtype, mode, lock)
         layer_entries, layer_actions = layer_decisions(model, kernels, registry, device, dtype, mode, lock)
     request = BindRequest(attn_implementation, kernels, mode, lock)
-    plan = BindingPlan(tuple(entries) + tuple(layer_entries), device=str(device),
+    tp = getattr(model, "tensor_parallel", None)  # the plan records each module's shard on this rank
+    all_entries = tuple(entries) + tuple(layer_entries)
+    if tp is not None:
+        all_entries = tuple(dataclasses.replace(e, sharding=tp.describe(e.path)) for e in all_entries)
+    plan = BindingPlan(all_entries, device=str(device),
                        dtype=str(dtype).removeprefix("torch."), mode=mode, request=request,
                        watch=tuple((len(entries) + i, module, forward) for i, (module, forward)
-                                   in enumerate(layer_actions)))
+                                   in enumerate(layer_actions)),
+                       tensor_parallel=tp.to_dict() if tp is not None else None)
     return Decisions(plan, tuple(site_actions), tuple(layer_actions))
 
 

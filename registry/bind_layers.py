@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kernelhub.declare.errors import KernelhubError, closest_first, suggestion
-from kernelhub.declare.layer import layer_name
+from kernelhub.declare.layer import declared_layer_names, layer_name
 from kernelhub.registry.choose import Option, choose
 from kernelhub.registry.hub.layers import load_hub_layer
 from kernelhub.registry.hub.ref import looks_like_kernel_ref, parse_kernel_ref
@@ -101,6 +101,8 @@ def _load(value, layer, declared_cls, origin, registry, device, lock) -> Option:
         return Option(REFERENCE, "model")
     if looks_like_kernel_ref(value):
         name, impl, source, problems = load_hub_layer(value, layer, declared_cls, device, lock, origin)
+        symbol = parse_kernel_ref(value, origin).symbol
+        problems = [*problems, *_names_another_layer(symbol if symbol in declared_layer_names() else None, layer)]
         caps = layer_capabilities(impl, hub=True) if impl is not None else None
         return Option(name, source, impl, tuple(problems), caps)
     if isinstance(value, str):
@@ -117,8 +119,20 @@ def _load(value, layer, declared_cls, origin, registry, device, lock) -> Option:
     else:
         impl, source, name = value, "in-process", getattr(value, "__name__", repr(value))
     problems = contract_problems(impl, declared_cls, hub=False)
+    if not isinstance(value, str):  # a registered name is registered for this layer
+        problems += _names_another_layer(getattr(impl, "kernel_layer_name", None), layer)
     caps = layer_capabilities(impl, hub=False) if not problems else None
     return Option(name, source, impl, tuple(problems), caps)
+
+
+def _names_another_layer(named: str | None, layer: str) -> list[str]:
+    """A kernel that names the declared layer it implements (a class's `kernel_layer_name`, a ref's
+    `:Symbol` that is a declared layer name) serves only that layer: layer names say the semantics,
+    so an `RMSNorm` kernel never runs Gemma's `(1 + weight)` `GemmaRMSNorm`."""
+    if named is None or named == layer:
+        return []
+    return [f"implements layer {named!r}, not {layer!r}; a kernel serves only the layer it names "
+            "(their semantics differ)"]
 
 
 def layer_decisions(model, kernels, registry, device, dtype, mode, lock):
@@ -147,7 +161,9 @@ def layer_decisions(model, kernels, registry, device, dtype, mode, lock):
             actions.append((module, None))
             continue
         entry, option = choose("layer", path, key, chain, load_for(name, type(module), f"kernels[{key!r}]"),
-                               lambda o: layer_reasons(o.caps, device, dtype, mode) if o.payload is not None else [],
+                               lambda o, module=module, path=path: layer_reasons(o.caps, device, dtype, mode,
+                                                                                 module, path)
+                               if o.payload is not None else [],
                                device=device, dtype=dtype, mode=mode)
         source = "swap_kernel" if chain.origin == "swap_kernel" else entry.source
         entries.append(PlanEntry(entry.path, "layer", entry.chosen, f"{source} ({name})", entry.request,

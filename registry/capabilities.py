@@ -135,8 +135,8 @@ def unsupported(backend: AttentionBackend, site, device, dtype, mode="inference"
         reasons.append(f"no chunked attention (site uses chunks of {site.chunk_size}; needs an arbitrary mask)")
     if site.softcap and not caps.softcap:
         reasons.append(f"no logit softcap (site uses softcap {site.softcap})")
-    if site.sinks and not caps.sinks:
-        reasons.append("no attention sinks")
+    if site.sinks:
+        reasons += sink_problems(backend, caps, site, device, dtype, mode)
     if site.needs_weights and not caps.returns_weights:
         reasons.append("cannot return attention weights (output_attentions=True); eager can")
     if mode.training:
@@ -149,6 +149,17 @@ def unsupported(backend: AttentionBackend, site, device, dtype, mode="inference"
     if mode.compile and not caps.compile:
         reasons.append("cannot run under torch.compile")
     return reasons
+
+
+def sink_problems(backend: AttentionBackend, caps: Capabilities, site, device, dtype, mode) -> list[str]:
+    """Why `backend` cannot give `site` its attention sinks here ([] if it can)."""
+    where = f"layer {site.layer_idx} ({site.layer_type})" if site.layer_idx is not None else site.layer_type
+    needs = f"the {where} attention site has learned sinks"
+    res = backend.resolve(torch.device(device), dtype) if backend.resolve else None
+    why = res and (res.no_sinks or (mode.compile and res.no_sinks_compiled))
+    if why:  # the implementation chosen for this device says why, in its own words
+        return [f"no attention sinks here: {why} ({needs})"]
+    return [] if caps.sinks else [f"no attention sinks ({needs})"]
 
 
 def machine_problems(backend: AttentionBackend, device_type: str) -> list[str]:

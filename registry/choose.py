@@ -67,7 +67,9 @@ that failed to load comes back with `problems`. `reasons(option) -> [str]`.
 def no_fit(kind, path, key, chain: Chain, rejected, device, dtype, mode, valid: str = "") -> BindError:
     """The one error for a site or layer that no candidate can serve."""
     detail = "; ".join(f"{name}: {', '.join(why)}" for name, why in rejected)
-    what = f"{chain.values[0]!r} cannot" if chain.explicit else f"none of {list(map(str, chain.values))} can"
+    label = lambda v: repr(v) if isinstance(v, str) else repr(getattr(v, "__name__", v))  # noqa: E731 - a class by name
+    names = ", ".join(map(label, chain.values))
+    what = f"{label(chain.values[0])} cannot" if chain.explicit else f"none of [{names}] can"
     where = f"{str(device).split(':')[0]}/{str(dtype).removeprefix('torch.')} in {mode} mode"
     hint = f". {valid}" if valid else ""
     if kind == "layer":

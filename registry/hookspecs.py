@@ -36,9 +36,14 @@ def kernelhub_attention_backends():
 def kernelhub_layer_kernels():
     """Return a mapping `{layer_name: {kernel_name: implementation}}`.
 
-    An implementation is an `nn.Module` subclass whose `forward(self, x)` replaces the
-    forward of layers declared with `@kernelhub.layer(layer_name)`, reading their state
-    by transformers' attribute names. Users select it with `kernels={layer_name: kernel_name}`.
+    An implementation is an `nn.Module` subclass whose `forward` takes what the declared
+    layer's reference forward takes (`forward(self, x)` for RMSNorm; `forward(self,
+    hidden_states, top_k_index, top_k_weights)` for Experts) and replaces the forward of
+    layers declared with `@kernelhub.layer(layer_name)`, reading their state by
+    transformers' attribute names. Its capabilities are class attributes: `devices`,
+    `dtypes`, `has_backward`, `can_torch_compile`, and `supports` (features such as
+    "bias" that some instances need, see `kernel_requirements()` on the layer). Users
+    select it with `kernels={layer_name: kernel_name}`.
     """
 
 

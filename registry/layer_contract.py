@@ -4,13 +4,18 @@ Every layer kernel, in-process, local or from the Hub, is an `nn.Module` subclas
 `nn.Module` itself) whose `forward` takes what the declared layer's reference `forward`
 takes. Its capabilities are read once into `LayerCapabilities`, from the attributes Hugging
 Face `kernels` layers declare (`has_backward`, `can_torch_compile`) plus kernelhub's
-`devices` and `dtypes`:
+`devices`, `dtypes` and `supports`:
 
-    class MyRMSNorm(torch.nn.Module):
+    class MyExperts(torch.nn.Module):
         devices = ("cpu", "cuda")           # default: any device
         dtypes = (torch.float32,)           # default: any dtype
         has_backward = False                # default: True
         can_torch_compile = True            # default: True in-process, False from the Hub
+        supports = ("bias",)                # optional features it implements; default: none
+
+A declared layer instance may need optional features (`kernel_requirements()`, e.g. an
+`Experts` with biases needs "bias"); a kernel whose `supports` lacks one is refused for that
+instance with the reason, from the layer's `requirement_notes`.
 
 >>> class Half(torch.nn.Module):
 ...     can_torch_compile = False
@@ -38,6 +43,14 @@ class LayerCapabilities:
     dtypes: tuple[torch.dtype, ...] | None = None
     backward: bool = True
     compile: bool = True
+    supports: tuple[str, ...] = ()
+    # in-process kernels only: `unsupported(device, dtype) -> [reasons]` for what data cannot say
+    # (the CPU lacks an instruction set, say); the docs keep showing the declared dtypes
+    unsupported: object = dataclasses.field(default=None, compare=False)
+
+    def features(self) -> tuple[str, ...]:
+        """What the docs matrix and `kernelhub backends` show: optional features, then backward/compile."""
+        return (*self.supports, *(("backward",) if self.backward else ()), *(("compile",) if self.compile else ()))
 
 
 def layer_capabilities(impl, *, hub: bool) -> LayerCapabilities:
@@ -46,21 +59,46 @@ def layer_capabilities(impl, *, hub: bool) -> LayerCapabilities:
     dtypes = getattr(impl, "dtypes", None)
     return LayerCapabilities(tuple(devices) if devices else None, tuple(dtypes) if dtypes else None,
                              bool(getattr(impl, "has_backward", True)),
-                             bool(getattr(impl, "can_torch_compile", not hub)))
+                             bool(getattr(impl, "can_torch_compile", not hub)),
+                             _supports(getattr(impl, "supports", ())),
+                             None if hub else getattr(impl, "unsupported", None))
 
 
-def layer_reasons(caps: LayerCapabilities, device: torch.device, dtype, mode: Mode) -> list[str]:
-    """Every reason a kernel with `caps` cannot serve on `device`/`dtype` in `mode`."""
-    reasons = []
+def _supports(value) -> tuple[str, ...]:
+    """A well-formed `supports` as a tuple; anything else counts as none (`contract_problems` reports it)."""
+    ok = isinstance(value, (tuple, list)) and all(isinstance(f, str) for f in value)
+    return tuple(value) if ok else ()
+
+
+def requirements(module) -> tuple[str, ...]:
+    """The optional features `module` (a declared layer instance) needs from a kernel; () for most layers."""
+    needs = getattr(module, "kernel_requirements", None)
+    return tuple(needs()) if needs is not None else ()
+
+
+def layer_reasons(caps: LayerCapabilities, device: torch.device, dtype, mode: Mode, module=None,
+                  path: str = "") -> list[str]:
+    """Every reason a kernel with `caps` cannot serve `module` (at `path`) on `device`/`dtype` in `mode`.
+
+    >>> from kernelhub.declare.experts import Experts
+    >>> layer_reasons(LayerCapabilities(), torch.device("cpu"), torch.float32, Mode.INFERENCE,
+    ...               Experts(2, 4, 4, bias=True), "mlp.experts")
+    ['lacks bias support; mlp.experts has expert biases']
+    """
+    notes = getattr(module, "requirement_notes", {})
+    reasons = [f"lacks {need} support; {path or 'the layer'} {notes.get(need, f'needs {need}')}"
+               for need in requirements(module) if need not in caps.supports]
     if caps.devices and device.type not in caps.devices:
         reasons.append(f"runs on {', '.join(caps.devices)}, not {device.type}")
     if caps.dtypes and dtype not in caps.dtypes:
         reasons.append(f"supports {', '.join(str(d).removeprefix('torch.') for d in caps.dtypes)}, "
                        f"not {str(dtype).removeprefix('torch.')}")
+    if caps.unsupported is not None and not reasons:
+        reasons.extend(caps.unsupported(device, dtype))
     if mode.training and not caps.backward:
         reasons.append("has_backward=False, cannot train")
     if mode.compile and not caps.compile:
-        reasons.append("can_torch_compile=False")
+        reasons.append("can_torch_compile=False, cannot run under torch.compile")
     return reasons
 
 
@@ -86,11 +124,15 @@ def contract_problems(impl, declared_cls, *, hub: bool) -> list[str]:
                             "host module's attributes")
         # nn.Module's members now (libraries such as transformers add some at import), as kernels does.
         module_members = {n for n, _ in inspect.getmembers(torch.nn.Module)}
-        allowed = {"can_torch_compile", "has_backward", "devices", "dtypes"}
+        allowed = {"can_torch_compile", "has_backward", "devices", "dtypes", "supports"}
         extra = sorted({n for n, _ in inspect.getmembers(impl)} - module_members - allowed)
         if extra:
             problems.append(f"{impl.__name__} defines {', '.join(extra)}; the kernels layer contract allows only "
-                            "forward, has_backward and can_torch_compile")
+                            "forward, has_backward and can_torch_compile (kernelhub adds devices, dtypes, supports)")
+    supports = getattr(impl, "supports", ())
+    if not isinstance(supports, (tuple, list)) or not all(isinstance(f, str) for f in supports):
+        problems.append(f"{impl.__name__}.supports is {supports!r}; allowed: a tuple of feature names such as "
+                        "('bias', 'swiglu_clamped')")
     params, ref_params = _params(impl.forward), _params(declared_cls.forward)
     if [p.kind for p in params] != [p.kind for p in ref_params]:
         names = lambda ps: "(" + ", ".join(p.name for p in ps) + ")"  # noqa: E731

@@ -29,13 +29,17 @@ class PlanEntry:
     request: str
     rejected: tuple = ()  # ((name, (reason, ...)), ...)
     note: str = ""
+    sharding: str = ""  # under tensor parallelism: how this module is split on this rank
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "path": self.path, "kind": self.kind, "chosen": self.chosen, "source": self.source,
             "request": self.request, "note": self.note,
             "rejected": [{"name": n, "reasons": list(r)} for n, r in self.rejected],
         }
+        if self.sharding:
+            out["sharding"] = self.sharding
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +56,11 @@ class BindingPlan:
     """The binding of one model: an entry per attention site and per declared layer."""
 
     def __init__(self, entries, *, device: str, dtype: str, mode, request: BindRequest | None = None,
-                 watch=()):
+                 watch=(), tensor_parallel: dict | None = None):
         self._entries = tuple(entries)
         self.device, self.dtype, self.mode = device, dtype, str(mode)
+        # {tp_size, rank, plan, modules: {path: {style, params}}, attention: {path: heads}} or None
+        self.tensor_parallel = tensor_parallel
         self.request = request or BindRequest(mode=mode)
         # (entry index, module, forward installed or None): what to compare with what runs now
         self._watch = tuple((i, weakref.ref(m), f) for i, m, f in watch)
@@ -101,12 +107,26 @@ class BindingPlan:
             rejected = "; ".join(f"{n}: {', '.join(r)}" for n, r in e.rejected) or "-"
             rows.append((e.path, e.kind, e.chosen, e.source + (f" ({e.note})" if e.note else ""), rejected))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        lines = [f"BindingPlan(device={self.device}, dtype={self.dtype}, mode={self.mode})"]
+        tp = self.tensor_parallel
+        where = f", tensor parallel: rank {tp['rank']} of {tp['tp_size']}" if tp else ""
+        lines = [f"BindingPlan(device={self.device}, dtype={self.dtype}, mode={self.mode}{where})"]
         for i, r in enumerate(rows):
             lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
             if i == 0:
                 lines.append("  ".join("-" * w for w in widths) + "  --------")
-        return "\n".join(lines)
+        return "\n".join(lines + self._sharding_lines())
+
+    def _sharding_lines(self) -> list[str]:
+        """Per module (layers collapsed), how it is split on this rank: every sharded module, declared
+        layer or not (the embedding is not a declared layer), and every attention site's heads."""
+        if not self.tensor_parallel:
+            return []
+        described = {e.path: e.sharding for e in self.entries if e.sharding}
+        for path in self.tensor_parallel["modules"]:
+            described.setdefault(path, self.tensor_parallel["modules"][path]["description"])
+        collapsed = _collapse([PlanEntry(p, "", "", "", "", (), s) for p, s in described.items()])
+        width = max(len(e.path) for e in collapsed)
+        return ["", "sharding:"] + [f"  {e.path.ljust(width)}  {e.note}" for e in collapsed]
 
     __repr__ = __str__
 

@@ -14,13 +14,16 @@ from pathlib import Path
 
 import torch
 
-from kernelhub.models.checkpoint import (config_path, load_weights, read_config, read_state_dict, resolve_dtype,
-                                         weight_shapes)
+from kernelhub.models.checkpoint import (check_weight_names, config_path, load_weights, materialize, read_config,
+                                         read_state_dict, resolve_dtype, weight_shapes)
 from kernelhub.models.config_schema import found
 from kernelhub.models.generation_config import GenerationConfig
+from kernelhub.models.tensor_parallel import install_boundaries, plan_shards, shard_model
+from kernelhub.models.tensor_parallel_load import device_mesh_for, read_local_state
 from kernelhub.registry.bind import bind
 from kernelhub.registry.modes import parse_mode
-from kernelhub.declare.errors import CheckpointError, ConfigError, suggestion
+from kernelhub.declare.errors import CheckpointError, ConfigError, KernelhubError, TensorParallelError, suggestion
+from kernelhub.declare.layer import layer_name
 from kernelhub.registry.plugins import get_registry
 from kernelhub.registry.plan import BindingPlan
 
@@ -102,6 +105,45 @@ def _requested(config, attn_implementation, kernels, source):
             kernels if kernels is not None else recorded.get("kernels"))
 
 
+DEFAULT_EXPERTS = ("grouped_mm", "eager")
+
+
+def has_experts(model) -> bool:
+    """Whether `model` has a declared `Experts` layer (a mixture-of-experts block)."""
+    return model is not None and any(layer_name(m) == "Experts" for m in model.modules())
+
+
+def with_experts_implementation(model, asked, kernels, experts_implementation):
+    """`kernels` with transformers' `experts_implementation=` folded in as `kernels["Experts"]`.
+
+    Neither given, a model with `Experts` layers gets transformers' default, `grouped_mm`
+    (the reference loop where it cannot serve, e.g. training).
+
+    `asked` is the caller's own `kernels=` (a value recorded by save_pretrained may be
+    overridden; one the caller passed may not be contradicted).
+
+    >>> with_experts_implementation(None, {"Experts": "batched_mm"}, {"Experts": "batched_mm"}, "grouped_mm")
+    Traceback (most recent call last):
+        ...
+    kernelhub.declare.errors.KernelhubError: experts_implementation='grouped_mm' and kernels['Experts']='batched_mm' ...
+    """
+    if experts_implementation is None:
+        if (kernels is None or (isinstance(kernels, dict) and "Experts" not in kernels)) and has_experts(model):
+            # transformers' default: grouped GEMMs, with the reference loop where they cannot serve
+            return {**(kernels or {}), "Experts": list(DEFAULT_EXPERTS)}
+        return kernels
+    mine = asked.get("Experts") if isinstance(asked, dict) else None
+    if mine is not None and mine != experts_implementation:
+        raise KernelhubError(f"experts_implementation={experts_implementation!r} and kernels['Experts']={mine!r} "
+                             "ask for different Experts kernels; pass one of them")
+    if not has_experts(model):
+        raise KernelhubError(f"experts_implementation={experts_implementation!r}: this model has no Experts layer "
+                             "(no mixture-of-experts block); drop the argument")
+    if kernels is not None and not isinstance(kernels, dict):
+        return kernels  # bind reports the malformed kernels= itself
+    return {**(kernels or {}), "Experts": experts_implementation}
+
+
 SINGLE_DEVICE_MAPS = '"auto", "cpu", "cuda", "cuda:N", a torch.device, or {"": device}'
 
 
@@ -130,8 +172,9 @@ def resolve_device_map(device_map) -> torch.device:
         raise ValueError(f"device_map={device_map!r} is not a device; supported: {SINGLE_DEVICE_MAPS}") from None
 
 
-def _dtype_and_device(dtype, torch_dtype, device, device_map):
-    """Fold transformers' spellings (`torch_dtype`, `device_map`) into `dtype` and `device`."""
+def _dtype_and_device(dtype, torch_dtype, device, device_map, default="cpu"):
+    """Fold transformers' spellings (`torch_dtype`, `device_map`) into `dtype` and `device`
+    (`default` when neither names one; None lets a tensor-parallel load pick each rank's)."""
     if torch_dtype is not None:
         if dtype is not None:
             raise ValueError(f"pass dtype={dtype!r} or torch_dtype={torch_dtype!r}, not both "
@@ -142,12 +185,13 @@ def _dtype_and_device(dtype, torch_dtype, device, device_map):
         if device is not None:
             raise ValueError(f"pass device={device!r} or device_map={device_map!r}, not both")
         device = resolve_device_map(device_map)
-    return dtype, torch.device(device or "cpu")
+    device = device or default
+    return dtype, torch.device(device) if device is not None else None
 
 
 def from_pretrained(path, attn_implementation=None, kernels=None, *, dtype=None, device=None,
                     mode: str = "inference", output_attentions: bool = False, lock=None, torch_dtype=None,
-                    device_map=None):
+                    device_map=None, experts_implementation=None, tp_plan=None, tp_size=None, device_mesh=None):
     """Load a Hugging Face-layout checkpoint directory (or a .gguf file) and bind it.
 
     `attn_implementation=None` uses what `save_pretrained` recorded, else sdpa (falling
@@ -155,12 +199,28 @@ def from_pretrained(path, attn_implementation=None, kernels=None, *, dtype=None,
     transformers name). `device_map` is transformers' spelling of one device: "auto" (cuda if
     available, else cpu), "cpu", "cuda:0", a torch.device or {"": device}. `lock` pins Hub
     kernels (see `bind`). `model.generation_config` comes from generation_config.json when
-    the checkpoint has one.
+    the checkpoint has one. `experts_implementation` is transformers' spelling of
+    `kernels={"Experts": ...}` ("eager", "grouped_mm", "batched_mm", or any Experts kernel); with
+    neither, `Experts` layers get ["grouped_mm", "eager"], as transformers defaults to grouped_mm.
+    `tp_plan="auto"` (or a plan dict), inside an initialised process group (torchrun), loads
+    this rank's shards only (see `kernelhub.models.tensor_parallel`); `tp_size` and
+    `device_mesh` (1-D, or with a "tp" dimension) say which ranks share the model.
 
     >>> model = kernelhub.from_pretrained("path/to/checkpoint", attn_implementation="sdpa")  # doctest: +SKIP
     >>> print(model.binding)                                                                 # doctest: +SKIP
+    >>> model = kernelhub.from_pretrained("path/to/checkpoint", tp_plan="auto")  # doctest: +SKIP
     """
-    dtype, device = _dtype_and_device(dtype, torch_dtype, device, device_map)
+    if tp_plan is None and (tp_size is not None or device_mesh is not None):
+        raise TensorParallelError("tp_size= and device_mesh= shard a model only together with tp_plan='auto' "
+                                  "(or a plan dict); pass tp_plan")
+    dtype, device = _dtype_and_device(dtype, torch_dtype, device, device_map,
+                                      default=None if tp_plan is not None else "cpu")
+    mesh = None
+    if tp_plan is not None:  # the group and the devices are checked before anything is read
+        if parse_mode(mode).training:
+            raise TensorParallelError(f"tp_plan loads for inference only (mode={mode!r}): the gradients of the "
+                                      "split layers' inputs are not reduced across ranks; use mode='inference'")
+        mesh, device = device_mesh_for(tp_size, device_mesh, device)
     path = checkpoint_dir(path)
     config = read_config(path)
     source = str(config_path(path))
@@ -168,26 +228,42 @@ def from_pretrained(path, attn_implementation=None, kernels=None, *, dtype=None,
     attn, kern = _requested(config, attn_implementation, kernels, source)
     dtype = resolve_dtype(dtype, config)
     check = getattr(parsed, "check_weights", None)
-    if check is not None:  # sizes against the weights' headers: a wrong config fails before anything is built
+    if check is not None and mesh is None:  # sizes against the weights' headers, before anything is built
         check(weight_shapes(path), source=source, weights=str(path))
-    generation_config = GenerationConfig.from_checkpoint(path, config) if path.is_dir() else None
     with torch.device("meta"):
         model = arch(parsed)
+    # tensor-parallel sizes against the group first (from the config alone), then against the headers
+    planned = plan_shards(model, tp_plan, world=mesh.size()) if mesh is not None else None
+    if planned is not None:
+        shapes = weight_shapes(path)
+        if check is not None:
+            check(shapes, source=source, weights=str(path))
+        # names and global shapes from the headers, then each parameter takes its local shape
+        check_weight_names(model, shapes, str(Path(path)))
+        shard_model(model, planned, rank=mesh.get_local_rank())
+    generation_config = GenerationConfig.from_checkpoint(path, config) if path.is_dir() else None
     if generation_config is not None and hasattr(model, "generation_config"):
         model.generation_config = generation_config
+    kern = with_experts_implementation(model, kernels, kern, experts_implementation)
     # Bind before loading weights: a bad request fails fast, before any tensor is read.
     bind(model, attn, kern, device=device, dtype=dtype, mode=mode, lock=lock)
-    load_weights(model, read_state_dict(path), dtype=dtype, device=device, source=str(Path(path)))
+    if mesh is not None:
+        materialize(model, read_local_state(model, path, model.tensor_parallel), dtype=dtype, device=device)
+        install_boundaries(model, mesh)
+    else:
+        load_weights(model, read_state_dict(path), dtype=dtype, device=device, source=str(Path(path)))
     model.train(parse_mode(mode).training)
     return model
 
 
 def explain(path, attn_implementation=None, kernels=None, *, dtype=None, device="cpu",
-            mode: str = "inference", lock=None) -> BindingPlan:
+            mode: str = "inference", lock=None, experts_implementation=None, tp_size=None, tp_rank: int = 0,
+            tp_plan="auto") -> BindingPlan:
     """The BindingPlan `from_pretrained` would produce, without reading any weights.
 
     The config is checked field by field (types and signs) but not against weights, which
-    need not be present.
+    need not be present. With `tp_size`, the plan of rank `tp_rank` of a tensor-parallel load
+    (local shapes, local head counts, each module's sharding), without a process group.
 
     >>> print(kernelhub.explain("path/to/checkpoint", attn_implementation="flex"))  # doctest: +SKIP
     """
@@ -198,5 +274,12 @@ def explain(path, attn_implementation=None, kernels=None, *, dtype=None, device=
     else:
         config, source = read_config(path), str(config_path(path))
     model = build_model(config, source=source)
+    if tp_size is not None:
+        planned = plan_shards(model, tp_plan, world=tp_size)
+        if isinstance(tp_rank, bool) or not isinstance(tp_rank, int) or not 0 <= tp_rank < tp_size:
+            raise TensorParallelError(f"tp_rank={tp_rank!r} is not a rank of tp_size={tp_size}; "
+                                      f"valid: 0..{tp_size - 1}")
+        shard_model(model, planned, rank=tp_rank)
     attn, kern = _requested(config, attn_implementation, kernels, source)
+    kern = with_experts_implementation(model, kernels, kern, experts_implementation)
     return bind(model, attn, kern, device=device, dtype=resolve_dtype(dtype, config), mode=mode, lock=lock)

@@ -30,13 +30,18 @@ def make_mask(kind, batch, q_len, kv_len, q_offset=0):
     return AttentionMask.build(batch=batch, q_len=q_len, kv_len=kv_len, q_offset=q_offset, **opts)
 
 
-def run_backend(name, q, k, v, mask, site):
+def run_backend(name, q, k, v, mask, site, sinks=None):
     backend = kernelhub.get_registry().get(name).backend
     resolution = backend.resolution(q.device, q.dtype)  # what bind would set for this device/dtype
     site.set_implementation(backend.name, resolution.fn, backend.mask_format, backend.accepts_is_causal,
                             paged_fn=resolution.paged_fn)
-    out, _ = site(q, k, v, mask)
+    out, _ = site(q, k, v, mask, sinks=sinks)
     return out
+
+
+def random_sinks(heads, dtype):
+    """gpt-oss attention-sink logits: random and large enough to take a visible share of each row."""
+    return (torch.randn(heads) * 2 + 1).to(dtype)
 
 
 # flash takes packed sequences (varlen), which cannot express chunked attention: it refuses
@@ -45,19 +50,21 @@ CASES = [(b, m) for b in BACKENDS for m in MASKS if (b, m) != ("flash", "chunked
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("head_dim", [32, 64])
+@pytest.mark.parametrize("head_dim, sinks", [(32, False), (64, False), (32, True)], ids=["32", "64", "32-sinks"])
 @pytest.mark.parametrize("groups", [1, 2, 4])
 @pytest.mark.parametrize("backend, mask_kind", CASES)
-def test_backend_matches_reference_and_oracle(backend, mask_kind, groups, head_dim, dtype):
+def test_backend_matches_reference_and_oracle(backend, mask_kind, groups, head_dim, sinks, dtype):
     batch, kv_heads, seq = 2, 2, 11
     q = torch.randn(batch, kv_heads * groups, seq, head_dim, dtype=dtype)
     k = torch.randn(batch, kv_heads, seq, head_dim, dtype=dtype)
     v = torch.randn(batch, kv_heads, seq, head_dim, dtype=dtype)
-    site = AttentionSite(head_dim=head_dim, num_heads=kv_heads * groups, num_kv_heads=kv_heads)
+    sinks = random_sinks(kv_heads * groups, dtype) if sinks else None
+    site = AttentionSite(head_dim=head_dim, num_heads=kv_heads * groups, num_kv_heads=kv_heads,
+                         sinks=sinks is not None)
     mask = make_mask(mask_kind, batch, seq, seq)
-    out = run_backend(backend, q, k, v, mask, site)
-    reference = run_backend("eager", q, k, v, mask, site)
-    oracle = dense_attention(q, k, v, mask.materialize("bool"), site.scaling)
+    out = run_backend(backend, q, k, v, mask, site, sinks)
+    reference = run_backend("eager", q, k, v, mask, site, sinks)
+    oracle = dense_attention(q, k, v, mask.materialize("bool"), site.scaling, sinks=sinks)
     assert out.shape == (batch, seq, kv_heads * groups, head_dim)
     assert out.dtype == dtype
     torch.testing.assert_close(out.double(), oracle, **TOLERANCE[dtype])
@@ -66,15 +73,17 @@ def test_backend_matches_reference_and_oracle(backend, mask_kind, groups, head_d
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mask_kind", ["causal", "sliding", "padded"])
-def test_decode_step_with_offsets(backend, mask_kind):
+@pytest.mark.parametrize("sinks", [False, True], ids=["", "sinks"])
+def test_decode_step_with_offsets(backend, mask_kind, sinks):
     """One query at the end of a longer key sequence (the decode shape), incl. a kv offset."""
     batch, heads, kv_len, d = 2, 4, 9, 32
     q = torch.randn(batch, heads, 1, d)
     k, v = torch.randn(batch, 2, kv_len, d), torch.randn(batch, 2, kv_len, d)
     mask = make_mask(mask_kind, batch, 1, kv_len, q_offset=kv_len - 1)
-    site = AttentionSite(head_dim=d, num_heads=heads, num_kv_heads=2)
-    out = run_backend(backend, q, k, v, mask, site)
-    oracle = dense_attention(q, k, v, mask.materialize("bool"), site.scaling)
+    sinks = random_sinks(heads, torch.float32) if sinks else None
+    site = AttentionSite(head_dim=d, num_heads=heads, num_kv_heads=2, sinks=sinks is not None)
+    out = run_backend(backend, q, k, v, mask, site, sinks)
+    oracle = dense_attention(q, k, v, mask.materialize("bool"), site.scaling, sinks=sinks)
     torch.testing.assert_close(out.double(), oracle, atol=1e-5, rtol=1e-5)
 
 

@@ -76,14 +76,15 @@ def smollm2(tmp_path_factory):
     mp.undo()
 
 
-# flash runs under the Triton interpreter here, about 0.4 s per layer and step for SmolLM2's 30 layers:
-# it generates 3 tokens for the 16 prompts (the first 3 of the 8 the others are checked on).
-@pytest.mark.parametrize("backend, new_tokens", [("eager", 8), ("sdpa", 8), ("flex", 8), ("flash", 3)])
-def test_smollm2_batch_equals_per_prompt_generate(smollm2, backend, new_tokens):
+# flash runs under the Triton interpreter here, where each program costs seconds for SmolLM2's 30 layers:
+# it generates 3 tokens for the first 6 prompts (the first 3 of the 8 the others are checked on).
+@pytest.mark.parametrize("backend, new_tokens, prompts", [("eager", 8, 16), ("sdpa", 8, 16), ("flex", 8, 16),
+                                                          ("flash", 3, 6)])
+def test_smollm2_batch_equals_per_prompt_generate(smollm2, backend, new_tokens, prompts):
     model, batch, expected = smollm2
     kernelhub.bind(model, f"paged|{backend}")
-    results = model.generate_batch(batch, max_new_tokens=new_tokens)
-    assert [r.tokens for r in results] == [e[:new_tokens] for e in expected]
+    results = model.generate_batch(batch[:prompts], max_new_tokens=new_tokens)
+    assert [r.tokens for r in results] == [e[:new_tokens] for e in expected[:prompts]]
 
 
 def test_paged_flex_never_compiles(tiny_checkpoint, tiny_expected, monkeypatch):

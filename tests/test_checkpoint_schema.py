@@ -91,7 +91,7 @@ CONFIG_CASES = [
     ({"attention_dropout": 1.5}, "attention_dropout", "[0, 1)"),
     ({"head_dim": 15}, "head_dim", "an even positive int"),
     ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0}}, "factor", "(rope_parameters) lacks"),
-    ({"rope_parameters": {"rope_type": "yarn"}}, "rope_type", "'default', 'linear', 'llama3'"),
+    ({"rope_parameters": {"rope_type": "longrope"}}, "rope_type", "'default', 'linear', 'llama3', 'yarn'"),
     ({"hidden_act": "gelu"}, "hidden_act", "'silu'"),
     ({"vocab_size": None}, "vocab_size", "lacks"),
     ({"vocab_size": 300}, "vocab_size", "'model.embed_tokens.weight'"),

@@ -2,11 +2,20 @@
 
 import logging
 
+import pytest
 import torch
 
 import kernelhub
 from kernelhub.declare.log import captured_logs
 from kernelhub.backends import flex
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """A clean dynamo per test: no graphs or dynamic-shape guesses from other tests' models."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
 
 
 def test_static_cache_decode_compiles_fullgraph_and_matches_eager_generation(tiny_checkpoint):
@@ -27,8 +36,20 @@ def test_compiled_flex_matches_eager(tiny_checkpoint, monkeypatch):
     monkeypatch.setattr(flex, "COMPILE", True)
     compiled = kernelhub.from_pretrained(tiny_checkpoint, attn_implementation="flex")
     eager = kernelhub.from_pretrained(tiny_checkpoint, attn_implementation="eager")
-    prompt = torch.tensor([[7, 3, 9, 4]])
+    prompt = torch.tensor([[7, 3, 9, 4, 1, 8, 2, 6]])  # 8 keys at head_dim 16: inductor's miscompiled CPU tail
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(prompt).logits, eager(prompt).logits, atol=1e-5, rtol=1e-5)
     assert compiled.generate(prompt, max_new_tokens=4).tolist() == eager.generate(prompt, max_new_tokens=4).tolist()
+
+
+def test_flex_feeds_inductor_inputs_its_cpu_kernel_computes_correctly():
+    qkv = torch.randn(1, 8, 3, 2, 16).permute(2, 0, 3, 1, 4)  # q, k, v: views of one fused projection
+    q, k, v = flex.inductor_cpu_safe(*qkv)
+    assert q.shape[-1] == k.shape[-1] == flex.CPU_COMPILE_SAFE_HEAD_DIM and v.shape[-1] == 16
+    assert v.storage_offset() == 0 and v.is_contiguous()
+    torch.testing.assert_close(q @ k.transpose(-1, -2), qkv[0] @ qkv[1].transpose(-1, -2))  # zero columns add nothing
+    wide = torch.randn(1, 2, 8, 64)
+    assert all(t is wide for t in flex.inductor_cpu_safe(wide, wide, wide))  # whole buffers pass uncopied
 
 
 def test_a_failing_flex_compile_falls_back_with_a_warning(tiny_checkpoint, monkeypatch):

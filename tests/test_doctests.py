@@ -10,7 +10,8 @@ import kernelhub
 
 MODULES = sorted(
     f"{pkg}.{info.name}"
-    for pkg in ("kernelhub", "kernelhub.registry", "kernelhub.registry.hub", "kernelhub.backends", "kernelhub.models")
+    for pkg in ("kernelhub", "kernelhub.declare", "kernelhub.registry", "kernelhub.registry.hub", "kernelhub.backends",
+                "kernelhub.models")
     for info in pkgutil.iter_modules(importlib.import_module(pkg).__path__)
     if info.name not in ("__main__",)
 )

@@ -92,7 +92,7 @@ def test_hugging_face_kernelize_binds_our_decorated_layers(tiny_checkpoint):
 
 def test_training_and_compile_modes_honour_the_kernel_flags(hub, tiny_checkpoint):
     model = kernelhub.from_pretrained(tiny_checkpoint)
-    chain = [f"{ORG}/rotary@v1", "reference"]  # rotary: has_backward=False, can_torch_compile=False
+    chain = [f"{ORG}/rotary@v1", "reference"]  # rotary: has_backward=False
     plan = kernelhub.bind(model, "sdpa", kernels={"ApplyRotary": chain, "RMSNorm": f"{ORG}/rmsnorm@v1"},
                           mode="training")
     rotary = next(e for e in plan.entries if e.path.endswith("rotary"))
@@ -100,9 +100,12 @@ def test_training_and_compile_modes_honour_the_kernel_flags(hub, tiny_checkpoint
     assert rotary.rejected == ((f"{ORG}/rotary@v1:ApplyRotary", ("has_backward=False, cannot train",)),)
     norm = next(e for e in plan.entries if e.path.endswith("input_layernorm"))
     assert norm.chosen == f"{ORG}/rmsnorm@v1:RMSNorm"  # rmsnorm has a Triton backward
-    plan = kernelhub.bind(model, "sdpa", kernels={"RMSNorm": [f"{ORG}/rmsnorm@v1", "reference"]}, mode="compile")
+    # counted declares no can_torch_compile (Hub default: False); rmsnorm is a custom op, compile-safe
+    plan = kernelhub.bind(model, "sdpa", kernels={"RMSNorm": [f"{ORG}/counted@v1", f"{ORG}/rmsnorm@v1"]},
+                          mode="compile")
     norm = next(e for e in plan.entries if e.path.endswith("input_layernorm"))
-    assert norm.chosen == "reference" and "can_torch_compile=False" in norm.rejected[0][1]
+    assert norm.chosen == f"{ORG}/rmsnorm@v1:RMSNorm"
+    assert norm.rejected[0][0] == f"{ORG}/counted@v1:RMSNorm" and "can_torch_compile=False" in norm.rejected[0][1][0]
 
 
 def test_training_through_the_triton_rmsnorm_backward(hub, tiny_checkpoint):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import kernelhub
-from kernelhub.backends.onednn_linear import CACHE
+from kernelhub.backends.onednn_linear import CACHE, bf16_supported
 
 
 IDS = torch.tensor([[4, 8, 15, 16, 23, 42]])
@@ -34,8 +34,12 @@ def test_packed_weight_follows_weight_updates_and_is_freed_on_unbind(tiny_checkp
 def test_refused_for_training_and_bf16_with_reasons(tiny_checkpoint):
     with pytest.raises(kernelhub.BindError, match="has_backward=False, cannot train"):
         kernelhub.from_pretrained(tiny_checkpoint, kernels={"Linear": "onednn"}, mode="training")
-    with pytest.raises(kernelhub.BindError, match="supports float32, not bfloat16"):
-        kernelhub.from_pretrained(tiny_checkpoint, kernels={"Linear": "onednn"}, dtype="bfloat16")
+    if bf16_supported():  # oneDNN's bf16 kernels exist on this CPU: bf16 binds (tests/test_bf16_cpu.py runs it)
+        model = kernelhub.from_pretrained(tiny_checkpoint, kernels={"Linear": "onednn"}, dtype="bfloat16")
+        assert model.binding["lm_head"].chosen == "onednn"
+    else:
+        with pytest.raises(kernelhub.BindError, match="this CPU lacks oneDNN's bf16 kernels"):
+            kernelhub.from_pretrained(tiny_checkpoint, kernels={"Linear": "onednn"}, dtype="bfloat16")
     model = kernelhub.from_pretrained(tiny_checkpoint, kernels={"Linear": ["onednn", "reference"]}, mode="training")
     entry = model.binding["lm_head"]
     assert entry.chosen == "reference" and entry.rejected == (("onednn", ("has_backward=False, cannot train",)),)

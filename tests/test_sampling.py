@@ -39,7 +39,8 @@ BAD = [  # field, value, what the message says is allowed (a regex)
     ("temperature", -1.0, "> 0"), ("temperature", math.inf, "> 0"), ("temperature", math.nan, "> 0"),
     ("top_k", 2.0, TOP_K), ("top_k", False, TOP_K), ("top_k", 0, TOP_K),
     ("top_p", "0.9", TOP_P), ("top_p", 0, TOP_P), ("top_p", 1.5, TOP_P),
-    ("eos_token_id", 2.0, "None or a token id"), ("eos_token_id", -1, "None or a token id"),
+    ("eos_token_id", 2.0, "None, a token id"), ("eos_token_id", -1, "None, a token id"),
+    ("eos_token_id", (3, -1), "None, a token id"),
     ("seed", "1", SEED), ("seed", -1, SEED), ("seed", 2**64, SEED),
 ]
 
@@ -108,6 +109,21 @@ def test_keywords_override_the_sampling_params(model):
     assert out.shape == (1, 5)
     assert [len(r.tokens) for r in generate_batch(model, [[1, 2]], sampling=SamplingParams(max_new_tokens=8),
                                                   max_new_tokens=3)] == [3]
+
+
+def test_an_empty_eos_list_turns_off_the_checkpoints_end_token(model):
+    prompt = [5, 17, 42, 7, 99]
+    first = generate(model, [prompt], max_new_tokens=1)[0, -1].item()
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = first  # the config's end token comes first
+    try:
+        assert generate(model, [prompt], max_new_tokens=6).shape[1] == len(prompt) + 1
+        off = SamplingParams(eos_token_id=[])
+        assert generate(model, [prompt], max_new_tokens=6, sampling=off).shape[1] == len(prompt) + 6
+        result = generate_batch(model, [prompt], max_new_tokens=6, sampling=off)[0]
+        assert (len(result.tokens), result.finish_reason) == (6, "length")
+    finally:
+        model.generation_config.eos_token_id = saved
 
 
 def test_generate_and_generate_batch_sample_the_same_tokens(model):

@@ -5,9 +5,20 @@ Keys are read either from packed sequences (`cu_seqlens_k`) or from a paged cach
 block table, by the same kernel: only the row address of a key differs. Causal masks are
 aligned bottom-right (the last query sees the last key), as flash-attn aligns them, so a
 chunk of new queries over a longer cache needs no offsets.
+
+Attention sinks (gpt-oss; `s_aux`, one logit per query head, the name vLLM's flash-attn and
+transformers use) join each row's softmax denominator and add no value: the online softmax
+starts from the sink (running max = sink, running sum = 1) instead of (-inf, 0).
+
+The Triton launch is a `torch.library` custom op with a fake implementation (forward only),
+namespaced `flash_attention_<hash of this file>`: two versions of the kernel never share an
+op, and the same file imported twice (kernelhub ships it, a Hub repo serves it) registers once.
 """
 
+import hashlib
+import inspect
 import os
+import sys
 
 import torch
 
@@ -28,10 +39,11 @@ def uses_triton(x: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _flash_forward(Q, K, V, O, CU_Q, CU_K, SEQ_K, BLOCK_TABLE,  # noqa: E741 - the paper's Q, K, V in, O out
+    def _flash_forward(Q, K, V, O, CU_Q, CU_K, SEQ_K, BLOCK_TABLE, SINKS,  # noqa: E741 - the paper's Q, K, V in, O out
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                        stride_table, page_size, groups, head_dim, scale, softcap, window_left, window_right,
-                       PAGED: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
+                       PAGED: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
+                       PRECISION: tl.constexpr, DOT: tl.constexpr,
                        BLOCK_M: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         # One program: BLOCK_M rows = BLOCK_M // GROUP_PAD queries x every query head that shares
         # this kv head (grouped-query attention), so each key tile is loaded once for the group.
@@ -66,8 +78,14 @@ if triton is not None:
             if window_left >= 0:
                 lo = tl.maximum(0, block_m * queries + shift - window_left)
                 lo = (lo // BLOCK_N) * BLOCK_N
-            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            l_i = tl.zeros([BLOCK_M], tl.float32)
+            if HAS_SINKS:
+                # The sink is a key every query sees, with logit s_aux[head] and a zero value: it
+                # starts the running max and contributes exp(sink - max) = 1 to the running sum.
+                m_i = tl.load(SINKS + head, mask=in_row, other=float("-inf")).to(tl.float32)
+                l_i = tl.where(m_i == float("-inf"), 0.0, 1.0)
+            else:
+                m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                l_i = tl.zeros([BLOCK_M], tl.float32)
             acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
             for start_n in range(lo, hi, BLOCK_N):
                 offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -101,13 +119,14 @@ if triton is not None:
                 # p is rounded to the input dtype first, as flash-attn does, whatever DOT is.
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(DOT), v.to(DOT), input_precision=PRECISION)
                 m_i = m_new
-            # Rows with no visible key (all masked) give zeros, as the eager reference does.
+            # Rows with no visible key (all masked) give zeros, as the eager reference does
+            # (with sinks: acc is 0 and l_i is the sink's share).
             out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
             o_offsets = q_rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
             tl.store(O + o_offsets, out.to(O.dtype.element_ty), mask=in_row[:, None] & in_d[None, :])
 
 
-def _check(q, k, v, dropout_p, alibi_slopes):
+def _check(q, k, v, dropout_p, alibi_slopes, s_aux=None):
     if dropout_p:
         raise ValueError("this flash kernel is forward-only for inference: dropout_p must be 0")
     if alibi_slopes is not None:
@@ -117,6 +136,9 @@ def _check(q, k, v, dropout_p, alibi_slopes):
                          f"got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.shape[-2] % k.shape[-2]:
         raise ValueError(f"query heads ({q.shape[-2]}) must be a multiple of key/value heads ({k.shape[-2]})")
+    if s_aux is not None and (tuple(s_aux.shape) != (q.shape[-2],) or s_aux.device != q.device):
+        raise ValueError(f"s_aux (attention sinks) must be one logit per query head, shape ({q.shape[-2]},) on "
+                         f"{q.device}; got {tuple(s_aux.shape)} on {s_aux.device}")
 
 
 def _window(causal, window_size):
@@ -126,28 +148,30 @@ def _window(causal, window_size):
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                           deterministic=False, return_attn_probs=False, block_table=None):
+                           deterministic=False, return_attn_probs=False, block_table=None, s_aux=None):
     """Attention over packed sequences: q [total_q, H, D], k/v [total_k, H_kv, D].
 
     With `block_table` ([B, max_blocks] int32), k/v are a paged cache
     [num_blocks, page_size, H_kv, D] and `cu_seqlens_k` gives each sequence's cached length.
+    `s_aux` ([H]) adds attention sinks: one logit per query head in every row's denominator.
 
     >>> q = torch.randn(5, 2, 16)
     >>> cu = torch.tensor([0, 2, 5], dtype=torch.int32)
     >>> flash_attn_varlen_func(q, q, q, cu, cu, 3, 3, causal=True).shape
     torch.Size([5, 2, 16])
     """
-    _check(q, k, v, dropout_p, alibi_slopes)
+    _check(q, k, v, dropout_p, alibi_slopes, s_aux)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     left, right = _window(causal, window_size)
     if block_table is not None:
         seq_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int32)
-        return _launch(q, k, v, cu_seqlens_q, None, seq_k, block_table, max_seqlen_q, scale, softcap, left, right)
-    return _launch(q, k, v, cu_seqlens_q, cu_seqlens_k, None, None, max_seqlen_q, scale, softcap, left, right)
+        return _launch(q, k, v, cu_seqlens_q, None, seq_k, block_table, max_seqlen_q, scale, softcap, left, right,
+                       s_aux)
+    return _launch(q, k, v, cu_seqlens_q, cu_seqlens_k, None, None, max_seqlen_q, scale, softcap, left, right, s_aux)
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, s_aux=None):
     """Attention over equal-length batches: q [B, S_q, H, D], k/v [B, S_k, H_kv, D] -> [B, S_q, H, D].
 
     >>> q = torch.randn(2, 3, 4, 16)
@@ -160,14 +184,15 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     cu_k = torch.arange(0, (b + 1) * s_k, s_k, dtype=torch.int32, device=q.device)
     out = flash_attn_varlen_func(q.reshape(b * s_q, h, d), k.reshape(b * s_k, -1, d), v.reshape(b * s_k, -1, d),
                                  cu_q, cu_k, s_q, s_k, dropout_p, softmax_scale, causal, window_size, softcap,
-                                 alibi_slopes)
+                                 alibi_slopes, s_aux=s_aux)
     return out.view(b, s_q, h, d)
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False,
+                            s_aux=None):
     """Decode-style attention of q [B, S_q, H, D] over a KV cache, appending k/v first if given.
 
     The cache is [B, S_max, H_kv, D], or paged [num_blocks, page_size, H_kv, D] with
@@ -200,7 +225,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     cu_k = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
     out = flash_attn_varlen_func(q.reshape(b * s_q, h, d), k_cache, v_cache, cu_q, cu_k, s_q,
                                  int(lengths.max()), 0.0, softmax_scale, causal, window_size, softcap,
-                                 alibi_slopes, block_table=block_table.to(torch.int32))
+                                 alibi_slopes, block_table=block_table.to(torch.int32), s_aux=s_aux)
     return out.view(b, s_q, h, d)
 
 
@@ -208,9 +233,36 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
 GPU_TILE = {"queries": 16, "keys": 64, "warps": 4, "stages": 2}
 
 
-def _launch(q, k, v, cu_q, cu_k, seq_k, block_table, max_seqlen_q, scale, softcap, left, right):
+NAMESPACE = "flash_attention_" + hashlib.sha256(inspect.getsource(sys.modules[__name__]).encode()).hexdigest()[:16]
+
+
+def _launch(q, k, v, cu_q, cu_k, seq_k, block_table, max_seqlen_q, scale, softcap, left, right, sinks=None):
     if not uses_triton(q):
-        return reference_varlen_attention(q, k, v, cu_q, cu_k, seq_k, block_table, scale, softcap, left, right)
+        return reference_varlen_attention(q, k, v, cu_q, cu_k, seq_k, block_table, scale, softcap, left, right,
+                                          sinks)
+    return getattr(torch.ops, NAMESPACE).forward(q, k, v, cu_q, cu_k, seq_k, block_table, sinks, int(max_seqlen_q),
+                                                 float(scale), float(softcap or 0.0), int(left), int(right))
+
+
+def _register():
+    """Define the op once per namespace (a second import of the same bytes finds it)."""
+    if hasattr(getattr(torch.ops, NAMESPACE), "forward"):
+        return
+
+    @torch.library.custom_op(f"{NAMESPACE}::forward", mutates_args=())
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor | None,
+                seq_k: torch.Tensor | None, block_table: torch.Tensor | None, sinks: torch.Tensor | None,
+                max_seqlen_q: int, scale: float, softcap: float, left: int, right: int) -> torch.Tensor:
+        """The Triton launch of `flash_attn_varlen_func` (arguments resolved)."""
+        return _triton_forward(q, k, v, cu_q, cu_k, seq_k, block_table, max_seqlen_q, scale, softcap, left, right,
+                               sinks)
+
+    @forward.register_fake
+    def _(q, k, v, cu_q, cu_k, seq_k, block_table, sinks, max_seqlen_q, scale, softcap, left, right):
+        return torch.empty_like(q)
+
+
+def _triton_forward(q, k, v, cu_q, cu_k, seq_k, block_table, max_seqlen_q, scale, softcap, left, right, sinks):
     total_q, heads, d = q.shape
     out = torch.empty_like(q)
     if total_q == 0:
@@ -238,17 +290,24 @@ def _launch(q, k, v, cu_q, cu_k, seq_k, block_table, max_seqlen_q, scale, softca
     grid = (triton.cdiv(max_seqlen_q, block_m // group_pad), batch, k.shape[-2])
     _flash_forward[grid](
         q, k_rows, v_rows, out, cu_q, cu_k if cu_k is not None else dummy, seq_k if paged else dummy,
-        block_table if paged else dummy,
+        block_table if paged else dummy, sinks.contiguous() if sinks is not None else dummy,
         q.stride(0), q.stride(1), k_rows.stride(0), k_rows.stride(1), v_rows.stride(0), v_rows.stride(1),
         out.stride(0), out.stride(1), block_table.stride(0) if paged else 0, k.shape[1] if paged else 1,
         groups, d, scale, float(softcap or 0.0), left, right,
-        PAGED=paged, SOFTCAP=bool(softcap), PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DOT=dot,
+        PAGED=paged, SOFTCAP=bool(softcap), HAS_SINKS=sinks is not None,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", DOT=dot,
         BLOCK_M=block_m, GROUP_PAD=group_pad, BLOCK_N=block_n, BLOCK_D=block_d, **tiles)
     return out
 
 
-def reference_varlen_attention(q, k, v, cu_q, cu_k, seq_k, block_table, scale, softcap=0.0, left=-1, right=-1):
-    """The same computation in PyTorch, one sequence at a time (float32 scores)."""
+if triton is not None:
+    _register()
+
+
+def reference_varlen_attention(q, k, v, cu_q, cu_k, seq_k, block_table, scale, softcap=0.0, left=-1, right=-1,
+                               sinks=None):
+    """The same computation in PyTorch, one sequence at a time (float32 scores); `sinks` [H]
+    are attention-sink logits, a softmax column that is dropped afterwards."""
     out = torch.zeros_like(q)
     groups = q.shape[1] // k.shape[-2]
     for i in range(cu_q.numel() - 1):
@@ -277,7 +336,11 @@ def reference_varlen_attention(q, k, v, cu_q, cu_k, seq_k, block_table, scale, s
         if left >= 0:
             allowed &= cols >= q_pos - left
         s = s.masked_fill(~allowed, float("-inf"))
-        p = torch.softmax(s, -1).nan_to_num(0.0)
+        if sinks is not None:
+            sink = sinks.float().view(-1, 1, 1).expand(-1, s.shape[1], 1)
+            p = torch.softmax(torch.cat([s, sink], -1), -1)[..., :-1].nan_to_num(0.0)
+        else:
+            p = torch.softmax(s, -1).nan_to_num(0.0)
         out[qs:qe] = (p @ vi).transpose(0, 1).to(q.dtype)
     return out
 

@@ -1,6 +1,15 @@
-"""RMSNorm kernels. One program per row; statistics in float32."""
+"""RMSNorm kernels. One program per row; statistics in float32.
 
+The Triton path is a `torch.library` custom op (forward and backward ops, fake
+implementations, autograd), so a model using it compiles whole and exports. The op
+namespace is `rmsnorm_<hash of this file>`: two versions of the kernel never share an op,
+and the same file imported twice (under two module names) registers once.
+"""
+
+import hashlib
+import inspect
 import os
+import sys
 
 import torch
 
@@ -55,34 +64,73 @@ if triton is not None:
         tl.store(DX + row * n_cols + cols, dx, mask=inside)
         tl.store(DW_ROWS + row * n_cols + cols, dy * x_hat, mask=inside)
 
-    class _RMSNorm(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, weight, eps):
-            shape, n = x.shape, x.shape[-1]
-            x2 = x.reshape(-1, n).contiguous()
-            y = torch.empty(x2.shape, dtype=torch.result_type(weight, x), device=x.device)
-            rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
-            block = triton.next_power_of_2(n)
-            _forward[(x2.shape[0],)](x2, weight, y, rstd, n, eps, BLOCK=block, num_warps=min(max(block // 256, 1), 16))
-            ctx.save_for_backward(x2, weight, rstd)
-            ctx.shape = shape
-            return y.view(shape)
 
-        @staticmethod
-        def backward(ctx, dy):
-            x2, weight, rstd = ctx.saved_tensors
-            n = x2.shape[-1]
-            dy2 = dy.reshape(-1, n).contiguous()
-            dx = torch.empty_like(x2)
-            dw_rows = torch.empty(x2.shape, dtype=torch.float32, device=x2.device)
-            block = triton.next_power_of_2(n)
-            _backward[(x2.shape[0],)](dy2, x2, weight, rstd, dx, dw_rows, n, BLOCK=block,
-                                      num_warps=min(max(block // 256, 1), 16))
-            return dx.view(ctx.shape), dw_rows.sum(0).to(weight.dtype), None
+NAMESPACE = "rmsnorm_" + hashlib.sha256(inspect.getsource(sys.modules[__name__]).encode()).hexdigest()[:16]
+
+
+def _launch(x2, weight, eps):
+    n = x2.shape[-1]
+    y = torch.empty(x2.shape, dtype=torch.result_type(weight, x2), device=x2.device)
+    rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x2.device)
+    block = triton.next_power_of_2(n)
+    _forward[(x2.shape[0],)](x2, weight, y, rstd, n, eps, BLOCK=block, num_warps=min(max(block // 256, 1), 16))
+    return y, rstd
+
+
+def _launch_backward(dy2, x2, weight, rstd):
+    n = x2.shape[-1]
+    dx = torch.empty_like(x2)
+    dw_rows = torch.empty(x2.shape, dtype=torch.float32, device=x2.device)
+    block = triton.next_power_of_2(n)
+    _backward[(x2.shape[0],)](dy2, x2, weight, rstd, dx, dw_rows, n, BLOCK=block,
+                              num_warps=min(max(block // 256, 1), 16))
+    return dx, dw_rows.sum(0).to(weight.dtype)
+
+
+def _register():
+    """Define the ops once per namespace (a second import of the same bytes finds them)."""
+    if hasattr(getattr(torch.ops, NAMESPACE), "forward"):
+        return
+
+    @torch.library.custom_op(f"{NAMESPACE}::forward", mutates_args=())
+    def forward(x2: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y, rstd) for rows x2 [R, N]."""
+        return _launch(x2.contiguous(), weight.contiguous(), eps)
+
+    @forward.register_fake
+    def _(x2, weight, eps):
+        return x2.new_empty(x2.shape, dtype=torch.result_type(weight, x2)), x2.new_empty(x2.shape[0],
+                                                                                         dtype=torch.float32)
+
+    @torch.library.custom_op(f"{NAMESPACE}::backward", mutates_args=())
+    def backward(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor,
+                 rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dx, dweight)."""
+        return _launch_backward(dy2.contiguous(), x2.contiguous(), weight.contiguous(), rstd)
+
+    @backward.register_fake
+    def _(dy2, x2, weight, rstd):
+        return torch.empty_like(x2), torch.empty_like(weight)
+
+    def setup_context(ctx, inputs, output):
+        x2, weight, _ = inputs
+        ctx.save_for_backward(x2, weight, output[1])
+
+    def grad(ctx, dy, _drstd):
+        x2, weight, rstd = ctx.saved_tensors
+        dx, dw = backward(dy, x2, weight, rstd)
+        return dx, dw, None
+
+    forward.register_autograd(grad, setup_context=setup_context)
+
+
+if triton is not None:
+    _register()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype), with float32 statistics."""
     if uses_triton(x):
-        return _RMSNorm.apply(x, weight, eps)
+        y, _ = getattr(torch.ops, NAMESPACE).forward(x.reshape(-1, x.shape[-1]), weight, eps)
+        return y.view(x.shape)
     return reference_rms_norm(x, weight, eps)

@@ -1,6 +1,15 @@
-"""Rotary kernel: one program per (batch, head, position) row, for q and k alike."""
+"""Rotary kernel: one program per (batch, head, position) row, for q and k alike.
 
+The Triton path is a `torch.library` custom op with a fake implementation (forward only:
+no autograd), so a model using it compiles whole and exports. The op namespace is
+`rotary_<hash of this file>`: two versions of the kernel never share an op, and the same
+file imported twice (under two module names) registers once.
+"""
+
+import hashlib
+import inspect
 import os
+import sys
 
 import torch
 
@@ -59,9 +68,32 @@ if triton is not None:
         return y
 
 
+NAMESPACE = "rotary_" + hashlib.sha256(inspect.getsource(sys.modules[__name__]).encode()).hexdigest()[:16]
+
+
+def _register():
+    """Define the op once per namespace (a second import of the same bytes finds it)."""
+    if hasattr(getattr(torch.ops, NAMESPACE), "forward"):
+        return
+
+    @torch.library.custom_op(f"{NAMESPACE}::forward", mutates_args=())
+    def forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B, H, S, D] (unit stride in D) rotated by cos/sin [B or 1, S, D]; contiguous output."""
+        return _apply(x, cos, sin)
+
+    @forward.register_fake
+    def _(x, cos, sin):
+        return x.new_empty(x.shape)
+
+
+if triton is not None:
+    _register()
+
+
 def apply_rotary(q, k, cos, sin):
     """(q, k) rotated by cos/sin: q [B, H, S, D], k [B, H_kv, S, D], cos/sin [B, S, D]."""
     d = q.shape[-1]
     if not uses_triton(q) or q.stride(-1) != 1 or k.stride(-1) != 1 or d & (d - 1):
         return reference_apply_rotary(q, k, cos, sin)  # the kernel wants a power-of-two head_dim, unit stride
-    return _apply(q, cos, sin), _apply(k, cos, sin)
+    op = getattr(torch.ops, NAMESPACE).forward
+    return op(q, cos, sin), op(k, cos, sin)

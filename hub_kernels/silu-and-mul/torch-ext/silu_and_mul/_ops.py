@@ -1,6 +1,15 @@
-"""silu-and-mul kernels: a 2-D grid of (row, column block)."""
+"""silu-and-mul kernels: a 2-D grid of (row, column block).
 
+The Triton path is a `torch.library` custom op (forward and backward ops, fake
+implementations, autograd), so a model using it compiles whole and exports. The op
+namespace is `silu_and_mul_<hash of this file>`: two versions of the kernel never share an
+op, and the same file imported twice (under two module names) registers once.
+"""
+
+import hashlib
+import inspect
 import os
+import sys
 
 import torch
 
@@ -49,24 +58,50 @@ if triton is not None:
         tl.store(DX + row * 2 * d + cols, dy * b * sig * (1.0 + a * (1.0 - sig)), mask=inside)
         tl.store(DX + row * 2 * d + d + cols, dy * a * sig, mask=inside)
 
-    class _SiLUAndMul(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            d = x.shape[-1] // 2
-            x2 = x.reshape(-1, 2 * d).contiguous()
-            y = torch.empty(x2.shape[0], d, dtype=x.dtype, device=x.device)
-            _forward[(x2.shape[0], triton.cdiv(d, BLOCK))](x2, y, d, BLOCK=BLOCK)
-            ctx.save_for_backward(x2)
-            ctx.shape = x.shape
-            return y.view(*x.shape[:-1], d)
 
-        @staticmethod
-        def backward(ctx, dy):
-            (x2,) = ctx.saved_tensors
-            d = x2.shape[-1] // 2
-            dx = torch.empty_like(x2)
-            _backward[(x2.shape[0], triton.cdiv(d, BLOCK))](dy.reshape(-1, d).contiguous(), x2, dx, d, BLOCK=BLOCK)
-            return dx.view(ctx.shape)
+NAMESPACE = "silu_and_mul_" + hashlib.sha256(inspect.getsource(sys.modules[__name__]).encode()).hexdigest()[:16]
+
+
+def _register():
+    """Define the ops once per namespace (a second import of the same bytes finds them)."""
+    if hasattr(getattr(torch.ops, NAMESPACE), "forward"):
+        return
+
+    @torch.library.custom_op(f"{NAMESPACE}::forward", mutates_args=())
+    def forward(x2: torch.Tensor) -> torch.Tensor:
+        """silu(a) * b for rows x2 = [a | b] of shape [R, 2d]."""
+        x2, d = x2.contiguous(), x2.shape[-1] // 2
+        y = torch.empty(x2.shape[0], d, dtype=x2.dtype, device=x2.device)
+        _forward[(x2.shape[0], triton.cdiv(d, BLOCK))](x2, y, d, BLOCK=BLOCK)
+        return y
+
+    @forward.register_fake
+    def _(x2):
+        return x2.new_empty(x2.shape[0], x2.shape[-1] // 2)
+
+    @torch.library.custom_op(f"{NAMESPACE}::backward", mutates_args=())
+    def backward(dy2: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """The gradient of `forward` with respect to x2."""
+        x2, d = x2.contiguous(), x2.shape[-1] // 2
+        dx = torch.empty_like(x2)
+        _backward[(x2.shape[0], triton.cdiv(d, BLOCK))](dy2.contiguous(), x2, dx, d, BLOCK=BLOCK)
+        return dx
+
+    @backward.register_fake
+    def _(dy2, x2):
+        return torch.empty_like(x2)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    def grad(ctx, dy):
+        return backward(dy, ctx.saved_tensors[0])
+
+    forward.register_autograd(grad, setup_context=setup_context)
+
+
+if triton is not None:
+    _register()
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -74,5 +109,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x.shape[-1] % 2:
         raise ValueError(f"silu_and_mul needs an even last dimension, got {x.shape[-1]}")
     if uses_triton(x):
-        return _SiLUAndMul.apply(x)
+        y = getattr(torch.ops, NAMESPACE).forward(x.reshape(-1, x.shape[-1]))
+        return y.view(*x.shape[:-1], x.shape[-1] // 2)
     return reference_silu_and_mul(x)

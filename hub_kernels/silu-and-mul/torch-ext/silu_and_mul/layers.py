@@ -7,7 +7,7 @@ from ._ops import silu_and_mul
 
 class SiLUAndMul(torch.nn.Module):
     has_backward = True
-    can_torch_compile = False
+    can_torch_compile = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return silu_and_mul(x)

@@ -1,0 +1,154 @@
+"""The compiled continuous-batching step: one graph per token-count bucket.
+
+A batching step packs a varying number of tokens from a varying set of sequences. Compiled
+as is, every new layout (token count, sequence count, longest key run) would be a new graph.
+Instead:
+
+- **the packed row is padded to a bucket** (`token_bucket`: powers of two, at least 8, at most
+  `max_batch_tokens`). Padded slots carry token 0 at position 0 and write their keys and
+  values into the pool's null block (block 0, never handed out, read only under a mask), so
+  they touch no sequence's blocks; their outputs are never read.
+- **attention is one opaque op** (`kernelhub::paged_step_attention`) whose inputs are tensors
+  of the bucket's shape. Inside it, the site's bound paged function runs eagerly on the real
+  tokens with the step's `PagedMask` (as in vLLM's unified attention op); the graph sees
+  none of the step's layout, so nothing in it changes from step to step.
+- **the sampled positions** (`logits_to_keep`, one per sequence that samples) have an unbacked
+  symbolic length, so any count shares the bucket's graph.
+
+Shapes are otherwise static (`dynamic=False`): a warm-up over the buckets compiles every graph
+a workload needs, and later steps never recompile.
+
+>>> [token_bucket(n, 2048) for n in (1, 8, 9, 600, 2048)]
+[8, 8, 16, 1024, 2048]
+>>> token_bucket(90, 100)
+100
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.nn.functional as F
+
+from kernelhub.declare.paged import PagedMask
+from kernelhub.declare.site import AttentionSite
+from kernelhub.models.compiled_decode import compile_failure
+
+MIN_BUCKET = 8
+MAX_GRAPHS = 64  # dynamo's per-function graph limit while stepping (its default of 8 is a few buckets)
+
+_current = threading.local()  # the running step: (sites by layer index, real masks, real token count)
+
+
+def token_bucket(tokens: int, max_batch_tokens: int) -> int:
+    """The padded length of a packed row of `tokens` tokens."""
+    return min(max(MIN_BUCKET, 1 << (tokens - 1).bit_length()), max(max_batch_tokens, MIN_BUCKET))
+
+
+@torch.library.custom_op("kernelhub::paged_step_attention", mutates_args=())
+def paged_step_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, sinks: torch.Tensor | None,
+                         layer_idx: int) -> torch.Tensor:
+    """Attention of layer `layer_idx` for the running step: q [1, H, T_bucket, D] -> [1, T_bucket, H, D].
+
+    Reads the step's sites, masks and real token count from the running `CompiledStep`; the
+    pools come in as inputs so that the graph orders this op after the step's cache writes."""
+    sites, masks, tokens = _current.step
+    site = sites[layer_idx]
+    kw = {"softcap": site.softcap} if site.softcap else {}
+    if sinks is not None:
+        kw["sinks"] = sinks
+    out, _ = site.binding.paged_fn(site, q[:, :, :tokens], k_pool, v_pool, masks[site.layer_type],
+                                   scaling=site.scaling, dropout=0.0, **kw)
+    return F.pad(out, (0, 0, 0, 0, 0, q.shape[2] - tokens))
+
+
+@paged_step_attention.register_fake
+def _(q, k_pool, v_pool, sinks, layer_idx):
+    return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3])
+
+
+class StepMask(PagedMask):
+    """What a compiled step's sites see instead of a `PagedMask`: no layout, just the op."""
+
+    def __init__(self):  # no per-step state: nothing for the compiler to specialise on
+        pass
+
+    def attend(self, fn, module, q, k_pool, v_pool, *, scaling, dropout=0.0, softcap=None, sinks=None):
+        return torch.ops.kernelhub.paged_step_attention(q, k_pool, v_pool, sinks, module.layer_idx), None
+
+    def __repr__(self):
+        return "StepMask(the running compiled step's PagedMask)"
+
+
+class StepCache:
+    """The paged cache as a compiled step sees it: padded write slots and `StepMask`s."""
+
+    paged = True
+
+    def __init__(self, cache):
+        self.layer_types = cache.layer_types
+        self.keys, self.values = cache.keys, cache.values
+        self.step_masks = {g: StepMask() for g in cache.groups}
+        self.slots: dict = {}
+
+    def update(self, k, v, layer_idx: int):
+        """Write the padded row's k/v ([1, H_kv, T_bucket, D]) into the pools; return the pools."""
+        slots = self.slots[self.layer_types[layer_idx]]
+        k_pool, v_pool = self.keys[layer_idx], self.values[layer_idx]
+        k_pool.view(-1, *k_pool.shape[2:])[slots] = k[0].transpose(0, 1).to(k_pool.dtype)
+        v_pool.view(-1, *v_pool.shape[2:])[slots] = v[0].transpose(0, 1).to(v_pool.dtype)
+        return k_pool, v_pool
+
+
+def packed_step(model, ids, positions, keep, cache):
+    """Logits [len(keep), V] of one packed row ([1, T]) over `cache`."""
+    return model(ids, position_ids=positions, cache=cache, logits_to_keep=keep).logits[0]
+
+
+_compiled = None
+
+
+def compiled_packed_step():
+    """`packed_step` under `torch.compile(fullgraph=True, dynamic=False)`, built once per process."""
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(packed_step, fullgraph=True, dynamic=False)
+    return _compiled
+
+
+def _sites_by_layer(model) -> dict:
+    sites = [m for m in model.modules() if isinstance(m, AttentionSite)]
+    by_layer = {s.layer_idx: s for s in sites}
+    if None in by_layer or len(by_layer) != len(sites):
+        raise ValueError("compiling the batching step needs one attention site per layer, each with its "
+                         "layer_idx; this model's sites do not say which layer they serve")
+    return by_layer
+
+
+class CompiledStep:
+    """Runs a batcher's forwards compiled: `step(ids, positions, keep)` after the cache's `begin_step`."""
+
+    def __init__(self, model, cache, max_batch_tokens: int):
+        self.model, self.cache, self.max_batch_tokens = model, cache, max_batch_tokens
+        self.sites = _sites_by_layer(model)
+        self.view = StepCache(cache)
+        self.buckets: set[int] = set()  # the token-count buckets this batcher's steps have used
+
+    def __call__(self, ids, positions, keep):
+        """ids, positions: [T] for the real tokens; keep: [n] packed indices to compute logits for."""
+        tokens = ids.shape[0]
+        bucket = token_bucket(tokens, self.max_batch_tokens)
+        self.buckets.add(bucket)
+        pad = bucket - tokens
+        ids, positions = F.pad(ids, (0, pad))[None], F.pad(positions, (0, pad))[None]
+        self.view.slots = {g: F.pad(s, (0, pad)) for g, s in self.cache.step_slots().items()}  # pad -> block 0
+        torch._dynamo.decorators.mark_unbacked(keep, 0)
+        _current.step = (self.sites, self.cache.step_masks, tokens)
+        try:
+            with torch._dynamo.config.patch(recompile_limit=MAX_GRAPHS):
+                return compiled_packed_step()(self.model, ids, positions, keep, self.view)
+        except torch._dynamo.exc.TorchDynamoException as e:
+            raise compile_failure(e, "generate_batch(compile=True)") from e
+        finally:
+            _current.step = None

@@ -1,0 +1,71 @@
+"""The compiled decode step of `generate(..., cache="static", compile=True)`: one graph per shape bucket.
+
+A decode step has fixed shapes once the static cache's length and the batch are fixed, so
+`torch.compile` can build one graph for it. Two things would still make it recompile, and
+both are handled here:
+
+- **the prompt length.** The cache is sized in buckets (`static_cache_length`), so prompts of
+  different lengths whose prompt + new tokens fall in the same bucket share one cache shape,
+  hence one graph.
+- **the write position.** `StaticCache.seen` (an int) moves every token. It is compiled as a
+  symbolic int (`torch.compiler.config.dynamic_sources`), so the graph holds for every
+  position instead of being specialised to the first one and recompiled per token.
+
+Shapes stay static otherwise (`dynamic=False`): each bucket gets code specialised to its sizes.
+The prefill runs eagerly (one call per prompt, of a length that varies).
+
+>>> [static_cache_length(n) for n in (5, 64, 65, 300, 1500)]
+[64, 64, 128, 512, 2048]
+"""
+
+from __future__ import annotations
+
+import torch
+
+MIN_BUCKET = 64
+LINEAR_ABOVE = 1024  # powers of two up to here, then multiples of it (bounded padding, few buckets)
+MAX_GRAPHS = 64  # dynamo's per-function graph limit while decoding (its default of 8 is a few buckets)
+# The source name dynamo gives `cache.seen` in `decode_step` below (its argument is called `cache`).
+_SEEN_SOURCE = r"L\['cache'\]\.seen"
+
+
+def static_cache_length(positions: int) -> int:
+    """The bucketed length of a static cache that must hold `positions` positions."""
+    if positions <= LINEAR_ABOVE:
+        return max(MIN_BUCKET, 1 << (positions - 1).bit_length())
+    return -(-positions // LINEAR_ABOVE) * LINEAR_ABOVE
+
+
+def decode_step(model, ids, positions, padding, cache):
+    """Logits [B, V] of the last position after feeding `ids` [B, 1] at `positions` [B, 1]; `padding`
+    [B, cache length] marks real tokens (1) over the whole cache, so its shape never changes."""
+    return model(ids, attention_mask=padding, position_ids=positions, cache=cache, logits_to_keep=1).logits[:, -1]
+
+
+_compiled = None
+
+
+def compiled_decode_step():
+    """`decode_step` under `torch.compile(fullgraph=True, dynamic=False)`, built once per process."""
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(decode_step, fullgraph=True, dynamic=False)
+    return _compiled
+
+
+def run_compiled(ids, positions, padding, cache, model):
+    """One compiled decode step (see the module docstring for why it compiles once per bucket)."""
+    try:
+        with torch.compiler.config.patch(dynamic_sources=_SEEN_SOURCE), \
+                torch._dynamo.config.patch(recompile_limit=MAX_GRAPHS):
+            return compiled_decode_step()(model, ids, positions, padding, cache)
+    except torch._dynamo.exc.TorchDynamoException as e:
+        raise compile_failure(e, "generate(compile=True)") from e
+
+
+def compile_failure(error: Exception, call: str) -> RuntimeError:
+    """The error to raise when torch.compile cannot build a step: what failed, and what to do instead."""
+    first = (str(error).strip().splitlines() or [""])[0][:300]
+    return RuntimeError(f"{call} could not compile the model's step as one graph ({type(error).__name__}: "
+                        f"{first}); bind kernels that can run under torch.compile (load with "
+                        f"mode='inference|compile' to refuse the others), or run without compile=True")

@@ -1,0 +1,128 @@
+"""Compiled decoding: `generate(cache="static", compile=True)` and `generate_batch(compile=True)`
+compile once per shape bucket, never per token, prompt length or step, and give eager's tokens.
+
+Graphs are counted with dynamo's own counters (`unique_graphs`: one per compiled graph,
+recompilations included). The model has two layers, one full and one sliding, so both kinds
+of KV pool are exercised; it is kept this small because each graph costs a real inductor
+compilation.
+"""
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+import kernelhub
+from kernelhub.backends.onednn_linear import pack, packed_linear
+from kernelhub.models.compiled_batching import token_bucket
+from kernelhub.models.compiled_decode import static_cache_length
+from tests.checkpoints import CONFIGS
+from tests.unchanged import assert_unchanged, snapshot
+
+
+@pytest.fixture(scope="module")
+def two_layer_checkpoint(tmp_path_factory):
+    """A transformers qwen2 checkpoint: layer 0 full attention, layer 1 sliding (window 4)."""
+    import transformers
+
+    path = tmp_path_factory.mktemp("qwen2-2l")
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(**dict(CONFIGS["qwen2"], num_hidden_layers=2))
+    transformers.Qwen2ForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def test_compiled_generate_compiles_once_across_prompt_lengths_and_tokens(two_layer_checkpoint):
+    model = kernelhub.from_pretrained(two_layer_checkpoint, attn_implementation="sdpa")
+    short, long = [5, 17, 3, 9, 2], [8, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 11, 7]
+    # both need 64 positions or fewer (prompt + 33 new): one bucket, one cache shape
+    assert static_cache_length(len(short) + 33) == static_cache_length(len(long) + 33) == 64
+    before = graphs()
+    for prompt in (short, long):
+        ids = torch.tensor([prompt])
+        compiled = model.generate(ids, max_new_tokens=33, cache="static", compile=True, eos_token_id=None)
+        assert compiled.tolist() == model.generate(ids, max_new_tokens=33, eos_token_id=None).tolist()
+    # 2 prompts x 32 decode steps (the first token comes from the eager prefill): one graph
+    assert graphs() - before == 1
+
+
+def test_compiled_batching_compiles_once_per_token_bucket_and_equals_uncompiled(two_layer_checkpoint):
+    model = kernelhub.from_pretrained(two_layer_checkpoint, attn_implementation="paged|sdpa")
+    rng = random.Random(0)
+    prompts = [[rng.randrange(model.config.vocab_size) for _ in range(rng.randrange(1, 30))] for _ in range(64)]
+    options = dict(max_new_tokens=4, max_batch_tokens=16, block_size=4)
+    expected = model.generate_batch(prompts, **options)
+    before = graphs()
+    results = model.generate_batch(prompts, compile=True, **options)
+    assert [r.tokens for r in results] == [r.tokens for r in expected]
+    # decode-only steps of a few requests and full 16-token steps: two buckets, compiled once each
+    assert results.stats["token_buckets"] == [8, 16]
+    assert graphs() - before == 2
+    # another run with other prompts (same pool bucket) reuses them: no compilation at all
+    again = model.generate_batch([p[::-1] for p in prompts], compile=True, **options)
+    assert graphs() - before == 2
+    assert [r.tokens for r in again] == [r.tokens for r in model.generate_batch([p[::-1] for p in prompts],
+                                                                                 **options)]
+
+
+def test_token_buckets_stay_within_the_budget():
+    assert [token_bucket(n, 24) for n in (1, 8, 9, 16, 17, 24)] == [8, 8, 16, 16, 24, 24]
+    assert [static_cache_length(n) for n in (1, 64, 65, 1024, 1025)] == [64, 64, 128, 1024, 2048]
+
+
+def test_compile_needs_a_static_cache_and_a_bool(tiny_checkpoint):
+    model = kernelhub.from_pretrained(tiny_checkpoint)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="compile=True needs cache='static'"):
+        model.generate(torch.tensor([[1, 2]]), max_new_tokens=2, compile=True)
+    with pytest.raises(ValueError, match="compile must be True or False, got 'yes'"):
+        model.generate(torch.tensor([[1, 2]]), max_new_tokens=2, cache="static", compile="yes")
+    with pytest.raises(ValueError, match="compile must be True or False, got 1.5"):
+        model.generate_batch([[1, 2]], max_new_tokens=2, compile=1.5)
+    assert_unchanged(model, before)
+
+
+def test_compiled_generate_calls_the_onednn_packed_linear_kernel(two_layer_checkpoint):
+    """The oneDNN Linear kernel compiles (an opaque op over the weights its eager prefill packed)."""
+    model = kernelhub.from_pretrained(two_layer_checkpoint, attn_implementation="sdpa", kernels={"Linear": "onednn"})
+    ids = torch.tensor([[5, 17, 3, 9, 2, 11]])
+    compiled = model.generate(ids, max_new_tokens=8, cache="static", compile=True, eos_token_id=None)
+    assert compiled.tolist() == model.generate(ids, max_new_tokens=8, eos_token_id=None).tolist()
+
+
+def test_the_packed_linear_op_passes_opcheck_and_never_reads_a_stale_packing():
+    weight, x, bias = torch.randn(16, 8), torch.randn(3, 8), torch.randn(16)
+    # opcheck clones its inputs, which an opaque packed tensor refuses: checked with a plain one
+    torch.library.opcheck(torch.ops.kernelhub.onednn_packed_linear, (x, weight, weight.clone(), bias))
+    packed = pack(weight)
+    torch.testing.assert_close(packed_linear(x, weight, packed, bias), F.linear(x, weight, bias))
+    with torch.no_grad():
+        weight.mul_(-2)  # in place, after packing: a compiled graph would still hold the old packing
+    torch.testing.assert_close(packed_linear(x, weight, packed, bias), F.linear(x, weight, bias))
+
+
+class EagerOnlyRMSNorm(torch.nn.Module):
+    """An RMSNorm kernel that cannot be traced (as Python-side kernels often cannot)."""
+
+    can_torch_compile = False
+
+    def forward(self, x):
+        torch._dynamo.graph_break()
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)).to(x.dtype)
+
+
+def test_a_kernel_that_cannot_compile_fails_with_the_way_out(tiny_checkpoint):
+    model = kernelhub.from_pretrained(tiny_checkpoint, kernels={"RMSNorm": EagerOnlyRMSNorm})
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(RuntimeError, match=r"generate\(compile=True\) could not compile the model's step as one "
+                                           r"graph \(Unsupported: .*\); bind kernels that can run under "
+                                           r"torch.compile \(load with mode='inference\|compile'"):
+        model.generate(ids, max_new_tokens=3, cache="static", compile=True)
+    assert model.generate(ids, max_new_tokens=3, cache="static").shape == (1, 6)  # still serves eagerly

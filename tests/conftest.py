@@ -30,6 +30,18 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def hub_kernels_built():
+    """Every kernel in hub_kernels/ built in place once, as `kernelhub kernel build DIR` leaves it
+    (build/ folders are not committed): tests bind them as local kernels in any order."""
+    from kernelhub.kernel_build import build_kernel
+    from tests.hub_test_kernels import HUB_KERNELS
+
+    for kernel in sorted(HUB_KERNELS.iterdir()):
+        if (kernel / "build.toml").is_file():
+            build_kernel(kernel)
+
+
 @pytest.fixture(scope="session")
 def loopback_hub(tmp_path_factory):
     """olah on loopback serving our hub_kernels and the test kernels as git repos (org kernelhub-test)."""

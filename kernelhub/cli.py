@@ -145,7 +145,10 @@ def cmd_run(args) -> int:
     try:
         model = from_pretrained(args.model, attn_implementation=args.attn, kernels=args.kernels, dtype=args.dtype,
                                 lock=args.lock, tp_plan="auto", tp_size=args.tp)
-        return _generate(args, sampling, model, quiet=dist.get_rank() != 0)  # every rank computes, rank 0 prints
+        status = _generate(args, sampling, model, quiet=dist.get_rank() != 0)  # every rank computes, rank 0 prints
+        # no rank tears the group down while another still uses it (gloo can abort a rank at exit otherwise)
+        dist.barrier()
+        return status
     finally:
         if owned:
             dist.destroy_process_group()

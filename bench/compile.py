@@ -6,10 +6,12 @@ transformers' compiled static-cache generate, and decode speed against the memor
 
 Rows, per dtype and batch, all greedy with the same left-padded chat prompts:
 
-- **ours eager**: `generate` with a dynamic cache and the oneDNN Linear kernel where it serves
-  the dtype (`kernels={"Linear": ["onednn", "reference"]}`), the fastest eager setting;
+- **ours eager**: `generate` with a dynamic cache and the `gemv` Linear kernel
+  (`kernels={"Linear": ["gemv", "reference"]}`), whose eager calls run as the oneDNN kernel
+  where oneDNN serves the dtype (float32 here), else `F.linear`: the fastest eager setting;
 - **ours compiled**: the same model, `generate(cache="static", compile=True)` (inductor, one graph
-  per bucket; the oneDNN kernel runs inside it as an opaque op over its packed weights);
+  per bucket): one-row Linear calls (batch 1) become inductor's fused multiply-reduce over each
+  weight, batches run the packed oneDNN op inside the graph;
 - **theirs compiled**: transformers' `generate(cache_implementation="static")` with a
   `CompileConfig` forced on for CPU (inductor, mode "default").
 
@@ -91,7 +93,7 @@ def load(path, dtype, with_transformers):
     import transformers
 
     ours = kernelhub.from_pretrained(path, attn_implementation="sdpa", dtype=dtype,
-                                     kernels={"Linear": ["onednn", "reference"]})
+                                     kernels={"Linear": ["gemv", "reference"]})
     theirs = None
     if with_transformers:
         theirs = transformers.AutoModelForCausalLM.from_pretrained(

@@ -70,9 +70,11 @@ def kernelhub_attention_backends():
 @hookimpl
 def kernelhub_layer_kernels():
     from kernelhub.backends.experts import EXPERTS_KERNELS
+    from kernelhub.backends.gemv_linear import GemvLinear
     from kernelhub.backends.onednn_linear import OneDNNLinear, onednn_available
 
-    return {"Experts": dict(EXPERTS_KERNELS), **({"Linear": {"onednn": OneDNNLinear}} if onednn_available() else {})}
+    linear = {"onednn": OneDNNLinear} if onednn_available() else {}
+    return {"Experts": dict(EXPERTS_KERNELS), "Linear": {**linear, "gemv": GemvLinear}}
 
 
 @hookimpl

@@ -28,7 +28,6 @@ on a shared machine.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -79,14 +78,15 @@ def prompts(tokenizer, batch):
 
 
 def interleaved(fns, repeat):
-    """Median seconds of each function, run in turn so load drift hits all alike (one warm-up call each)."""
+    """Fastest seconds of each function over `repeat` rounds, run in turn so load drift hits all alike
+    (one warm-up call each; the fastest round is the one least disturbed by other load)."""
     for fn in fns:
         fn()
     times = [[] for _ in fns]
     for _ in range(repeat):
         for fn, ts in zip(fns, times):
             ts.append(_seconds(fn))
-    return [statistics.median(ts) for ts in times]
+    return [min(ts) for ts in times]
 
 
 def load(path, dtype, with_transformers):
@@ -133,7 +133,7 @@ def decode_rates(model, theirs, batch, n, repeat, pad_id):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32", "bfloat16"])
     parser.add_argument("--no-transformers", action="store_true", help="skip transformers' compiled rows")

@@ -2,10 +2,10 @@
 
 At batch 1 a decode step multiplies one row by every weight matrix: a matrix-vector product
 whose speed is the speed of reading the weight. Neither `F.linear` (about 40% of the machine's
-copy bandwidth on a 2-core AVX2 CPU) nor oneDNN's packed GEMV (about 65%) gets close. Written
+copy bandwidth on a 2-core AVX2 CPU) nor oneDNN's packed GEMV (about two thirds) gets close. Written
 as an elementwise multiply and a row sum, the same product lets inductor emit one fused,
 vectorised, multi-threaded loop that reads each weight once, at about the copy bandwidth
-(`bench/compile.py`; the numbers are in `docs/performance.md`). That loop exists only inside a
+(`bench/gemv.py`; the numbers are in `docs/performance.md`). That loop exists only inside a
 compiled graph, so this kernel takes it there, for an input with a single row; everything else
 (eager calls, prefill, batches) runs as the oneDNN kernel does where oneDNN serves the dtype,
 else as `F.linear`.
@@ -63,8 +63,9 @@ class GemvLinear(torch.nn.Module):
     dtypes = (torch.float32, torch.bfloat16)
 
     def forward(self, x):
-        # Only inductor turns the multiply-reduce into a streaming loop: torch.export (also
-        # "compiling") keeps the plain op. The row count is static under compile.
+        # Only inductor turns the multiply-reduce into a streaming loop. torch.export also counts
+        # as compiling; an exported graph runs as an eager call would (oneDNN or F.linear).
+        # The row count is static under compile.
         if torch.compiler.is_compiling() and not torch.compiler.is_exporting() and x.numel() == x.shape[-1]:
             return row_linear(x, self.weight, self.bias)
         if x.dtype in ONEDNN_DTYPES:

@@ -19,7 +19,7 @@ import torch
 from compile import copy_bandwidth  # bench/compile.py: the same measurement, read + write
 
 from kernelhub.backends.gemv_linear import row_linear
-from kernelhub.backends.onednn_linear import bf16_supported, onednn_available
+from kernelhub.backends.onednn_linear import bf16_supported, onednn_available, pack
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152, 576)]
 
@@ -42,7 +42,7 @@ def rates(dtype) -> dict[str, float]:
     nbytes = sum(w.nbytes for w in weights)
     ways = {"F.linear": lambda: [torch.nn.functional.linear(rows[w.shape[1]], w) for w in weights]}
     if onednn_available() and (dtype == torch.float32 or bf16_supported()):
-        packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights]
+        packed = [pack(w) for w in weights]  # as the onednn kernel packs them
         ways["oneDNN packed"] = lambda: [torch.ops.mkldnn._linear_pointwise(rows[w.shape[1]], p, None, "none", [], "")
                                          for w, p in zip(weights, packed)]
     compiled = torch.compile(lambda: [row_linear(rows[w.shape[1]], w, None) for w in weights], dynamic=False)

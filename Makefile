@@ -24,8 +24,8 @@ $(STAMP): pyproject.toml Makefile $(addsuffix /pyproject.toml,$(CONTRIB))
 demo: $(STAMP)
 	$(VENV)/bin/kernelhub demo
 
-# ruff, then the import-linter layer contracts. import-linter reads packages from disk, and our
-# package folders are mapped (pyproject), so it checks a plain install of the tree in build/lint.
+# ruff, then the import-linter layer contracts. import-linter reads packages from disk, and the
+# flash kernel is mapped in from hub_kernels/ (pyproject), so it checks a plain install in build/lint.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	rm -rf build/lint

@@ -38,14 +38,23 @@ def cmd_backends(args) -> int:
     print(f"attention backends on this machine ({device}):\n")
     rows = capability_rows(backend_sources())
     header = ["name", "aliases", "mask", "head_dim", "backward", "source", "features"]
-    widths = [max(len(str(r[h])) for r in rows + [dict(zip(header, header))]) for h in header]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)) + "  status")
+    widths = _widths(rows, header)
+    print(_row(header, widths, "status"))
     for entry, row in zip(backend_sources(), rows):
         reasons = machine_problems(entry.backend, device)
         status = "available" if not reasons else "unavailable: " + "; ".join(reasons)
-        print("  ".join(str(row[h]).ljust(w) for h, w in zip(header, widths)) + "  " + status)
+        print(_row([row[h] for h in header], widths, status))
     _print_layer_kernels(device)
     return 0
+
+
+def _widths(rows: list[dict], header: list[str]) -> list[int]:
+    """Column widths that fit the header and every row's value."""
+    return [max(len(str(r[h])) for r in rows + [dict(zip(header, header))]) for h in header]
+
+
+def _row(values, widths, status: str) -> str:
+    return "  ".join(str(v).ljust(w) for v, w in zip(values, widths)) + "  " + status
 
 
 def _print_layer_kernels(device: str) -> None:
@@ -56,15 +65,15 @@ def _print_layer_kernels(device: str) -> None:
     rows = layer_kernel_rows(get_registry())
     print(f"\nlayer kernels on this machine ({device}); 'reference' (the layer's own forward) serves every layer:")
     header = ["name", "devices", "dtypes", "features", "source"]
-    widths = [max(len(str(r[h])) for r in rows + [dict(zip(header, header))]) for h in header]
+    widths = _widths(rows, header)
     layer = None
     for row in rows:
         if row["layer"] != layer:
             layer = row["layer"]
-            print(f"\n{layer}:\n  " + "  ".join(h.ljust(w) for h, w in zip(header, widths)) + "  status")
+            print(f"\n{layer}:\n  " + _row(header, widths, "status"))
         devices = row["caps"].devices
         status = "available" if not devices or device in devices else f"unavailable: runs on {', '.join(devices)}"
-        print("  " + "  ".join(str(row[h]).ljust(w) for h, w in zip(header, widths)) + "  " + status)
+        print("  " + _row([row[h] for h in header], widths, status))
 
 
 def cmd_plugins(args) -> int:

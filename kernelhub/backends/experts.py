@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernelhub.backends.onednn_linear import bf16_supported, onednn_available
+from kernelhub.backends.onednn_linear import ONEDNN_DTYPES
 from kernelhub.declare.experts import Experts, expert_activation
 
 SUPPORTS = ("bias", "swiglu_clamped")
@@ -86,15 +86,19 @@ def grouped_linear(a: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
 FEW_ROWS = 64
 
 
-def row_linear(like: torch.Tensor, *weights: torch.Tensor):
-    """F.linear for one row on CPU: oneDNN's matmul on the plain (contiguous) weights where it serves the dtype.
+def _onednn_linear(x, weight, bias):
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def one_row_linear_for(like: torch.Tensor, *weights: torch.Tensor):
+    """The F.linear to use for one row on CPU: oneDNN's matmul on the plain (contiguous) weights where it
+    serves the dtype.
 
     MKL's matrix-vector product (what F.linear runs for one row) streamed expert weights about
     1.4x slower than oneDNN's on the same unpacked views in our measurements; no copy is made.
     """
-    if like.device.type == "cpu" and onednn_available() and all(w.is_contiguous() for w in weights) and (
-            like.dtype == torch.float32 or (like.dtype == torch.bfloat16 and bf16_supported())):
-        return lambda x, weight, bias: torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    if like.device.type == "cpu" and like.dtype in ONEDNN_DTYPES and all(w.is_contiguous() for w in weights):
+        return _onednn_linear
     return F.linear
 
 
@@ -117,7 +121,7 @@ def few_rows_experts(module, hidden_states, top_k_index, top_k_weights):
     pairs = list(enumerate(top_k_index.reshape(-1).tolist()))  # (slot, expert); the token is slot // k
     gate_up_bias, down_bias = module.gate_up_proj_bias, module.down_proj_bias
     hidden_states = hidden_states.contiguous()
-    linear = row_linear(hidden_states, module.gate_up_proj, module.down_proj)
+    linear = one_row_linear_for(hidden_states, module.gate_up_proj, module.down_proj)
     gate_up = torch.cat([linear(hidden_states[slot // k:slot // k + 1], module.gate_up_proj[e],
                                 None if gate_up_bias is None else gate_up_bias[e]) for slot, e in pairs])
     hidden = expert_activation(gate_up, module.activation, module.alpha, module.limit)

@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import torch
 
-from kernelhub.backends.onednn_linear import OneDNNLinear, bf16_supported, onednn_available
+from kernelhub.backends.onednn_linear import ONEDNN_DTYPES, OneDNNLinear
+
+
+ROWS_PER_PASS = 8192
 
 
 def row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -46,11 +49,6 @@ def row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
-
-
-ROWS_PER_PASS = 8192
-# Decided once, outside any graph (dynamo cannot trace the probe of torch.ops).
-ONEDNN_DTYPES = ((torch.float32,) + ((torch.bfloat16,) if bf16_supported() else ())) if onednn_available() else ()
 
 
 class GemvLinear(torch.nn.Module):

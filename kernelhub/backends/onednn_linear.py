@@ -34,6 +34,11 @@ def bf16_supported() -> bool:
     return onednn_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+# The dtypes oneDNN's matmul serves on this CPU, decided once, outside any graph (dynamo cannot
+# trace the probe of torch.ops) and outside hot paths (the bf16 probe is an op call).
+ONEDNN_DTYPES = ((torch.float32,) + ((torch.bfloat16,) if bf16_supported() else ())) if onednn_available() else ()
+
+
 def weight_key(weight) -> tuple | None:
     """What a packed copy was made from: storage and version (inference tensors keep no version);
     None for a tensor without storage of its own (a wrapper subclass), which is never packed."""

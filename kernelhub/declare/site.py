@@ -115,7 +115,9 @@ class AttentionSite(torch.nn.Module):
                 raise RuntimeError(f"attention backend {b.name!r} cannot read a paged KV cache; "
                                    "bind a backend with paged support (eager, sdpa, flex, flash)")
             return mask.attend(b.paged_fn, self, q, k, v, scaling=self.scaling, dropout=dropout, **kw)
-        if b.accepts_is_causal and mask.shortcut is not None:
+        # A sink site needs the mask as a tensor (the sink is one more column of it): it takes the
+        # per-forward materialised mask, not a shortcut each layer would have to build again.
+        if b.accepts_is_causal and mask.shortcut is not None and not self.sinks:
             return b.fn(self, q, k, v, None, scaling=self.scaling, dropout=dropout,
                         is_causal=mask.shortcut == "causal", **kw)
         materialized = mask.materialize(b.mask_format) if b.mask_format != "none" else None

@@ -189,7 +189,7 @@ def load_weights(model: torch.nn.Module, state: dict, *, dtype, device, source: 
     return materialize(model, from_checkpoint(model, {n: state[n] for n in expected}), dtype=dtype, device=device)
 
 
-def _ties(model) -> list[tuple[str, str]]:
+def ties(model) -> list[tuple[str, str]]:
     """(alias, canonical name) of every parameter reachable under two names."""
     canonical = {id(p): name for name, p in model.named_parameters()}
     return [(name, canonical[id(p)]) for name, p in model.named_parameters(remove_duplicate=False)
@@ -199,7 +199,7 @@ def _ties(model) -> list[tuple[str, str]]:
 def check_weight_names(model, shapes: dict, source: str) -> dict:
     """The checkpoint tensors `model` needs ({name: meta tensor}, the file's naming), checked against
     `shapes` ({name: shape}, from the file): none missing, none unused, every shape right."""
-    tied = {alias for alias, _ in _ties(model)}
+    tied = {alias for alias, _ in ties(model)}
     ours = {k: v for k, v in model.state_dict().items() if k not in tied}
     expected = to_checkpoint(model, ours)
     missing = [n for n in expected if n not in shapes]
@@ -220,10 +220,10 @@ def check_weight_names(model, shapes: dict, source: str) -> dict:
 def materialize(model, state: dict, *, dtype, device):
     """Allocate `model` (built on the meta device) on `device` in `dtype` and copy `state` (the model's
     own names and shapes) into it; tied weights stay tied, non-persistent buffers are recomputed."""
-    ties = _ties(model)
+    tied = ties(model)
     model.to_empty(device=device)
     model.to(dtype)
-    for alias, target in ties:  # to_empty gives every name its own tensor: tie them again
+    for alias, target in tied:  # to_empty gives every name its own tensor: tie them again
         owner, _, attr = alias.rpartition(".")
         setattr(model.get_submodule(owner), attr, model.get_parameter(target))
     with torch.no_grad():

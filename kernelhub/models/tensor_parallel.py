@@ -274,8 +274,9 @@ def plan_shards(model, tp_plan, *, world: int) -> dict:
                 raise TensorParallelError(f"{path} is matched by two tp_plan keys; give each module one style")
             _check_module(path, modules[path], style)
             shards[path] = ModuleShard(style, _param_shards(model, path, modules[path], style))
-    _check_sizes(model, shards, _split_sites(model, shards), world)
-    return {"plan": plan, "modules": shards, "world": world}
+    sites = _split_sites(model, shards)
+    _check_sizes(model, shards, sites, world)
+    return {"plan": plan, "modules": shards, "world": world, "split_sites": tuple(sites)}
 
 
 def _split_sites(model, shards: dict) -> dict:
@@ -332,7 +333,8 @@ def shard_model(model, planned: dict, *, rank: int) -> TensorParallel:
             setattr(module, p.name, replaced[id(old)])
         _local_sizes(module, shard, world)
     sites = {}
-    for path, site in _split_sites(model, shards).items():
+    for path in planned["split_sites"]:
+        site = model.get_submodule(path)
         sites[path] = (site.num_heads, site.num_kv_heads, site.num_heads // world, site.num_kv_heads // world)
         site.num_heads, site.num_kv_heads = site.num_heads // world, site.num_kv_heads // world
         parent = model.get_submodule(path.rpartition(".")[0])

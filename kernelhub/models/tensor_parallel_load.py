@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from kernelhub.declare.errors import CheckpointError, TensorParallelError
-from kernelhub.models.checkpoint import from_checkpoint, to_checkpoint, weight_files
+from kernelhub.models.checkpoint import from_checkpoint, ties, to_checkpoint, weight_files
 
 TORCHRUN = ("run under torchrun (torchrun --nproc-per-node 2 your_script.py), or call "
             "torch.distributed.init_process_group() in every rank first")
@@ -220,10 +220,10 @@ def read_plan(model, tp) -> dict:
     """{parameter name: (Recipe, ParamShard | None)} for this rank, every parameter mapped and checked
     (dims, layout conversions, ranges) before any file is opened."""
     shards = {f"{mp}.{p.name}": p for mp, s in tp.modules.items() for p in s.params}
-    canonical = {id(p): n for n, p in model.named_parameters()}
+    tied = {alias for alias, _ in ties(model)}
     plan = {}
     for key, param in model.state_dict(keep_vars=True).items():
-        if canonical.get(id(param), key) != key:
+        if key in tied:
             continue  # a tied alias: read once, under its canonical name
         shard = shards.get(key)
         shape = shard.shape if shard is not None else tuple(param.shape)

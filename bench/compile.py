@@ -7,11 +7,12 @@ transformers' compiled static-cache generate, and decode speed against the memor
 Rows, per dtype and batch, all greedy with the same left-padded chat prompts:
 
 - **ours eager**: `generate` with a dynamic cache and the `gemv` Linear kernel
-  (`kernels={"Linear": ["gemv", "reference"]}`), whose eager calls run as the oneDNN kernel
-  where oneDNN serves the dtype (float32 here), else `F.linear`: the fastest eager setting;
+  (`kernels={"Linear": ["gemv", "reference"]}`): decode calls of up to 8 rows run its AVX2
+  `skinny_linear` kernel, the prefill runs as the oneDNN kernel where oneDNN serves the dtype
+  (float32 here), else `F.linear`: the fastest eager setting;
 - **ours compiled**: the same model, `generate(cache="static", compile=True)` (inductor, one graph
   per bucket): one-row Linear calls (batch 1) become inductor's fused multiply-reduce over each
-  weight, batches run the packed oneDNN op inside the graph;
+  weight, batches of 8 call the `skinny_linear` op inside the graph;
 - **theirs compiled**: transformers' `generate(cache_implementation="static")` with a
   `CompileConfig` forced on for CPU (inductor, mode "default").
 

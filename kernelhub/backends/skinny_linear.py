@@ -1,0 +1,176 @@
+"""A CPU matmul for 1 to 8 input rows (decode), float32 or bfloat16 weights, hand-written for AVX2.
+
+Decode multiplies one row per sequence by every weight matrix. Library GEMMs are tuned for
+many rows: on a 2-core AVX2 CPU, `F.linear` on 8 rows reads float32 weights at about 6 GB/s and
+bfloat16 weights at under 2 (it has no fast bf16 path without avx512_bf16), and inductor's
+multiply-reduce keeps one dependent add chain per output, which caps 8 bf16 rows at about 3 GB/s.
+`skinny_linear.c` reads each weight row once, widens bf16 with a shift, and multiplies it by every
+input row while it is in a register, with enough independent FMA chains in flight to keep both
+FMA units busy (`bench/gemv.py`).
+
+The C source ships with kernelhub and is compiled on first use with the system C compiler into
+kernelhub's cache directory (`$KERNELHUB_CACHE`, else `~/.cache/kernelhub`), keyed by a hash of the
+source and flags. It links the OpenMP runtime torch already loaded, so `torch.set_num_threads`
+applies. The `gemv` Linear kernel calls it; on its own:
+
+    >>> x, w = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 4.0], [5.0, 6.0], [7.0, 8.0]])
+    >>> torch.ops.kernelhub.skinny_linear(x, w, None) if skinny_available() else x @ w.T
+    tensor([[11., 17., 23.]])
+
+Products are summed in float32 and rounded once to the input's dtype, as `F.linear` does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("skinny_linear.c")
+MAX_ROWS = 8
+DTYPES = (torch.float32, torch.bfloat16)
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fPIC", "-fopenmp", "-std=gnu11"]
+
+_lock = threading.Lock()
+_built: tuple[ctypes.CDLL | None, str] | None = None  # (library, why not), once per process
+
+
+def cache_dir() -> Path:
+    """Where compiled CPU kernels live: $KERNELHUB_CACHE/cpu, else ~/.cache/kernelhub/cpu."""
+    base = os.environ.get("KERNELHUB_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kernelhub")
+    return Path(base) / "cpu"
+
+
+def torch_openmp() -> str | None:
+    """The file of the OpenMP runtime this process loaded with torch (linking it, not the
+    toolchain's, keeps one thread pool: two runtimes would each spin threads on the same cores)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line}
+    except OSError:
+        return None
+    return min(paths) if paths else None
+
+
+def _build() -> ctypes.CDLL:
+    """Compile (or reuse) the shared library; raises RuntimeError saying why it cannot."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or not os.path.exists("/proc/self/maps"):
+        raise RuntimeError(f"it is written for x86-64 Linux, not {platform.system()} {platform.machine()}")
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX2", "AVX512"):
+        raise RuntimeError(f"it needs AVX2 and FMA; torch reports this CPU as {capability}")
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc)")
+    openmp = torch_openmp()
+    if openmp is None:
+        raise RuntimeError("torch's OpenMP runtime (libgomp) is not loaded in this process")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join([compiler, *FLAGS]).encode(), openmp.encode()])).hexdigest()
+    target = cache_dir() / f"skinny_linear-{key[:16]}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        obj, tmp = target.with_suffix(f".{os.getpid()}.o"), target.with_suffix(f".{os.getpid()}.tmp")
+        steps = [[compiler, *FLAGS, "-c", str(SOURCE), "-o", str(obj)],
+                 # link torch's runtime by file: its soname is what the loader finds already loaded
+                 [compiler, "-shared", str(obj), openmp, "-o", str(tmp)]]
+        try:
+            for step in steps:
+                done = subprocess.run(step, capture_output=True, text=True, timeout=120)
+                if done.returncode != 0:
+                    raise RuntimeError(f"{' '.join(step[:2])} ... failed: {done.stderr.strip()[-500:]}")
+            os.replace(tmp, target)  # atomic: another process building the same key is harmless
+        finally:
+            obj.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
+    library = ctypes.CDLL(str(target))
+    library.skinny_linear.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                      ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+    library.skinny_linear.restype = ctypes.c_int
+    return library
+
+
+def _library() -> tuple[ctypes.CDLL | None, str]:
+    global _built
+    if _built is None:
+        with _lock:
+            if _built is None:
+                try:
+                    _built = (_build(), "")
+                except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                    _built = (None, str(e))
+                    logger.warning("the AVX2 skinny Linear kernel is unavailable: %s; few-row Linear calls "
+                                   "run as oneDNN or F.linear instead", e)
+    return _built
+
+
+@torch.compiler.assume_constant_result
+def skinny_available() -> bool:
+    """Whether the kernel runs here (building it on the first call). Constant under torch.compile."""
+    return _library()[0] is not None
+
+
+def unavailable_reason() -> str:
+    """Why `skinny_available()` is False ('' when it is True)."""
+    return _library()[1]
+
+
+def _problems(x, weight) -> list[str]:
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    checks = [
+        (x.device.type != "cpu" or weight.device.type != "cpu",
+         lambda: f"x is on {x.device}, weight on {weight.device}; both must be on the CPU"),
+        (x.dtype != weight.dtype or weight.dtype not in DTYPES,
+         lambda: f"dtypes {x.dtype} and {weight.dtype}; both must be one of float32, bfloat16"),
+        (weight.dim() != 2 or weight.shape[1] != k,
+         lambda: f"weight of shape {tuple(weight.shape)} cannot multiply x with {k} columns"),
+        (not 1 <= rows <= MAX_ROWS, lambda: f"x has {rows} rows; 1 to {MAX_ROWS} are served"),
+    ]
+    return [message() for bad, message in checks if bad]
+
+
+def skinny_linear_eager(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """What `kernelhub::skinny_linear` computes, called directly: eager decode makes ~120 of these
+    calls a step, and the op's dispatch would add about 20 us to each."""
+    library, why = _built if _built is not None else _library()
+    if library is None:
+        raise RuntimeError(f"kernelhub::skinny_linear is unavailable: {why}")
+    problems = _problems(x, weight)
+    if problems:
+        raise ValueError(f"kernelhub::skinny_linear: {'; '.join(problems)}")
+    k, n = x.shape[-1], weight.shape[0]
+    rows = x.reshape(-1, k)
+    if rows.dtype != torch.float32:
+        rows = rows.float()
+    rows, weight = rows.contiguous(), weight.contiguous()
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.float().contiguous()
+    out = torch.empty(rows.shape[0], n, dtype=torch.float32)
+    library.skinny_linear(weight.data_ptr(), weight.dtype == torch.bfloat16, rows.data_ptr(),
+                          None if bias is None else bias.data_ptr(), out.data_ptr(), rows.shape[0], n, k)
+    if x.dtype != torch.float32:
+        out = out.to(x.dtype)
+    return out.view(*x.shape[:-1], n)
+
+
+@torch.library.custom_op("kernelhub::skinny_linear", mutates_args=())
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W^T + b for `x` of 1 to 8 rows (all dims but the last), through `skinny_linear.c`."""
+    return skinny_linear_eager(x, weight, bias)
+
+
+@skinny_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])

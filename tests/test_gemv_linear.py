@@ -187,8 +187,29 @@ def test_export_does_not_take_the_row_path(tiny_checkpoint):
     targets = [str(n.target) for n in export_decode_step(model, cache).graph.nodes if n.op == "call_function"]
     linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     assert not any("force_stride_order" in t for t in targets)  # an exported graph runs as eager calls do
-    op = "skinny_linear" if skinny_linear.skinny_available() else "linear.default"
-    assert sum(op in t for t in targets) == linears
+    # the eager 3-row prefill ran the C kernel, or (without it) oneDNN, which packed the weights
+    op = "skinny_linear" if skinny_linear.skinny_available() else "onednn_packed_linear"
+    op = f"kernelhub.{op}.default"
+    assert targets.count(op) == linears
+
+
+@needs_skinny
+def test_recording_autograd_takes_the_op_whose_backward_refuses(tiny_checkpoint):
+    model = kernelhub.from_pretrained(tiny_checkpoint, kernels={"Linear": "gemv"})
+    assert model.lm_head.weight.requires_grad
+    logits = model(torch.tensor([[4], [8]])).logits  # grad enabled: no silent gradient-less result
+    assert logits.grad_fn is not None
+    with pytest.raises(RuntimeError, match="no autograd formula was registered"):
+        logits.sum().backward()
+
+
+def test_autocast_runs_as_the_reference_decides(tiny_checkpoint):
+    gemv = kernelhub.from_pretrained(tiny_checkpoint, kernels={"Linear": "gemv"})
+    reference = kernelhub.from_pretrained(tiny_checkpoint)
+    ids = torch.tensor([[4], [8], [15]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = gemv(ids).logits, reference(ids).logits
+    torch.testing.assert_close(ours.float(), theirs.float(), atol=0.05, rtol=0.05)
 
 
 def test_refused_for_training_with_the_reason(tiny_checkpoint):

@@ -79,8 +79,10 @@ class GemvLinear(torch.nn.Module):
             # torch.export counts as compiling, but only inductor turns the multiply-reduce into a
             # streaming loop: an exported graph runs as an eager call would.
             compiled = torch.compiler.is_compiling() and not torch.compiler.is_exporting()
-            # The C kernel reads a plain tensor's memory; a wrapper (a DTensor shard) has none.
-            skinny = skinny_available() and not is_traceable_wrapper_subclass(self.weight)
+            # The C kernel reads a plain tensor's memory (a wrapper such as a DTensor shard has
+            # none) in the weight's own dtype; under autocast the reference path decides the dtype.
+            skinny = (skinny_available() and not is_traceable_wrapper_subclass(self.weight)
+                      and x.dtype == self.weight.dtype and not torch.is_autocast_enabled("cpu"))
             # In a compiled graph one row runs fastest in inductor's own loop: an op call from a
             # graph costs far more than from eager (bf16 at batch 1: 42 against 23 ms a step),
             # which pays off only for several rows, where the loop is arithmetic-bound.
@@ -88,9 +90,10 @@ class GemvLinear(torch.nn.Module):
                 return few_rows_linear(x, self.weight, self.bias)
             if skinny:
                 # Graphs record the op; eager calls skip its dispatch (~20 us, ~120 calls a step)
-                # unless autograd is recording, which the op refuses with a clear error.
-                if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
-                        x.requires_grad or self.weight.requires_grad)):
+                # unless autograd is recording: through the op, a backward raises a clear error
+                # instead of silently producing no gradient.
+                if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
+                        t is not None and t.requires_grad for t in (x, self.weight, self.bias))):
                     return torch.ops.kernelhub.skinny_linear(x, self.weight, self.bias)
                 return skinny_linear_eager(x, self.weight, self.bias)
         if x.dtype in ONEDNN_DTYPES:

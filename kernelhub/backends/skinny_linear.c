@@ -4,7 +4,7 @@
  * Each weight row is read from memory once, widened to float32 if it is bfloat16 (a shift: bf16
  * is the top half of a float32), and multiplied by every input row while it sits in a register;
  * the input rows (float32, at most 8 x K) stay in L1. Weight rows are split across OpenMP
- * threads (torch's own runtime, so torch.set_num_threads applies).
+ * threads: torch's own runtime, as many as torch.get_num_threads() says.
  *
  * Built on first use by kernelhub/backends/skinny_linear.py with the system C compiler.
  */
@@ -35,9 +35,10 @@ static inline float hsum(__m256 v) {
  * chains keep the units busy: with few rows, each row sums A interleaved column blocks. */
 #define DEFINE(NAME, M, A, LOAD, GET, ESIZE)                                                    \
     static void NAME(const char *w, const float *x, const float *bias, float *out, int64_t N,   \
-                     int64_t K) {                                                               \
+                     int64_t K, int threads) {                                                  \
         int64_t K8 = K & ~(int64_t)7, KA = K - K % (8 * A);                                     \
-        _Pragma("omp parallel for schedule(static)") for (int64_t n = 0; n < N; n++) {          \
+        _Pragma("omp parallel for schedule(static) num_threads(threads)")                       \
+        for (int64_t n = 0; n < N; n++) {                                                       \
             const char *row = w + n * K * ESIZE;                                                \
             __m256 acc[M][A];                                                                   \
             for (int m = 0; m < M; m++)                                                         \
@@ -65,15 +66,16 @@ static inline float hsum(__m256 v) {
 #define BOTH(M, A) DEFINE(f32_##M, M, A, load_f32, get_f32, 4) DEFINE(bf16_##M, M, A, load_bf16, get_bf16, 2)
 BOTH(1, 8) BOTH(2, 4) BOTH(3, 2) BOTH(4, 2) BOTH(5, 1) BOTH(6, 1) BOTH(7, 1) BOTH(8, 1)
 
-typedef void (*kernel)(const char *, const float *, const float *, float *, int64_t, int64_t);
+typedef void (*kernel)(const char *, const float *, const float *, float *, int64_t, int64_t, int);
 static const kernel F32[8] = {f32_1, f32_2, f32_3, f32_4, f32_5, f32_6, f32_7, f32_8};
 static const kernel BF16[8] = {bf16_1, bf16_2, bf16_3, bf16_4, bf16_5, bf16_6, bf16_7, bf16_8};
 
 /* w: [N, K] row-major, float32 (bf16 = 0) or bfloat16 (bf16 = 1); x: [M, K] float32; bias: [N]
- * float32 or NULL; out: [M, N] float32. Returns 0, or -1 for M outside 1..8. */
+ * float32 or NULL; out: [M, N] float32; threads: how many OpenMP threads to run (the setting is
+ * per calling thread, so the caller passes torch's). Returns 0, or -1 for M outside 1..8. */
 int skinny_linear(const void *w, int bf16, const float *x, const float *bias, float *out, int64_t M,
-                  int64_t N, int64_t K) {
+                  int64_t N, int64_t K, int threads) {
     if (M < 1 || M > 8) return -1;
-    (bf16 ? BF16 : F32)[M - 1]((const char *)w, x, bias, out, N, K);
+    (bf16 ? BF16 : F32)[M - 1]((const char *)w, x, bias, out, N, K, threads < 1 ? 1 : threads);
     return 0;
 }

@@ -8,10 +8,13 @@ multiply-reduce keeps one dependent add chain per output, which caps 8 bf16 rows
 input row while it is in a register, with enough independent FMA chains in flight to keep both
 FMA units busy (`bench/gemv.py`).
 
-The C source ships with kernelhub and is compiled on first use with the system C compiler into
-kernelhub's cache directory (`$KERNELHUB_CACHE`, else `~/.cache/kernelhub`), keyed by a hash of the
-source and flags. It links the OpenMP runtime torch already loaded, so `torch.set_num_threads`
-applies. The `gemv` Linear kernel calls it; on its own:
+The C source ships with kernelhub and is compiled on first use with the system C compiler (`$CC`,
+else `cc`) into `cpu/` under kernelhub's cache directory (`$KERNELHUB_CACHE`, else
+`$XDG_CACHE_HOME/kernelhub` or `~/.cache/kernelhub`), keyed by a hash of the source, the compiler's
+name, the flags and torch's OpenMP runtime. The directory and the library must be private to the
+user (owned, not writable by others), or they are refused. The library links the OpenMP runtime
+torch loaded, and each call runs `torch.get_num_threads()` threads. The `gemv` Linear kernel
+calls it; on its own:
 
     >>> x, w = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 4.0], [5.0, 6.0], [7.0, 8.0]])
     >>> torch.ops.kernelhub.skinny_linear(x, w, None) if skinny_available() else x @ w.T
@@ -29,6 +32,7 @@ import os
 import platform
 import shutil
 import subprocess
+import tempfile
 import threading
 from pathlib import Path
 
@@ -46,21 +50,51 @@ _built: tuple[ctypes.CDLL | None, str] | None = None  # (library, why not), once
 
 
 def cache_dir() -> Path:
-    """Where compiled CPU kernels live: $KERNELHUB_CACHE/cpu, else ~/.cache/kernelhub/cpu."""
+    """Where compiled CPU kernels live: $KERNELHUB_CACHE/cpu, else $XDG_CACHE_HOME (or ~/.cache)/kernelhub/cpu."""
     base = os.environ.get("KERNELHUB_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kernelhub")
     return Path(base) / "cpu"
 
 
 def torch_openmp() -> str | None:
-    """The file of the OpenMP runtime this process loaded with torch (linking it, not the
+    """The file of the OpenMP runtime torch loaded into this process (linking it, not the
     toolchain's, keeps one thread pool: two runtimes would each spin threads on the same cores)."""
     try:
         with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line}
+            paths = {line.split(maxsplit=5)[-1].strip() for line in maps if "libgomp" in line or "libiomp" in line}
     except OSError:
         return None
-    return min(paths) if paths else None
+    paths = {p for p in paths if os.path.isfile(p)}  # not "(deleted)" entries
+    torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    ours = sorted(p for p in paths if os.path.dirname(p) == torch_lib)  # before another package's copy
+    return (ours or sorted(paths) or [None])[0]
+
+
+def _private(path: Path) -> None:
+    """Refuse `path` unless this user owns it and no one else may write to it: a library loaded
+    from a cache another user can write to would run their code."""
+    info = path.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise RuntimeError(f"{str(path)!r} is not private to this user (owner uid {info.st_uid}, mode "
+                           f"{info.st_mode & 0o777:o}); remove it or point KERNELHUB_CACHE elsewhere")
+
+
+def _compile(compiler: str, openmp: str, target: Path) -> None:
+    """Build the library into `target`, in a private temporary directory beside it."""
+    work = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
+    try:
+        obj, lib = work / "skinny_linear.o", work / target.name
+        steps = [[compiler, *FLAGS, "-c", str(SOURCE), "-o", str(obj)],
+                 # link torch's runtime by file: its soname is what the loader finds already loaded
+                 [compiler, "-shared", str(obj), openmp, "-o", str(lib)]]
+        for step in steps:
+            done = subprocess.run(step, capture_output=True, text=True, timeout=120)
+            if done.returncode != 0:
+                raise RuntimeError(f"{' '.join(step[:2])} ... failed: {done.stderr.strip()[-500:]}")
+        os.chmod(lib, 0o755)
+        os.replace(lib, target)  # atomic: a process building the same key at once is harmless
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _build() -> ctypes.CDLL:
@@ -78,25 +112,24 @@ def _build() -> ctypes.CDLL:
         raise RuntimeError("torch's OpenMP runtime (libgomp) is not loaded in this process")
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join([compiler, *FLAGS]).encode(), openmp.encode()])).hexdigest()
-    target = cache_dir() / f"skinny_linear-{key[:16]}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        obj, tmp = target.with_suffix(f".{os.getpid()}.o"), target.with_suffix(f".{os.getpid()}.tmp")
-        steps = [[compiler, *FLAGS, "-c", str(SOURCE), "-o", str(obj)],
-                 # link torch's runtime by file: its soname is what the loader finds already loaded
-                 [compiler, "-shared", str(obj), openmp, "-o", str(tmp)]]
+    folder = cache_dir()
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _private(folder)
+    target = folder / f"skinny_linear-{key[:16]}.so"
+    for attempt in (1, 2):
+        if not target.exists():
+            _compile(compiler, openmp, target)
+        _private(target)
         try:
-            for step in steps:
-                done = subprocess.run(step, capture_output=True, text=True, timeout=120)
-                if done.returncode != 0:
-                    raise RuntimeError(f"{' '.join(step[:2])} ... failed: {done.stderr.strip()[-500:]}")
-            os.replace(tmp, target)  # atomic: another process building the same key is harmless
-        finally:
-            obj.unlink(missing_ok=True)
-            tmp.unlink(missing_ok=True)
-    library = ctypes.CDLL(str(target))
+            library = ctypes.CDLL(str(target))
+            break
+        except OSError:  # a damaged file (a full disk, say): build it again, once
+            if attempt == 2:
+                raise
+            target.unlink(missing_ok=True)
     library.skinny_linear.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                      ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+                                      ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                      ctypes.c_int]
     library.skinny_linear.restype = ctypes.c_int
     return library
 
@@ -126,10 +159,12 @@ def unavailable_reason() -> str:
     return _library()[1]
 
 
-def _problems(x, weight) -> list[str]:
+def _problems(x, weight, bias) -> list[str]:
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
     checks = [
+        (bias is not None and (bias.device.type != "cpu" or tuple(bias.shape) != (weight.shape[0],)),
+         lambda: f"bias of shape {tuple(bias.shape)} on {bias.device}; it must be ({weight.shape[0]},) on the CPU"),
         (x.device.type != "cpu" or weight.device.type != "cpu",
          lambda: f"x is on {x.device}, weight on {weight.device}; both must be on the CPU"),
         (x.dtype != weight.dtype or weight.dtype not in DTYPES,
@@ -147,7 +182,7 @@ def skinny_linear_eager(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     library, why = _built if _built is not None else _library()
     if library is None:
         raise RuntimeError(f"kernelhub::skinny_linear is unavailable: {why}")
-    problems = _problems(x, weight)
+    problems = _problems(x, weight, bias)
     if problems:
         raise ValueError(f"kernelhub::skinny_linear: {'; '.join(problems)}")
     k, n = x.shape[-1], weight.shape[0]
@@ -158,8 +193,12 @@ def skinny_linear_eager(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.float().contiguous()
     out = torch.empty(rows.shape[0], n, dtype=torch.float32)
-    library.skinny_linear(weight.data_ptr(), weight.dtype == torch.bfloat16, rows.data_ptr(),
-                          None if bias is None else bias.data_ptr(), out.data_ptr(), rows.shape[0], n, k)
+    # OpenMP's thread count is per calling thread: pass torch's, which is what the caller set
+    failed = library.skinny_linear(weight.data_ptr(), weight.dtype == torch.bfloat16, rows.data_ptr(),
+                                   None if bias is None else bias.data_ptr(), out.data_ptr(), rows.shape[0], n, k,
+                                   torch.get_num_threads())
+    if failed:
+        raise ValueError(f"kernelhub::skinny_linear: the kernel refused {rows.shape[0]} rows")
     if x.dtype != torch.float32:
         out = out.to(x.dtype)
     return out.view(*x.shape[:-1], n)

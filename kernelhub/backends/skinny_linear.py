@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from kernelhub.declare.cache_dir import cache_root
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("skinny_linear.c")
@@ -47,13 +49,6 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-fPIC", "-fopenmp", "-std=gnu11"]
 
 _lock = threading.Lock()
 _built: tuple[ctypes.CDLL | None, str] | None = None  # (library, why not), once per process
-
-
-def cache_dir() -> Path:
-    """Where compiled CPU kernels live: $KERNELHUB_CACHE/cpu, else $XDG_CACHE_HOME (or ~/.cache)/kernelhub/cpu."""
-    base = os.environ.get("KERNELHUB_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kernelhub")
-    return Path(base) / "cpu"
 
 
 def torch_openmp() -> str | None:
@@ -112,7 +107,7 @@ def _build() -> ctypes.CDLL:
         raise RuntimeError("torch's OpenMP runtime (libgomp) is not loaded in this process")
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join([compiler, *FLAGS]).encode(), openmp.encode()])).hexdigest()
-    folder = cache_dir()
+    folder = cache_root() / "cpu"
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     _private(folder)
     target = folder / f"skinny_linear-{key[:16]}.so"
@@ -179,7 +174,7 @@ def _problems(x, weight, bias) -> list[str]:
 def skinny_linear_eager(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """What `kernelhub::skinny_linear` computes, called directly: eager decode makes ~120 of these
     calls a step, and the op's dispatch would add about 20 us to each."""
-    library, why = _built if _built is not None else _library()
+    library, why = _library()
     if library is None:
         raise RuntimeError(f"kernelhub::skinny_linear is unavailable: {why}")
     problems = _problems(x, weight, bias)

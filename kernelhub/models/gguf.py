@@ -22,6 +22,7 @@ import torch
 
 from kernelhub.models.config_schema import (check_dims, check_layer_count, divides, invalid, non_negative_int,
                                             positive_float, positive_int)
+from kernelhub.declare.cache_dir import cache_root
 from kernelhub.declare.errors import CheckpointError, ConfigError
 from kernelhub.declare.log import progress
 
@@ -37,13 +38,6 @@ BLOCK_NAMES = {
     "attn_output": "self_attn.o_proj",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
-
-
-def cache_root() -> Path:
-    """Where converted checkpoints live: $KERNELHUB_CACHE, else the user cache directory."""
-    base = os.environ.get("KERNELHUB_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kernelhub")
-    return Path(base)
 
 
 def open_gguf(path: Path):

@@ -7,6 +7,7 @@ of KV pool are exercised; it is kept this small because each graph costs a real 
 compilation.
 """
 
+import operator
 import random
 
 import pytest
@@ -16,8 +17,9 @@ from torch._dynamo.utils import counters
 
 import kernelhub
 from kernelhub.backends.onednn_linear import pack, packed_linear
-from kernelhub.models.compiled_batching import token_bucket
-from kernelhub.models.compiled_decode import static_cache_length
+from kernelhub.models import compiled_batching
+from kernelhub.models.compiled_batching import packed_step, token_bucket
+from kernelhub.models.compiled_decode import decode_step, static_cache_length
 from tests.checkpoints import CONFIGS
 from tests.unchanged import assert_unchanged, snapshot
 
@@ -126,3 +128,99 @@ def test_a_kernel_that_cannot_compile_fails_with_the_way_out(tiny_checkpoint):
                                            r"torch.compile \(load with mode='inference\|compile'"):
         model.generate(ids, max_new_tokens=3, cache="static", compile=True)
     assert model.generate(ids, max_new_tokens=3, cache="static").shape == (1, 6)  # still serves eagerly
+
+
+def written_inputs(gm, inputs) -> list:
+    """The inputs a dynamo graph writes in place: in-place methods and item assignments, on the input
+    or on a view of it."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    written = []
+    for n in gm.graph.nodes:
+        if (n.op == "call_method" and n.target.endswith("_")) or n.target is operator.setitem:
+            base = n.args[0]
+            while base.op == "call_method" and base.target == "view":
+                base = base.args[0]
+            assert base in placeholders, f"{n.format_node()} writes a tensor made inside the graph"
+            written.append(inputs[placeholders.index(base)])
+    return written
+
+
+def record_graphs(seen: list):
+    """A dynamo backend that keeps each graph and its example inputs, and runs the graph as traced."""
+    def record(gm, example_inputs):
+        seen.append((gm, list(example_inputs)))
+        return gm.forward
+    return record
+
+
+def test_the_decode_step_graph_is_capturable_one_graph_for_every_position(two_layer_checkpoint):
+    """What a CUDA graph needs, checked on the traced step (a CPU cannot capture one): nothing that
+    varies per token on the host (no symbolic ints, no Python numbers among the inputs, one graph
+    for every position), and in-place writes only into tensors with fixed addresses (the cache's)."""
+    model = kernelhub.from_pretrained(two_layer_checkpoint, attn_implementation="sdpa")
+    graphs_seen = []
+    step_fn = torch.compile(decode_step, backend=record_graphs(graphs_seen), fullgraph=True, dynamic=False)
+    prompt = torch.tensor([[0, 0, 5, 17, 3], [8, 1, 4, 1, 5]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    cache = model.make_cache("static", batch=2, max_len=16)
+    eager_cache = model.make_cache("static", batch=2, max_len=16)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        for c in (cache, eager_cache):
+            model(prompt, attention_mask=mask, position_ids=positions, cache=c)
+        padding, token, positions = F.pad(mask, (0, 11), value=1), torch.tensor([[7], [9]]), positions[:, -1:]
+        for _ in range(6):
+            positions = positions + 1
+            got = step_fn(model, token, positions, padding, cache.next_step(1))
+            want = decode_step(model, token, positions, padding, eager_cache)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            token = want.argmax(-1, keepdim=True)
+    assert len(graphs_seen) == 1, "the step was traced again for a later position"
+    gm, inputs = graphs_seen[0]
+    assert all(isinstance(x, torch.Tensor) for x in inputs), [type(x).__name__ for x in inputs if
+                                                              not isinstance(x, torch.Tensor)]
+    written = written_inputs(gm, inputs)
+    assert {id(t) for t in written} == {id(t) for t in cache.keys + cache.values}  # the cache, and nothing else
+    assert all(getattr(t, "_dynamo_static_input_type", None) == "unguarded" for t in written)
+    torch.testing.assert_close(cache.keys[1], eager_cache.keys[1])  # the graph wrote where eager writes
+
+
+def test_the_batching_step_graph_writes_only_pools_and_leaves_attention_uncaptured(two_layer_checkpoint,
+                                                                                    monkeypatch):
+    """Piecewise capture, checked on the traced steps: the attention op (which reads each step's layout
+    from Python) is tagged for inductor to split the graph around it, and the pieces write only the
+    cache's pools, whose addresses are fixed."""
+    model = kernelhub.from_pretrained(two_layer_checkpoint, attn_implementation="paged|sdpa")
+    graphs_seen = []
+    stepper = torch.compile(packed_step, backend=record_graphs(graphs_seen), fullgraph=True, dynamic=False)
+    monkeypatch.setattr(compiled_batching, "compiled_packed_step", lambda cuda_graphs=False: stepper)
+    rng = random.Random(1)
+    prompts = [[rng.randrange(model.config.vocab_size) for _ in range(rng.randrange(1, 12))] for _ in range(6)]
+    options = dict(max_new_tokens=3, max_batch_tokens=16, block_size=4)
+    results = model.generate_batch(prompts, compile=True, **options)
+    assert [r.tokens for r in results] == [r.tokens for r in model.generate_batch(prompts, **options)]
+    op = torch.ops.kernelhub.paged_step_attention.default
+    assert torch._C.Tag.cudagraph_unsafe in op.tags
+    assert len(graphs_seen) == 2  # the 8- and 16-token buckets
+    for gm, inputs in graphs_seen:
+        calls = [n for n in gm.graph.nodes if n.op == "call_function" and "paged_step_attention" in str(n.target)]
+        assert len(calls) == 2, gm.code  # one per layer, left in the graph as the op
+        written = written_inputs(gm, inputs)
+        assert len(written) == 4 and all(getattr(t, "_dynamo_static_input_type", None) == "unguarded"
+                                         for t in written)  # keys and values of two layers
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs are captured on a CUDA device only; "
+                    "the capturable graph is checked on CPU by the tests above")
+def test_compiled_generate_on_cuda_replays_captured_graphs_and_gives_eager_tokens(two_layer_checkpoint):
+    model = kernelhub.from_pretrained(two_layer_checkpoint, attn_implementation="sdpa", device="cuda")
+    ids = torch.tensor([[5, 17, 3, 9, 2], [8, 1, 4, 1, 5]], device="cuda")
+    skips = counters["inductor"]["cudagraph_skips"]
+    compiled = model.generate(ids, max_new_tokens=24, cache="static", compile=True, eos_token_id=None)
+    assert counters["inductor"]["cudagraph_skips"] == skips, "inductor refused to capture the decode step"
+    assert compiled.tolist() == model.generate(ids, max_new_tokens=24, eos_token_id=None).tolist()
+
+    batch = model.generate_batch([[5, 17, 3], [8, 1, 4, 1, 5, 9]], max_new_tokens=16, compile=True)
+    assert counters["inductor"]["cudagraph_skips"] == skips, "inductor refused to capture the batching step"
+    assert [r.tokens for r in batch] == [r.tokens for r in model.generate_batch([[5, 17, 3], [8, 1, 4, 1, 5, 9]],
+                                                                                  max_new_tokens=16)]

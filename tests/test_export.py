@@ -35,7 +35,7 @@ def test_exported_decode_steps_match_eager_with_hub_kernels_in_the_graph(tiny_ch
     with torch.no_grad():
         for seen in range(4, 8):  # one program for every position
             positions = positions + 1
-            got = step(token, positions, padding, seen)
+            got = step(token, positions, padding, torch.tensor(seen))
             want = decode_step(eager_model, token, positions, padding, eager_cache)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
             token = want.argmax(-1, keepdim=True)

@@ -45,7 +45,8 @@ class AttentionMask:
 
         `padding` is a [batch, positions] tensor (1/True = real token) over absolute key
         positions; it is extended with True up to `kv_offset + kv_len` (static caches).
-        `mask_mod` adds an arbitrary extra restriction.
+        `mask_mod` adds an arbitrary extra restriction. `q_offset` may be a 0-d device tensor
+        (a compiled step's cache position, `StaticCacheStep`); the mask then takes no shortcut.
 
         >>> AttentionMask.build(batch=2, q_len=4, sliding_window=2).description
         'causal & sliding(2)'
@@ -67,12 +68,13 @@ class AttentionMask:
             parts.append(mask_mod)
             names.append(getattr(mask_mod, "__name__", "custom"))
         plain = len(parts) == 1
+        host = not isinstance(q_offset, torch.Tensor)  # a compiled step's offset lives on the device
         shortcut = None
         if plain and not causal:
             shortcut = "all"
-        elif plain and kv_offset + kv_len <= q_offset + 1:
+        elif plain and host and kv_offset + kv_len <= q_offset + 1:
             shortcut = "all"  # decode: every cached key is in the past
-        elif plain and q_offset == kv_offset and q_len == kv_len:
+        elif plain and host and q_offset == kv_offset and q_len == kv_len:
             shortcut = "causal"
         mod = parts[0] if plain else M.and_masks(*parts)
         mask = cls(mod, batch=batch, q_len=q_len, kv_len=kv_len, q_offset=q_offset,

@@ -6,6 +6,9 @@
   `index_copy_`, so a decode step has fixed shapes and works under
   `torch.compile(fullgraph=True)`. Its sliding layers keep the full length and rely on
   the sliding mask (simple and correct, not memory-optimal).
+- `StaticCacheStep` is a static cache as one compiled, captured or exported step sees it:
+  the same tensors, and a write position held in a device tensor instead of a Python int,
+  so one graph (and one CUDA graph) serves every position.
 
 Which layers slide comes from the model config's `layer_types`.
 
@@ -72,11 +75,35 @@ class StaticCache:
         shape = (batch, num_kv_heads, max_len, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layer_types]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layer_types]
+        for t in self.keys + self.values:
+            # A captured step writes these in place; CUDA graphs accept that only for inputs whose address
+            # never changes. Unguarded: a new cache is re-recorded, not recompiled.
+            torch._dynamo.mark_static_address(t)
         self.seen = 0
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens written so far (the same for every layer)."""
         return self.seen
+
+    def next_step(self, q_len: int) -> StaticCacheStep:
+        """Claim the next `q_len` positions: the view a compiled step writes them through.
+
+        The cache counts them as written from here on; the step must run (or the cache be dropped).
+
+        >>> cache = StaticCache(["full_attention"], batch=1, max_len=4, num_kv_heads=1, head_dim=2)
+        >>> step = cache.next_step(1)
+        >>> step.get_seq_length(), cache.get_seq_length()
+        (tensor(0), 1)
+        """
+        self._check_room(q_len)
+        device = self.keys[0].device
+        step = StaticCacheStep(self.layer_types, self.keys, self.values, torch.tensor(self.seen, device=device))
+        self.seen += q_len
+        return step
+
+    def _check_room(self, q_len: int):
+        if self.seen + q_len > self.max_len:
+            raise ValueError(f"StaticCache holds {self.max_len} positions; cannot add {q_len} after {self.seen}")
 
     def get_mask_sizes(self, q_len: int, layer_idx: int) -> tuple[int, int]:
         """Always the whole buffer; the causal mask hides positions not yet written."""
@@ -85,11 +112,40 @@ class StaticCache:
     def update(self, k, v, layer_idx: int):
         """Write k/v at the current position; the last layer advances the position."""
         q_len = k.shape[-2]
-        if self.seen + q_len > self.max_len:
-            raise ValueError(f"StaticCache holds {self.max_len} positions; cannot add {q_len} after {self.seen}")
+        self._check_room(q_len)
         index = torch.arange(self.seen, self.seen + q_len, device=k.device)
         self.keys[layer_idx].index_copy_(2, index, k.to(self.keys[layer_idx].dtype))
         self.values[layer_idx].index_copy_(2, index, v.to(self.values[layer_idx].dtype))
         if layer_idx == len(self.layer_types) - 1:
             self.seen += q_len
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+class StaticCacheStep:
+    """A static cache's tensors written at `position`, a 0-d long device tensor: what one compiled,
+    captured or exported step sees (`StaticCache.next_step` makes one).
+
+    Nothing in it is a Python number that moves per token, so the compiler has nothing to
+    specialise on or guard, and a CUDA graph captured at one position replays at every other
+    (the position is an input it copies in). Bounds are the caller's to check: a graph cannot
+    raise on a value it never reads on the host.
+    """
+
+    def __init__(self, layer_types, keys, values, position: torch.Tensor):
+        self.layer_types, self.keys, self.values, self.position = layer_types, keys, values, position
+        self.max_len = keys[0].shape[2]
+
+    def get_seq_length(self, layer_idx: int = 0) -> torch.Tensor:
+        """The write position, as the 0-d device tensor (masks offset their queries by it)."""
+        return self.position
+
+    def get_mask_sizes(self, q_len: int, layer_idx: int) -> tuple[int, int]:
+        """Always the whole buffer, as for `StaticCache`."""
+        return self.max_len, 0
+
+    def update(self, k, v, layer_idx: int):
+        """Write k/v ([B, H_kv, S, D]) at `position`; return the layer's whole buffers."""
+        index = self.position + torch.arange(k.shape[-2], device=k.device)
+        self.keys[layer_idx].index_copy_(2, index, k.to(self.keys[layer_idx].dtype))
+        self.values[layer_idx].index_copy_(2, index, v.to(self.values[layer_idx].dtype))
         return self.keys[layer_idx], self.values[layer_idx]

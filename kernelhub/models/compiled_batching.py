@@ -18,6 +18,11 @@ Instead:
 Shapes are otherwise static (`dynamic=False`): a warm-up over the buckets compiles every graph
 a workload needs, and later steps never recompile.
 
+**CUDA graphs.** On a CUDA device the step is captured piecewise, as vLLM does: the attention
+op is tagged `cudagraph_unsafe`, so inductor splits the graph around it, captures the pieces
+between (projections, norms, MLPs, the cache writes into pools with fixed addresses) per
+bucket, and runs the op itself eagerly each step on that step's layout.
+
 >>> [token_bucket(n, 2048) for n in (1, 8, 9, 600, 2048)]
 [8, 8, 16, 1024, 2048]
 >>> token_bucket(90, 100)
@@ -46,7 +51,8 @@ def token_bucket(tokens: int, max_batch_tokens: int) -> int:
     return min(max(MIN_BUCKET, 1 << (tokens - 1).bit_length()), max(max_batch_tokens, MIN_BUCKET))
 
 
-@torch.library.custom_op("kernelhub::paged_step_attention", mutates_args=())
+# cudagraph_unsafe: it reads the running step's layout from Python, so a capture would replay a stale one
+@torch.library.custom_op("kernelhub::paged_step_attention", mutates_args=(), tags=(torch._C.Tag.cudagraph_unsafe,))
 def paged_step_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, sinks: torch.Tensor | None,
                          layer_idx: int) -> torch.Tensor:
     """Attention of layer `layer_idx` for the running step: q [1, H, T_bucket, D] -> [1, T_bucket, H, D].
@@ -106,15 +112,16 @@ def packed_step(model, ids, positions, keep, cache):
     return model(ids, position_ids=positions, cache=cache, logits_to_keep=keep).logits[0]
 
 
-_compiled = None
+_compiled: dict = {}
 
 
-def compiled_packed_step():
-    """`packed_step` under `torch.compile(fullgraph=True, dynamic=False)`, built once per process."""
-    global _compiled
-    if _compiled is None:
-        _compiled = torch.compile(packed_step, fullgraph=True, dynamic=False)
-    return _compiled
+def compiled_packed_step(cuda_graphs: bool = False):
+    """`packed_step` under `torch.compile(fullgraph=True, dynamic=False)`, built once per process (and
+    once more with piecewise CUDA-graph capture, for steps on a CUDA device)."""
+    if cuda_graphs not in _compiled:
+        _compiled[cuda_graphs] = torch.compile(packed_step, fullgraph=True, dynamic=False,
+                                               options={"triton.cudagraphs": cuda_graphs})
+    return _compiled[cuda_graphs]
 
 
 def _sites_by_layer(model) -> dict:
@@ -144,11 +151,15 @@ class CompiledStep:
         ids, positions = F.pad(ids, (0, pad))[None], F.pad(positions, (0, pad))[None]
         self.view.slots = {g: F.pad(s, (0, pad)) for g, s in self.cache.step_slots().items()}  # pad -> block 0
         torch._dynamo.decorators.mark_unbacked(keep, 0)
+        cuda_graphs = ids.device.type == "cuda"
         _current.step = (self.sites, self.cache.step_masks, tokens)
         try:
             with torch._dynamo.config.patch(recompile_limit=MAX_GRAPHS):
-                return compiled_packed_step()(self.model, ids, positions, keep, self.view)
+                if cuda_graphs:
+                    torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are no longer read
+                logits = compiled_packed_step(cuda_graphs)(self.model, ids, positions, keep, self.view)
         except torch._dynamo.exc.TorchDynamoException as e:
             raise compile_failure(e, "generate_batch(compile=True)") from e
         finally:
             _current.step = None
+        return logits.clone() if cuda_graphs else logits  # a replay overwrites the captured output in place

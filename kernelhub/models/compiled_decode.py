@@ -7,12 +7,18 @@ both are handled here:
 - **the prompt length.** The cache is sized in buckets (`static_cache_length`), so prompts of
   different lengths whose prompt + new tokens fall in the same bucket share one cache shape,
   hence one graph.
-- **the write position.** `StaticCache.seen` (an int) moves every token. It is compiled as a
-  symbolic int (`torch.compiler.config.dynamic_sources`), so the graph holds for every
-  position instead of being specialised to the first one and recompiled per token.
+- **the write position**, which moves every token. The step sees the cache through a
+  `StaticCacheStep`, whose position is a 0-d device tensor (an input like the token ids), not
+  a Python int the compiler would specialise on or guard.
 
 Shapes stay static otherwise (`dynamic=False`): each bucket gets code specialised to its sizes.
 The prefill runs eagerly (one call per prompt, of a length that varies).
+
+**CUDA graphs.** On a CUDA device the step is also captured (inductor's CUDA-graph trees) and
+replayed: one capture per bucket and batch size. Capture needs what the points above give, a
+step with nothing that varies on the host, plus two things: the tensors it writes in place (the
+cache) have fixed addresses (`StaticCache` marks them so), and its output is copied out before
+the next replay overwrites it (`run_compiled` does).
 
 >>> [static_cache_length(n) for n in (5, 64, 65, 300, 1500)]
 [64, 64, 128, 512, 2048]
@@ -25,8 +31,6 @@ import torch
 MIN_BUCKET = 64
 LINEAR_ABOVE = 1024  # powers of two up to here, then multiples of it (bounded padding, few buckets)
 MAX_GRAPHS = 64  # dynamo's per-function graph limit while decoding (its default of 8 is a few buckets)
-# The source name dynamo gives `cache.seen` in `decode_step` below (its argument is called `cache`).
-_SEEN_SOURCE = r"L\['cache'\]\.seen"
 
 
 def static_cache_length(positions: int) -> int:
@@ -42,27 +46,32 @@ def decode_step(model, ids, positions, padding, cache):
     return model(ids, attention_mask=padding, position_ids=positions, cache=cache, logits_to_keep=1).logits[:, -1]
 
 
-_compiled = None
+_compiled: dict = {}
 
 
-def compiled_decode_step():
-    """`decode_step` under `torch.compile(fullgraph=True, dynamic=False)`, built once per process."""
-    global _compiled
-    if _compiled is None:
+def compiled_decode_step(cuda_graphs: bool = False):
+    """`decode_step` under `torch.compile(fullgraph=True, dynamic=False)`, built once per process (and
+    once more with CUDA-graph capture, for steps on a CUDA device)."""
+    if cuda_graphs not in _compiled:
         # Shapes are static, so dynamo's guards already check every input's size and stride before
         # the graph runs; inductor's own per-call re-check of each of its ~300 inputs is dropped.
-        _compiled = torch.compile(decode_step, fullgraph=True, dynamic=False, options={"size_asserts": False})
-    return _compiled
+        options = {"size_asserts": False, "triton.cudagraphs": cuda_graphs}
+        _compiled[cuda_graphs] = torch.compile(decode_step, fullgraph=True, dynamic=False, options=options)
+    return _compiled[cuda_graphs]
 
 
 def run_compiled(ids, positions, padding, cache, model):
-    """One compiled decode step (see the module docstring for why it compiles once per bucket)."""
+    """One compiled decode step over the static `cache` (see the module docstring); advances the cache."""
+    step = cache.next_step(ids.shape[1])
+    cuda_graphs = ids.device.type == "cuda"
     try:
-        with torch.compiler.config.patch(dynamic_sources=_SEEN_SOURCE), \
-                torch._dynamo.config.patch(recompile_limit=MAX_GRAPHS):
-            return compiled_decode_step()(model, ids, positions, padding, cache)
+        with torch._dynamo.config.patch(recompile_limit=MAX_GRAPHS):
+            if cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are no longer read
+            logits = compiled_decode_step(cuda_graphs)(model, ids, positions, padding, step)
     except torch._dynamo.exc.TorchDynamoException as e:
         raise compile_failure(e, "generate(compile=True)") from e
+    return logits.clone() if cuda_graphs else logits  # a replay overwrites the captured output in place
 
 
 def compile_failure(error: Exception, call: str) -> RuntimeError:

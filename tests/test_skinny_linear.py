@@ -39,6 +39,22 @@ def test_every_row_count_matches_the_exact_product(dtype, rows, k):
     _close_to_exact(torch.ops.kernelhub.skinny_linear(x, w, None), x, w, None)
 
 
+@pytest.mark.parametrize("rows", [1, 4, 8])
+def test_bfloat16_outputs_are_the_float32_sums_rounded_once_to_nearest_even(rows):
+    """bf16 in, bf16 out: the kernel widens inputs, sums in float32 in the same order as the float32
+    kernel, and rounds each output once as torch does, NaN and infinities included."""
+    torch.manual_seed(rows)
+    x, w, b = torch.randn(rows, 200).bfloat16(), torch.randn(300, 200).bfloat16(), torch.randn(300).bfloat16()
+    w[0, 5], w[1, 7], w[2, 0] = float("nan"), float("inf"), -float("inf")
+    x = x * 4  # sums large enough that many round up or down
+    got = torch.ops.kernelhub.skinny_linear(x, w, b)
+    want = torch.ops.kernelhub.skinny_linear(x.float(), w.float(), b.float()).to(torch.bfloat16)
+    numbers = ~want.isnan()  # NaN bit patterns differ between torch's own paths; NaN stays NaN
+    assert torch.equal(got[numbers].view(torch.int16), want[numbers].view(torch.int16))
+    assert torch.equal(got.isnan(), want.isnan()) and got[:, 0].isnan().all()
+    assert (got[:, 1].abs() == float("inf")).all()
+
+
 def test_strided_input_and_weight():
     torch.manual_seed(0)
     x = torch.randn(3, 64)[:, ::2]  # not contiguous

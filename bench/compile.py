@@ -3,6 +3,11 @@ transformers' compiled static-cache generate, and decode speed against the memor
 
     .venv/bin/python bench/compile.py                      # fp32 and bf16, batch 1 and 8
     .venv/bin/python bench/compile.py --new-tokens 4 --repeat 1 --batches 1 --dtypes float32   # smoke
+    .venv/bin/python bench/compile.py --device cuda --batches 1 8 64   # the GPU rows
+
+On a GPU the rows are the same, with the default Linear (the `gemv` kernel is for CPUs), our
+compiled steps captured as CUDA graphs, transformers' compile config at its default (CUDA
+graphs too), and the limit from the device's own copy bandwidth (HBM).
 
 Rows, per dtype and batch, all greedy with the same left-padded chat prompts:
 
@@ -42,9 +47,9 @@ QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "Wr
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def copy_bandwidth(mib: int = 512, repeat: int = 5) -> float:
+def copy_bandwidth(device: str, mib: int = 512, repeat: int = 5) -> float:
     """Bytes per second moved by the fastest of `repeat` copies of `mib` MiB (read + write)."""
-    src = torch.rand(mib << 18)  # float32: 4 bytes each
+    src = torch.rand(mib << 18, device=device)  # float32: 4 bytes each
     dst = torch.empty_like(src)
     dst.copy_(src)
     best = min(_seconds(lambda: dst.copy_(src)) for _ in range(repeat))
@@ -52,8 +57,12 @@ def copy_bandwidth(mib: int = 512, repeat: int = 5) -> float:
 
 
 def _seconds(fn) -> float:
+    """Wall seconds of `fn()`, with the GPU's queued work finished at both ends."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     start = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - start
 
 
@@ -90,15 +99,15 @@ def interleaved(fns, repeat):
     return [min(ts) for ts in times]
 
 
-def load(path, dtype, with_transformers):
+def load(path, dtype, with_transformers, device):
     import transformers
 
-    ours = kernelhub.from_pretrained(path, attn_implementation="sdpa", dtype=dtype,
-                                     kernels={"Linear": ["gemv", "reference"]})
+    kernels = {"Linear": ["gemv", "reference"]} if device == "cpu" else None
+    ours = kernelhub.from_pretrained(path, attn_implementation="sdpa", dtype=dtype, kernels=kernels, device=device)
     theirs = None
     if with_transformers:
         theirs = transformers.AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=dtype, attn_implementation="sdpa").eval()
+            path.parent, gguf_file=path.name, dtype=dtype, attn_implementation="sdpa").to(device).eval()
         theirs.generation_config.eos_token_id = None  # every run makes exactly the tokens asked for
     return ours, theirs
 
@@ -107,9 +116,13 @@ def decode_rates(model, theirs, batch, n, repeat, pad_id):
     """Decode tokens/s of (ours eager, ours compiled, theirs compiled or None) and whether the tokens agree."""
     import transformers
 
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    config = transformers.CompileConfig(fullgraph=True, mode="default")
-    config._compile_all_devices = True  # transformers compiles on CPU only when asked this way
+    device = next(model.parameters()).device
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    if device.type == "cpu":
+        config = transformers.CompileConfig(fullgraph=True, mode="default")
+        config._compile_all_devices = True  # transformers compiles on CPU only when asked this way
+    else:
+        config = transformers.CompileConfig(fullgraph=True)  # its default mode: CUDA graphs
 
     def ours(model, k, **kw):
         return lambda: model.generate(ids, attention_mask=mask, max_new_tokens=k, eos_token_id=None, **kw)
@@ -138,18 +151,22 @@ def main():
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32", "bfloat16"])
     parser.add_argument("--no-transformers", action="store_true", help="skip transformers' compiled rows")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available to this torch")
     path = smollm2_gguf()
-    bandwidth = copy_bandwidth()
-    print(f"SmolLM2-135M-Instruct, greedy, {args.new_tokens} new tokens, sdpa, {torch.get_num_threads()} threads, "
-          f"oneDNN bf16 kernels: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}; "
+    bandwidth = copy_bandwidth(args.device)
+    where = (torch.cuda.get_device_name() if args.device == "cuda" else
+             f"{torch.get_num_threads()} threads, oneDNN bf16 kernels: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
+    print(f"SmolLM2-135M-Instruct, greedy, {args.new_tokens} new tokens, sdpa, {where}; "
           f"copy bandwidth {bandwidth / 1e9:.1f} GB/s\n")
     header = (f"{'dtype':8s} {'batch':>5s}  {'ours eager':>10s} {'ours comp':>10s} {'theirs comp':>11s}  "
               f"{'comp/eager':>10s} {'comp/theirs':>11s}  {'eager %bw':>9s} {'comp %bw':>8s}  same tokens")
     print(header + "\n" + "-" * len(header))
     by_dtype = {}
     for name in args.dtypes:
-        model, theirs = load(path, DTYPES[name], not args.no_transformers)
+        model, theirs = load(path, DTYPES[name], not args.no_transformers, args.device)
         tokenizer = kernelhub.load_tokenizer(path, model=model)
         per_step = weight_bytes(model, model.get_input_embeddings(), model.lm_head)
         print(f"{name}: Linear kernel {model.binding['lm_head'].chosen}")

@@ -47,7 +47,7 @@ QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "Wr
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def copy_bandwidth(device: str, mib: int = 512, repeat: int = 5) -> float:
+def copy_bandwidth(device: str = "cpu", mib: int = 512, repeat: int = 5) -> float:
     """Bytes per second moved by the fastest of `repeat` copies of `mib` MiB (read + write)."""
     src = torch.rand(mib << 18, device=device)  # float32: 4 bytes each
     dst = torch.empty_like(src)

@@ -171,7 +171,8 @@ def test_the_decode_step_graph_is_capturable_one_graph_for_every_position(two_la
         padding, token, positions = F.pad(mask, (0, 11), value=1), torch.tensor([[7], [9]]), positions[:, -1:]
         for _ in range(6):
             positions = positions + 1
-            got = step_fn(model, token, positions, padding, cache.next_step(1))
+            got = step_fn(model, token, positions, padding, cache.step_view(1))
+            cache.seen += 1
             want = decode_step(model, token, positions, padding, eager_cache)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
             token = want.argmax(-1, keepdim=True)
@@ -215,12 +216,16 @@ def test_the_batching_step_graph_writes_only_pools_and_leaves_attention_uncaptur
 def test_compiled_generate_on_cuda_replays_captured_graphs_and_gives_eager_tokens(two_layer_checkpoint):
     model = kernelhub.from_pretrained(two_layer_checkpoint, attn_implementation="sdpa", device="cuda")
     ids = torch.tensor([[5, 17, 3, 9, 2], [8, 1, 4, 1, 5]], device="cuda")
-    skips = counters["inductor"]["cudagraph_skips"]
+    inductor = counters["inductor"]
+    skips, recorded = inductor["cudagraph_skips"], inductor["cudagraph_recorded_non_static_inputs"]
     compiled = model.generate(ids, max_new_tokens=24, cache="static", compile=True, eos_token_id=None)
-    assert counters["inductor"]["cudagraph_skips"] == skips, "inductor refused to capture the decode step"
+    assert inductor["cudagraph_skips"] == skips, "inductor refused to capture the decode step"
+    assert inductor["cudagraph_recorded_non_static_inputs"] > recorded, "no CUDA graph was recorded"
     assert compiled.tolist() == model.generate(ids, max_new_tokens=24, eos_token_id=None).tolist()
 
-    batch = model.generate_batch([[5, 17, 3], [8, 1, 4, 1, 5, 9]], max_new_tokens=16, compile=True)
-    assert counters["inductor"]["cudagraph_skips"] == skips, "inductor refused to capture the batching step"
-    assert [r.tokens for r in batch] == [r.tokens for r in model.generate_batch([[5, 17, 3], [8, 1, 4, 1, 5, 9]],
-                                                                                  max_new_tokens=16)]
+    paged = kernelhub.from_pretrained(two_layer_checkpoint, attn_implementation="paged|sdpa", device="cuda")
+    prompts, recorded = [[5, 17, 3], [8, 1, 4, 1, 5, 9]], inductor["cudagraph_recorded_non_static_inputs"]
+    batch = paged.generate_batch(prompts, max_new_tokens=16, compile=True)
+    assert inductor["cudagraph_skips"] == skips, "inductor refused to capture the batching step"
+    assert inductor["cudagraph_recorded_non_static_inputs"] > recorded, "no piece of the batching step was recorded"
+    assert [r.tokens for r in batch] == [r.tokens for r in paged.generate_batch(prompts, max_new_tokens=16)]

@@ -1,5 +1,6 @@
 """Mask functions: known pictures, and random compositions agreeing across every format."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -112,3 +113,19 @@ def test_every_format_materialises_the_same_matrix(expr, q_len, extra_kv, q_offs
     for fn, fmt in [(eager_attention, "bool"), (sdpa_attention, "bool"), (additive_attention, "additive"),
                     (flex_attention_backend, "block_mask")]:
         assert torch.equal(recovered_pattern(fn, mask, fmt, batch, q_len, kv_len), expected), fmt
+
+
+@pytest.mark.parametrize("extra", [{}, {"sliding_window": 3}, {"padding": torch.tensor([[0, 1, 1, 1, 1, 1], [1] * 6])}])
+def test_a_device_held_query_offset_builds_the_same_mask_without_host_shortcuts(extra):
+    """A compiled step's static cache gives its position as a 0-d tensor: the mask must be the one an
+    int gives, and no shortcut may read the tensor on the host (a graph break, or a stale decision)."""
+    host = AttentionMask.build(batch=2, q_len=1, kv_len=6, q_offset=5, **extra)
+    device = AttentionMask.build(batch=2, q_len=1, kv_len=6, q_offset=torch.tensor(5), **extra)
+    assert device.shortcut is None
+    assert torch.equal(host.materialize("bool").expand(2, 1, 1, 6), device.materialize("bool").expand(2, 1, 1, 6))
+    with pytest.raises(ValueError, match="the varlen mask format needs the cache position on the host"):
+        device.materialize("varlen")
+
+
+def test_a_plain_decode_mask_with_a_host_offset_still_takes_its_shortcut():
+    assert AttentionMask.build(batch=1, q_len=1, kv_len=6, q_offset=5).shortcut == "all"

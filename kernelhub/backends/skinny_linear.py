@@ -157,6 +157,8 @@ def unavailable_reason() -> str:
 def _problem(x, weight, bias) -> str | None:
     """What about these inputs the kernel cannot take, or None. Plain early returns: this runs on
     every call (about 120 a decode step), so it costs well under a microsecond."""
+    if x.dim() == 0:
+        return "x is a scalar; it needs a last dimension of columns"
     k = x.shape[-1]
     if not (x.is_cpu and weight.is_cpu):
         return f"x is on {x.device}, weight on {weight.device}; both must be on the CPU"
@@ -174,7 +176,7 @@ def _problem(x, weight, bias) -> str | None:
 
 def skinny_linear_eager(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """What `kernelhub::skinny_linear` computes, called directly: eager decode makes ~120 of these
-    calls a step, and the op's dispatch would add 10-25 us to each (this call costs about 7 us
+    calls a step, and the op's dispatch would add 10-25 us to each (this call costs about 11 us
     besides the kernel's work)."""
     library = _built[0] if _built is not None else _library()[0]
     if library is None:
@@ -189,7 +191,7 @@ def skinny_linear_eager(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         weight = weight.contiguous()
     if bias is not None and (bias.dtype != weight.dtype or not bias.is_contiguous()):
         bias = bias.to(weight.dtype).contiguous()
-    out = torch.empty((*x.shape[:-1], n), dtype=x.dtype)
+    out = x.new_empty((*x.shape[:-1], n))  # on x's device, the CPU, whatever the default device
     # OpenMP's thread count is per calling thread: pass torch's, which is what the caller set
     failed = library.skinny_linear(weight.data_ptr(), weight.dtype is torch.bfloat16, x.data_ptr(),
                                    None if bias is None else bias.data_ptr(), out.data_ptr(), x.numel() // k, n, k,

@@ -75,31 +75,32 @@ class StaticCache:
         shape = (batch, num_kv_heads, max_len, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layer_types]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layer_types]
-        for t in self.keys + self.values:
-            # A captured step writes these in place; CUDA graphs accept that only for inputs whose address
-            # never changes. Unguarded: a new cache is re-recorded, not recompiled.
-            torch._dynamo.mark_static_address(t)
+        # Where a compiled step writes: `seen` on the device, refreshed before each step by a kernel
+        # launch (`fill_`), not a blocking copy from the host.
+        self.position = torch.zeros((), dtype=torch.long, device=device)
+        for t in self.keys + self.values + [self.position]:
+            # A captured step writes these in place (or reads them without copying them in); CUDA graphs
+            # allow that only for inputs whose address never changes. Unguarded: a new cache's tensors
+            # are recorded again, not recompiled.
+            torch._dynamo.mark_static_address(t, guard=False)
         self.seen = 0
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens written so far (the same for every layer)."""
         return self.seen
 
-    def next_step(self, q_len: int) -> StaticCacheStep:
-        """Claim the next `q_len` positions: the view a compiled step writes them through.
-
-        The cache counts them as written from here on; the step must run (or the cache be dropped).
+    def step_view(self, q_len: int) -> StaticCacheStep:
+        """The view a compiled step writes the next `q_len` positions through. Once the step has run,
+        the caller counts them: `cache.seen += q_len`.
 
         >>> cache = StaticCache(["full_attention"], batch=1, max_len=4, num_kv_heads=1, head_dim=2)
-        >>> step = cache.next_step(1)
+        >>> step = cache.step_view(1)
         >>> step.get_seq_length(), cache.get_seq_length()
-        (tensor(0), 1)
+        (tensor(0), 0)
         """
         self._check_room(q_len)
-        device = self.keys[0].device
-        step = StaticCacheStep(self.layer_types, self.keys, self.values, torch.tensor(self.seen, device=device))
-        self.seen += q_len
-        return step
+        self.position.fill_(self.seen)
+        return StaticCacheStep(self.layer_types, self.keys, self.values, self.position)
 
     def _check_room(self, q_len: int):
         if self.seen + q_len > self.max_len:
@@ -123,7 +124,7 @@ class StaticCache:
 
 class StaticCacheStep:
     """A static cache's tensors written at `position`, a 0-d long device tensor: what one compiled,
-    captured or exported step sees (`StaticCache.next_step` makes one).
+    captured or exported step sees (`StaticCache.step_view` makes one).
 
     Nothing in it is a Python number that moves per token, so the compiler has nothing to
     specialise on or guard, and a CUDA graph captured at one position replays at every other

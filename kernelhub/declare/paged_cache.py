@@ -87,7 +87,7 @@ class PagedKVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layer_types]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layer_types]
         for t in self.keys + self.values:
-            torch._dynamo.mark_static_address(t)  # written in place by captured steps (see StaticCache)
+            torch._dynamo.mark_static_address(t, guard=False)  # written in place by captured steps (see StaticCache)
         self.tables: dict = {}     # seq -> {group: [block ids]}
         self.device = torch.device(device)
         self.step_masks: dict[str, PagedMask] = {}

@@ -45,6 +45,9 @@ def varlen_from_mask(mask) -> VarlenMask:
         what = "a custom mask function" if parts is None or parts["custom"] else "chunked attention"
         raise ValueError(f"the varlen mask format cannot express {what}; bind a backend with "
                          "arbitrary_mask support (sdpa, flex, eager) for this site")
+    if isinstance(mask.q_offset, torch.Tensor):
+        raise ValueError("the varlen mask format needs the cache position on the host; a compiled step's "
+                         "static cache holds it on the device: bind sdpa, flex or eager for compiled decoding")
     b, q_len, kv_len, device = mask.batch, mask.q_len, mask.kv_len, mask.device
     q_end, kv_end = mask.q_offset + q_len, mask.kv_offset + kv_len
     if parts["causal"] and q_end != kv_end:

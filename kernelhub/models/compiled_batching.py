@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from kernelhub.declare.paged import PagedMask
 from kernelhub.declare.site import AttentionSite
-from kernelhub.models.compiled_decode import compile_failure
+from kernelhub.models.compiled_decode import compile_failure, cuda_graph_options
 
 MIN_BUCKET = 8
 MAX_GRAPHS = 64  # dynamo's per-function graph limit while stepping (its default of 8 is a few buckets)
@@ -52,7 +52,11 @@ def token_bucket(tokens: int, max_batch_tokens: int) -> int:
 
 
 # cudagraph_unsafe: it reads the running step's layout from Python, so a capture would replay a stale one
-@torch.library.custom_op("kernelhub::paged_step_attention", mutates_args=(), tags=(torch._C.Tag.cudagraph_unsafe,))
+# (the tag exists from torch 2.8; before it, inductor does not capture around ops and needs none)
+_UNCAPTURABLE = tuple(t for t in [getattr(torch._C.Tag, "cudagraph_unsafe", None)] if t is not None)
+
+
+@torch.library.custom_op("kernelhub::paged_step_attention", mutates_args=(), tags=_UNCAPTURABLE)
 def paged_step_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, sinks: torch.Tensor | None,
                          layer_idx: int) -> torch.Tensor:
     """Attention of layer `layer_idx` for the running step: q [1, H, T_bucket, D] -> [1, T_bucket, H, D].
@@ -119,8 +123,8 @@ def compiled_packed_step(cuda_graphs: bool = False):
     """`packed_step` under `torch.compile(fullgraph=True, dynamic=False)`, built once per process (and
     once more with piecewise CUDA-graph capture, for steps on a CUDA device)."""
     if cuda_graphs not in _compiled:
-        _compiled[cuda_graphs] = torch.compile(packed_step, fullgraph=True, dynamic=False,
-                                               options={"triton.cudagraphs": cuda_graphs})
+        options = cuda_graph_options() if cuda_graphs else {}  # captured around the attention op
+        _compiled[cuda_graphs] = torch.compile(packed_step, fullgraph=True, dynamic=False, options=options)
     return _compiled[cuda_graphs]
 
 

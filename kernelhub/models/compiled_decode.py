@@ -9,7 +9,8 @@ both are handled here:
   hence one graph.
 - **the write position**, which moves every token. The step sees the cache through a
   `StaticCacheStep`, whose position is a 0-d device tensor (an input like the token ids), not
-  a Python int the compiler would specialise on or guard.
+  a Python int the compiler would specialise on or guard. The host keeps the count
+  (`StaticCache.seen`) and refreshes the tensor before each step with a kernel launch.
 
 Shapes stay static otherwise (`dynamic=False`): each bucket gets code specialised to its sizes.
 The prefill runs eagerly (one call per prompt, of a length that varies).
@@ -55,14 +56,23 @@ def compiled_decode_step(cuda_graphs: bool = False):
     if cuda_graphs not in _compiled:
         # Shapes are static, so dynamo's guards already check every input's size and stride before
         # the graph runs; inductor's own per-call re-check of each of its ~300 inputs is dropped.
-        options = {"size_asserts": False, "triton.cudagraphs": cuda_graphs}
+        options = {"size_asserts": False, **(cuda_graph_options() if cuda_graphs else {})}
         _compiled[cuda_graphs] = torch.compile(decode_step, fullgraph=True, dynamic=False, options=options)
     return _compiled[cuda_graphs]
 
 
+def cuda_graph_options() -> dict:
+    """inductor's options for capturing a compiled step as CUDA graphs, split around any op that cannot
+    be captured (`graph_partition`: torch's default from 2.9, absent before 2.8)."""
+    options = {"triton.cudagraphs": True}
+    if hasattr(torch._inductor.config, "graph_partition"):
+        options["graph_partition"] = True
+    return options
+
+
 def run_compiled(ids, positions, padding, cache, model):
     """One compiled decode step over the static `cache` (see the module docstring); advances the cache."""
-    step = cache.next_step(ids.shape[1])
+    step = cache.step_view(ids.shape[1])
     cuda_graphs = ids.device.type == "cuda"
     try:
         with torch._dynamo.config.patch(recompile_limit=MAX_GRAPHS):
@@ -71,6 +81,7 @@ def run_compiled(ids, positions, padding, cache, model):
             logits = compiled_decode_step(cuda_graphs)(model, ids, positions, padding, step)
     except torch._dynamo.exc.TorchDynamoException as e:
         raise compile_failure(e, "generate(compile=True)") from e
+    cache.seen += ids.shape[1]
     return logits.clone() if cuda_graphs else logits  # a replay overwrites the captured output in place
 
 

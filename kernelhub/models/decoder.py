@@ -50,8 +50,8 @@ def positions(x, cache, position_ids):
     """`position_ids`, or the positions that follow the cache's for the S tokens of `x` [B, S, H]."""
     if position_ids is not None:
         return position_ids
-    past = cache.get_seq_length() if cache is not None else 0
-    return torch.arange(past, past + x.shape[1], device=x.device).unsqueeze(0)
+    past = cache.get_seq_length() if cache is not None else 0  # an int, or a compiled step's device tensor
+    return (torch.arange(x.shape[1], device=x.device) + past).unsqueeze(0)
 
 
 def layer_type_masks(layer_types, sliding_window, x, attention_mask, cache) -> dict:

@@ -73,6 +73,16 @@ def test_compiled_batching_compiles_once_per_token_bucket_and_equals_uncompiled(
                                                                                  **options)]
 
 
+def test_compiled_generate_with_flex_gives_eager_tokens(tiny_checkpoint):
+    """flex's mask reads the step's cache position from a device tensor inside the graph; inductor's
+    CPU flex kernel lowers a mask over tensors passed in, which that position is."""
+    model = kernelhub.from_pretrained(tiny_checkpoint, attn_implementation="flex")
+    ids, mask = torch.tensor([[0, 0, 5, 17, 3], [8, 1, 4, 1, 5]]), torch.tensor([[0, 0, 1, 1, 1], [1] * 5])
+    compiled = model.generate(ids, attention_mask=mask, max_new_tokens=6, cache="static", compile=True,
+                              eos_token_id=None)
+    assert compiled.tolist() == model.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None).tolist()
+
+
 def test_token_buckets_stay_within_the_budget():
     assert [token_bucket(n, 24) for n in (1, 8, 9, 16, 17, 24)] == [8, 8, 16, 16, 24, 24]
     assert [static_cache_length(n) for n in (1, 64, 65, 1024, 1025)] == [64, 64, 128, 1024, 2048]

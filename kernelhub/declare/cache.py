@@ -128,8 +128,8 @@ class StaticCacheStep:
 
     Nothing in it is a Python number that moves per token, so the compiler has nothing to
     specialise on or guard, and a CUDA graph captured at one position replays at every other
-    (the position is an input it copies in). Bounds are the caller's to check: a graph cannot
-    raise on a value it never reads on the host.
+    (it reads the position tensor, which the cache refreshes between replays). Bounds are the
+    caller's to check: a graph cannot raise on a value it never reads on the host.
     """
 
     def __init__(self, layer_types, keys, values, position: torch.Tensor):

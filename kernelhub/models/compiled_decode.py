@@ -8,8 +8,8 @@ both are handled here:
   different lengths whose prompt + new tokens fall in the same bucket share one cache shape,
   hence one graph.
 - **the write position**, which moves every token. The step sees the cache through a
-  `StaticCacheStep`, whose position is a 0-d device tensor (an input like the token ids), not
-  a Python int the compiler would specialise on or guard. The host keeps the count
+  `StaticCacheStep`, whose position is a 0-d device tensor (a graph input, as the cache's
+  tensors are), not a Python int the compiler would specialise on or guard. The host keeps the count
   (`StaticCache.seen`) and refreshes the tensor before each step with a kernel launch.
 
 Shapes stay static otherwise (`dynamic=False`): each bucket gets code specialised to its sizes.

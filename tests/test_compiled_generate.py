@@ -54,6 +54,25 @@ def test_compiled_generate_compiles_once_across_prompt_lengths_and_tokens(two_la
     assert graphs() - before == 1
 
 
+def test_compiled_generate_shares_one_graph_across_batches_in_a_bucket(two_layer_checkpoint):
+    """Batches of 3 and 4 run as 4 rows (filler rows repeat the first, their outputs dropped): one graph,
+    and each batch gets eager's tokens; the filler never shows in the output or the sampling."""
+    model = kernelhub.from_pretrained(two_layer_checkpoint, attn_implementation="sdpa")
+    prompts = torch.tensor([[0, 5, 17, 3], [8, 1, 4, 1], [0, 0, 9, 2], [7, 7, 1, 3]])
+    mask = (prompts != 0).long()
+    before = graphs()
+    for batch in (3, 4):
+        ids, m = prompts[:batch], mask[:batch]
+        compiled = model.generate(ids, attention_mask=m, max_new_tokens=6, cache="static", compile=True,
+                                  eos_token_id=None)
+        assert compiled.shape == (batch, 10)
+        assert compiled.tolist() == model.generate(ids, attention_mask=m, max_new_tokens=6, eos_token_id=None).tolist()
+        sampled = [model.generate(ids, attention_mask=m, max_new_tokens=6, do_sample=True, seed=3, eos_token_id=None,
+                                  **kw).tolist() for kw in ({}, {"cache": "static", "compile": True})]
+        assert sampled[0] == sampled[1]  # the same draws: filler rows take no random numbers
+    assert graphs() - before == 1
+
+
 def test_compiled_batching_compiles_once_per_token_bucket_and_equals_uncompiled(two_layer_checkpoint):
     model = kernelhub.from_pretrained(two_layer_checkpoint, attn_implementation="paged|sdpa")
     rng = random.Random(0)

@@ -1,12 +1,14 @@
 """The compiled decode step of `generate(..., cache="static", compile=True)`: one graph per shape bucket.
 
 A decode step has fixed shapes once the static cache's length and the batch are fixed, so
-`torch.compile` can build one graph for it. Two things would still make it recompile, and
-both are handled here:
+`torch.compile` can build one graph for it. Three things would still make it recompile, and
+all are handled here:
 
 - **the prompt length.** The cache is sized in buckets (`static_cache_length`), so prompts of
   different lengths whose prompt + new tokens fall in the same bucket share one cache shape,
   hence one graph.
+- **the batch size.** It is rounded up to a power of two (`batch_bucket`): the extra rows
+  repeat the first and their outputs are dropped, so batches of 3 and 4 share a graph.
 - **the write position**, which moves every token. The step sees the cache through a
   `StaticCacheStep`, whose position is a 0-d device tensor (a graph input, as the cache's
   tensors are), not a Python int the compiler would specialise on or guard. The host keeps the count
@@ -16,13 +18,15 @@ Shapes stay static otherwise (`dynamic=False`): each bucket gets code specialise
 The prefill runs eagerly (one call per prompt, of a length that varies).
 
 **CUDA graphs.** On a CUDA device the step is also captured (inductor's CUDA-graph trees) and
-replayed: one capture per bucket and batch size. Capture needs what the points above give, a
+replayed: one capture per cache-length and batch-size bucket. Capture needs what the points above give, a
 step with nothing that varies on the host, plus two things: the tensors it writes in place (the
 cache) have fixed addresses (`StaticCache` marks them so), and its output is copied out before
 the next replay overwrites it (`run_compiled` does).
 
 >>> [static_cache_length(n) for n in (5, 64, 65, 300, 1500)]
 [64, 64, 128, 512, 2048]
+>>> [batch_bucket(n) for n in (1, 2, 3, 5, 8, 9)]
+[1, 2, 4, 8, 8, 16]
 """
 
 from __future__ import annotations
@@ -39,6 +43,22 @@ def static_cache_length(positions: int) -> int:
     if positions <= LINEAR_ABOVE:
         return max(MIN_BUCKET, 1 << (positions - 1).bit_length())
     return -(-positions // LINEAR_ABOVE) * LINEAR_ABOVE
+
+
+def batch_bucket(batch: int) -> int:
+    """The batch a compiled decode step runs for `batch` rows: the next power of two."""
+    return 1 << (batch - 1).bit_length()
+
+
+def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """`t` [B, ...] with copies of its first row appended up to `rows` rows: filler rows that are real
+    sequences (a row of padding only would attend to nothing), whose outputs the caller drops.
+
+    >>> pad_rows(torch.tensor([[1, 2], [3, 4], [5, 6]]), 4).tolist()
+    [[1, 2], [3, 4], [5, 6], [1, 2]]
+    """
+    extra = rows - t.shape[0]
+    return t if extra == 0 else torch.cat([t, t[:1].expand(extra, *t.shape[1:])])
 
 
 def decode_step(model, ids, positions, padding, cache):

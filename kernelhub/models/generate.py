@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import torch
 
-from kernelhub.models.compiled_decode import run_compiled, static_cache_length
+from kernelhub.models.compiled_decode import batch_bucket, pad_rows, run_compiled, static_cache_length
 from kernelhub.models.outputs import GenerateOutput
 from kernelhub.models.sampling import SamplingParams, make_generator, pick, process_logits, warp
 from kernelhub.models.tensor_parallel_sync import check_cache_heads, same_on_every_rank
@@ -103,8 +103,9 @@ def generate(model, input_ids, *, sampling: SamplingParams | None = None, attent
     `end()` (transformers' `TextStreamer` works). `return_dict_in_generate=True` returns a
     `GenerateOutput` with `sequences` and, with `output_scores=True`, the processed scores.
     `compile=True` (with `cache="static"`) runs each decode step as one compiled graph, built once
-    per cache-length bucket and batch size and reused across tokens and prompt lengths (see
-    `kernelhub.models.compiled_decode`); the prefill runs eagerly.
+    per cache-length bucket and batch-size bucket and reused across tokens and prompt lengths (see
+    `kernelhub.models.compiled_decode`; a returned cache then holds the bucket's rows, the first
+    B of them this call's); the prefill runs eagerly.
 
     >>> model.generate(ids, max_new_tokens=20, eos_token_id=[2, 7], repetition_penalty=1.2)  # doctest: +SKIP
     >>> model.generate(ids, max_new_tokens=64, cache="static", compile=True)  # doctest: +SKIP
@@ -130,10 +131,12 @@ def generate(model, input_ids, *, sampling: SamplingParams | None = None, attent
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else torch.as_tensor(attention_mask)
     attention_mask = attention_mask.to(device)
     max_len = static_cache_length(prompt_len + limit) if compile else prompt_len + limit
-    kv = model.make_cache(cache, batch=batch, max_len=max_len)
+    rows = batch_bucket(batch) if compile else batch  # the model runs `rows`; logits are kept for `batch`
+    kv = model.make_cache(cache, batch=rows, max_len=max_len)
     check_cache_heads(model, kv)
     # compiled steps see the padding of the whole cache (ones past the prompt): one shape for every step
-    padding = torch.nn.functional.pad(attention_mask, (0, max_len - prompt_len), value=1) if compile else None
+    padding = pad_rows(torch.nn.functional.pad(attention_mask, (0, max_len - prompt_len), value=1), rows) \
+        if compile else None
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     eos = torch.tensor(params.eos_token_ids, dtype=torch.long, device=device)
     pad = params.pad_token_id if params.pad_token_id is not None else (int(eos[0]) if len(eos) else None)
@@ -142,11 +145,12 @@ def generate(model, input_ids, *, sampling: SamplingParams | None = None, attent
     if streamer is not None:
         streamer.put(input_ids.cpu())
     for step in range(limit):
+        ids_in, positions_in = pad_rows(step_ids, rows), pad_rows(positions, rows)
         if compile and step:
-            logits = run_compiled(step_ids, positions, padding, kv, model)
+            logits = run_compiled(ids_in, positions_in, padding, kv, model)[:batch]
         else:
-            logits = model(step_ids, attention_mask=attention_mask, position_ids=positions, cache=kv,
-                           logits_to_keep=1).logits[:, -1]
+            logits = model(ids_in, attention_mask=pad_rows(attention_mask, rows), position_ids=positions_in,
+                           cache=kv, logits_to_keep=1).logits[:batch, -1]
         step_scores = warp(process_logits(logits, params, sequences, step), params)
         if output_scores:
             scores.append(step_scores)

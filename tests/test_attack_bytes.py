@@ -198,6 +198,17 @@ def test_a_module_missing_from_the_verified_bytes_is_never_looked_up_on_disk(mod
     assert not marker.exists()
 
 
+def test_verified_copies_live_in_the_one_kernelhub_cache_xdg_included(tmp_path, monkeypatch):
+    """The store, GGUF conversions and compiled CPU kernels share one cache root: with KERNELHUB_CACHE
+    unset, $XDG_CACHE_HOME decides it for all three."""
+    from kernelhub.declare.cache_dir import cache_root
+
+    monkeypatch.delenv("KERNELHUB_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    copy = verified_copy(Snapshot(tmp_path, {"metadata.json": b"{}"}))
+    assert copy.parent == tmp_path / "xdg" / "kernelhub" / "verified" == cache_root() / "verified"
+
+
 def test_private_copy_is_reverified_on_reuse(tmp_path):
     snapshot = Snapshot(tmp_path, {"pkg/__init__.py": b"X = 1\n", "metadata.json": b"{}"})
     copy = verified_copy(snapshot)

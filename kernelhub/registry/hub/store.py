@@ -6,7 +6,10 @@ A verified `Snapshot` is written to `<cache>/verified/<content key>/`, made read
 imported from there; a copy found there is re-read and compared before it is reused.
 Bytecode is never written next to it (kernelhub imports sources itself, see `importer`).
 
-    $KERNELHUB_CACHE (default ~/.cache/kernelhub)/verified/3f2a.../rmsnorm/__init__.py
+    <cache>/verified/3f2a.../rmsnorm/__init__.py
+
+where <cache> is kernelhub's cache directory (`kernelhub.declare.cache_dir.cache_root`:
+$KERNELHUB_CACHE, else $XDG_CACHE_HOME/kernelhub, else ~/.cache/kernelhub).
 
 >>> import os, pathlib, tempfile; os.environ["KERNELHUB_CACHE"] = tempfile.mkdtemp()
 >>> from kernelhub.registry.hub.snapshot import Snapshot
@@ -23,14 +26,8 @@ import stat
 import tempfile
 from pathlib import Path
 
+from kernelhub.declare.cache_dir import cache_root
 from kernelhub.registry.hub.snapshot import Snapshot, UnsafeKernelError, read_variant
-
-ENV = "KERNELHUB_CACHE"
-
-
-def cache_root() -> Path:
-    """kernelhub's own cache directory ($KERNELHUB_CACHE, else ~/.cache/kernelhub)."""
-    return Path(os.environ.get(ENV) or Path.home() / ".cache" / "kernelhub")
 
 
 def verified_copy(snapshot: Snapshot) -> Path:

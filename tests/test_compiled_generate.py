@@ -9,6 +9,8 @@ compilation.
 
 import operator
 import random
+import threading
+import time
 
 import pytest
 import torch
@@ -19,7 +21,7 @@ import kernelhub
 from kernelhub.backends.onednn_linear import pack, packed_linear
 from kernelhub.models import compiled_batching
 from kernelhub.models.compiled_batching import packed_step, token_bucket
-from kernelhub.models.compiled_decode import decode_step, static_cache_length
+from kernelhub.models.compiled_decode import decode_step, give_back_cache, static_cache_length, take_cache
 from tests.checkpoints import CONFIGS
 from tests.unchanged import assert_unchanged, snapshot
 
@@ -71,6 +73,58 @@ def test_compiled_generate_shares_one_graph_across_batches_in_a_bucket(two_layer
                                   **kw).tolist() for kw in ({}, {"cache": "static", "compile": True})]
         assert sampled[0] == sampled[1]  # the same draws: filler rows take no random numbers
     assert graphs() - before == 1
+
+
+def test_compiled_generate_reuses_its_cache_across_calls_zeroed(two_layer_checkpoint):
+    """A finished call leaves its static cache on the model and the next call of that shape takes it (the
+    same tensors, so CUDA graphs replay instead of recording again), zeroed: stale keys or a NaN left in
+    the buffers must not reach the next call's tokens. A cache returned to the caller is not reused."""
+    model = kernelhub.from_pretrained(two_layer_checkpoint, attn_implementation="sdpa")
+    run = dict(max_new_tokens=8, cache="static", compile=True, eos_token_id=None)
+    first, second = torch.tensor([[5, 17, 3, 9, 2]]), torch.tensor([[8, 1, 4]])
+    model.generate(first, **run)
+    (pooled,) = model.__dict__["_kernelhub_free_static_caches"][1, 64, torch.float32, torch.device("cpu")]
+    address = pooled.keys[0].data_ptr()
+    with torch.inference_mode():  # generate made it there
+        for t in pooled.values:
+            t.fill_(float("nan"))  # whatever a previous call left behind
+    assert model.generate(second, **run).tolist() == model.generate(second, max_new_tokens=8,
+                                                                     eos_token_id=None).tolist()
+    (again,) = model.__dict__["_kernelhub_free_static_caches"][1, 64, torch.float32, torch.device("cpu")]
+    assert again is pooled and again.keys[0].data_ptr() == address
+    kept = model.generate(second, return_dict_in_generate=True, **run).past_key_values
+    assert kept is pooled and not model.__dict__["_kernelhub_free_static_caches"][1, 64, torch.float32,
+                                                                                 torch.device("cpu")]
+    model.generate(first, **run)  # makes a new cache: the one the caller holds stays theirs
+    (fresh,) = model.__dict__["_kernelhub_free_static_caches"][1, 64, torch.float32, torch.device("cpu")]
+    assert fresh is not kept
+
+
+def test_threads_taking_pooled_caches_at_once_never_share_one(tiny_checkpoint):
+    model = kernelhub.from_pretrained(tiny_checkpoint)
+    lock, in_use, clashes, most = threading.Lock(), set(), [], [0]
+
+    def worker():
+        for _ in range(200):
+            cache = take_cache(model, 2, 64)
+            with lock:
+                clashes.extend([cache] if id(cache) in in_use else [])
+                in_use.add(id(cache))
+                most[0] = max(most[0], len(in_use))
+            time.sleep(0)  # let the others run while this one holds its cache
+            with lock:
+                in_use.discard(id(cache))
+            give_back_cache(model, cache)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] >= 2, "the threads never held caches at the same time"
+    assert not clashes
+    pooled = model.__dict__["_kernelhub_free_static_caches"][2, 64, torch.float32, torch.device("cpu")]
+    assert most[0] <= len(pooled) <= 4 and len({id(c) for c in pooled}) == len(pooled)
 
 
 def test_compiled_batching_compiles_once_per_token_bucket_and_equals_uncompiled(two_layer_checkpoint):

@@ -17,6 +17,11 @@ all are handled here:
 Shapes stay static otherwise (`dynamic=False`): each bucket gets code specialised to its sizes.
 The prefill runs eagerly (one call per prompt, of a length that varies).
 
+**Reused caches.** A finished call gives its static cache back to the model (`give_back_cache`)
+and the next call with the same shape takes it (`take_cache`), zeroed. The cache's tensors then
+keep their addresses from call to call, which CUDA-graph trees need to replay what they recorded
+instead of recording again every call (they stop capturing a function after 128 recordings).
+
 **CUDA graphs.** On a CUDA device the step is also captured (inductor's CUDA-graph trees) and
 replayed: one capture per cache-length and batch-size bucket. Capture needs what the points above give, a
 step with nothing that varies on the host, plus two things: the tensors it writes in place (the
@@ -30,6 +35,8 @@ the next replay overwrites it (`run_compiled` does).
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 
@@ -59,6 +66,39 @@ def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     """
     extra = rows - t.shape[0]
     return t if extra == 0 else torch.cat([t, t[:1].expand(extra, *t.shape[1:])])
+
+
+_pool_lock = threading.Lock()  # concurrent calls on one model take different caches
+
+
+def _pool(model) -> dict:
+    return model.__dict__.setdefault("_kernelhub_free_static_caches", {})
+
+
+def _pool_key(model, rows: int, max_len: int) -> tuple:
+    p = next(model.parameters())
+    return rows, max_len, p.dtype, p.device
+
+
+def take_cache(model, rows: int, max_len: int):
+    """A static cache of `rows` x `max_len` for a compiled `generate` call: one an earlier call gave back
+    (zeroed: a stale NaN would survive a mask's zero weight), else `model.make_cache("static", ...)`."""
+    with _pool_lock:
+        free = _pool(model).get(_pool_key(model, rows, max_len))
+        cache = free.pop() if free else None
+    if cache is None:
+        return model.make_cache("static", batch=rows, max_len=max_len)
+    for t in cache.keys + cache.values:
+        t.zero_()
+    cache.seen = 0
+    return cache
+
+
+def give_back_cache(model, cache) -> None:
+    """Keep `cache` on `model` for the next compiled call of its shape (the caller no longer reads it)."""
+    rows, max_len = cache.keys[0].shape[0], cache.max_len
+    with _pool_lock:
+        _pool(model).setdefault(_pool_key(model, rows, max_len), []).append(cache)
 
 
 def decode_step(model, ids, positions, padding, cache):

@@ -22,7 +22,8 @@ from __future__ import annotations
 import dataclasses
 import torch
 
-from kernelhub.models.compiled_decode import batch_bucket, pad_rows, run_compiled, static_cache_length
+from kernelhub.models.compiled_decode import (batch_bucket, give_back_cache, pad_rows, run_compiled,
+                                              static_cache_length, take_cache)
 from kernelhub.models.outputs import GenerateOutput
 from kernelhub.models.sampling import SamplingParams, make_generator, pick, process_logits, warp
 from kernelhub.models.tensor_parallel_sync import check_cache_heads, same_on_every_rank
@@ -132,7 +133,7 @@ def generate(model, input_ids, *, sampling: SamplingParams | None = None, attent
     attention_mask = attention_mask.to(device)
     max_len = static_cache_length(prompt_len + limit) if compile else prompt_len + limit
     rows = batch_bucket(batch) if compile else batch  # the model runs `rows`; logits are kept for `batch`
-    kv = model.make_cache(cache, batch=rows, max_len=max_len)
+    kv = take_cache(model, rows, max_len) if compile else model.make_cache(cache, batch=rows, max_len=max_len)
     check_cache_heads(model, kv)
     # compiled steps see the padding of the whole cache (ones past the prompt): one shape for every step
     padding = pad_rows(torch.nn.functional.pad(attention_mask, (0, max_len - prompt_len), value=1), rows) \
@@ -171,7 +172,9 @@ def generate(model, input_ids, *, sampling: SamplingParams | None = None, attent
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
     if streamer is not None:
         streamer.end()
-    if return_dict_in_generate:
+    if return_dict_in_generate:  # the caller keeps the cache
         return GenerateOutput(sequences=sequences, scores=tuple(scores) if output_scores else None,
                               past_key_values=kv)
+    if compile:
+        give_back_cache(model, kv)  # for the next call of this shape (a failed call just drops it)
     return sequences

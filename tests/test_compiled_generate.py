@@ -21,7 +21,8 @@ import kernelhub
 from kernelhub.backends.onednn_linear import pack, packed_linear
 from kernelhub.models import compiled_batching
 from kernelhub.models.compiled_batching import packed_step, token_bucket
-from kernelhub.models.compiled_decode import decode_step, give_back_cache, static_cache_length, take_cache
+from kernelhub.models import compiled_decode
+from kernelhub.models.compiled_decode import decode_step, keep_cache, static_cache_length, take_cache
 from tests.checkpoints import CONFIGS
 from tests.unchanged import assert_unchanged, snapshot
 
@@ -75,32 +76,32 @@ def test_compiled_generate_shares_one_graph_across_batches_in_a_bucket(two_layer
     assert graphs() - before == 1
 
 
-def test_compiled_generate_reuses_its_cache_across_calls_zeroed(two_layer_checkpoint):
-    """A finished call leaves its static cache on the model and the next call of that shape takes it (the
-    same tensors, so CUDA graphs replay instead of recording again), zeroed: stale keys or a NaN left in
-    the buffers must not reach the next call's tokens. A cache returned to the caller is not reused."""
+def test_compiled_generate_reuses_its_cache_across_calls_cleared(two_layer_checkpoint):
+    """A finished call leaves its static cache with the model and the next call of that shape takes it
+    (the same tensors, so CUDA graphs replay instead of recording again), cleared: stale keys or a NaN
+    left in the buffers must not reach the next call's tokens. A cache returned to the caller is its
+    own; a call of another shape drops the kept one."""
     model = kernelhub.from_pretrained(two_layer_checkpoint, attn_implementation="sdpa")
     run = dict(max_new_tokens=8, cache="static", compile=True, eos_token_id=None)
     first, second = torch.tensor([[5, 17, 3, 9, 2]]), torch.tensor([[8, 1, 4]])
     model.generate(first, **run)
-    (pooled,) = model.__dict__["_kernelhub_free_static_caches"][1, 64, torch.float32, torch.device("cpu")]
-    address = pooled.keys[0].data_ptr()
+    _, kept = compiled_decode._kept[model]
+    address = kept.keys[0].data_ptr()
     with torch.inference_mode():  # generate made it there
-        for t in pooled.values:
+        for t in kept.values:
             t.fill_(float("nan"))  # whatever a previous call left behind
     assert model.generate(second, **run).tolist() == model.generate(second, max_new_tokens=8,
                                                                      eos_token_id=None).tolist()
-    (again,) = model.__dict__["_kernelhub_free_static_caches"][1, 64, torch.float32, torch.device("cpu")]
-    assert again is pooled and again.keys[0].data_ptr() == address
-    kept = model.generate(second, return_dict_in_generate=True, **run).past_key_values
-    assert kept is pooled and not model.__dict__["_kernelhub_free_static_caches"][1, 64, torch.float32,
-                                                                                 torch.device("cpu")]
-    model.generate(first, **run)  # makes a new cache: the one the caller holds stays theirs
-    (fresh,) = model.__dict__["_kernelhub_free_static_caches"][1, 64, torch.float32, torch.device("cpu")]
-    assert fresh is not kept
+    _, again = compiled_decode._kept[model]
+    assert again is kept and again.keys[0].data_ptr() == address
+    returned = model.generate(second, return_dict_in_generate=True, **run).past_key_values
+    assert returned is not kept and compiled_decode._kept[model][1] is kept  # the caller's own cache
+    model.generate(torch.tensor([[1, 2], [3, 4]]), **run)  # two rows: another shape
+    assert compiled_decode._kept[model][1] is not kept
 
 
-def test_threads_taking_pooled_caches_at_once_never_share_one(tiny_checkpoint):
+def test_threads_taking_the_kept_cache_at_once_never_share_it(tiny_checkpoint):
+    """Calls that overlap each get their own cache: the kept one goes to one of them."""
     model = kernelhub.from_pretrained(tiny_checkpoint)
     lock, in_use, clashes, most = threading.Lock(), set(), [], [0]
 
@@ -114,7 +115,7 @@ def test_threads_taking_pooled_caches_at_once_never_share_one(tiny_checkpoint):
             time.sleep(0)  # let the others run while this one holds its cache
             with lock:
                 in_use.discard(id(cache))
-            give_back_cache(model, cache)
+            keep_cache(model, cache, 2, 64)
 
     threads = [threading.Thread(target=worker) for _ in range(4)]
     for t in threads:
@@ -123,8 +124,6 @@ def test_threads_taking_pooled_caches_at_once_never_share_one(tiny_checkpoint):
         t.join()
     assert most[0] >= 2, "the threads never held caches at the same time"
     assert not clashes
-    pooled = model.__dict__["_kernelhub_free_static_caches"][2, 64, torch.float32, torch.device("cpu")]
-    assert most[0] <= len(pooled) <= 4 and len({id(c) for c in pooled}) == len(pooled)
 
 
 def test_compiled_batching_compiles_once_per_token_bucket_and_equals_uncompiled(two_layer_checkpoint):
@@ -304,6 +303,10 @@ def test_compiled_generate_on_cuda_replays_captured_graphs_and_gives_eager_token
     compiled = model.generate(ids, max_new_tokens=24, cache="static", compile=True, eos_token_id=None)
     assert inductor["cudagraph_skips"] == skips, "inductor refused to capture the decode step"
     assert inductor["cudagraph_recorded_non_static_inputs"] > recorded, "no CUDA graph was recorded"
+    recorded = inductor["cudagraph_recorded_non_static_inputs"]
+    again = model.generate(ids[:, 1:], max_new_tokens=24, cache="static", compile=True, eos_token_id=None)
+    assert inductor["cudagraph_recorded_non_static_inputs"] == recorded, "the second call recorded again"
+    assert again.tolist() == model.generate(ids[:, 1:], max_new_tokens=24, eos_token_id=None).tolist()
     assert compiled.tolist() == model.generate(ids, max_new_tokens=24, eos_token_id=None).tolist()
 
     paged = kernelhub.from_pretrained(two_layer_checkpoint, attn_implementation="paged|sdpa", device="cuda")

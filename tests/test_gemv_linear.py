@@ -120,7 +120,7 @@ def test_compiled_decode_gives_eager_tokens(tiny_checkpoint):
     ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
     compiled = model.generate(ids, max_new_tokens=16, cache="static", compile=True, eos_token_id=None)
     assert compiled.tolist() == reference.generate(ids, max_new_tokens=16, eos_token_id=None).tolist()
-    # a left-padded batch of 3: every decode step is a few-rows call
+    # a left-padded batch of 3 (compiled as 4 rows): every decode step is a few-rows call
     batch = torch.tensor([[0, 0, 4, 8, 15], [0, 16, 23, 42, 4], [8, 15, 16, 23, 42]])
     mask = (torch.arange(5) >= torch.tensor([[2], [1], [0]])).long()
     compiled = model.generate(batch, attention_mask=mask, max_new_tokens=12, cache="static", compile=True,

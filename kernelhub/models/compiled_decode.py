@@ -7,8 +7,8 @@ all are handled here:
 - **the prompt length.** The cache is sized in buckets (`static_cache_length`), so prompts of
   different lengths whose prompt + new tokens fall in the same bucket share one cache shape,
   hence one graph.
-- **the batch size.** It is rounded up to a power of two (`batch_bucket`): the extra rows
-  repeat the first and their outputs are dropped, so batches of 3 and 4 share a graph.
+- **the batch size.** It is rounded up (`batch_bucket`: 1, 2, 4, 8, then multiples of 8): the
+  extra rows repeat the first and their outputs are dropped, so batches of 3 and 4 share a graph.
 - **the write position**, which moves every token. The step sees the cache through a
   `StaticCacheStep`, whose position is a 0-d device tensor (a graph input, as the cache's
   tensors are), not a Python int the compiler would specialise on or guard. The host keeps the count
@@ -17,10 +17,10 @@ all are handled here:
 Shapes stay static otherwise (`dynamic=False`): each bucket gets code specialised to its sizes.
 The prefill runs eagerly (one call per prompt, of a length that varies).
 
-**Reused caches.** A finished call gives its static cache back to the model (`give_back_cache`)
-and the next call with the same shape takes it (`take_cache`), zeroed. The cache's tensors then
-keep their addresses from call to call, which CUDA-graph trees need to replay what they recorded
-instead of recording again every call (they stop capturing a function after 128 recordings).
+**A kept cache.** A finished call leaves its static cache with the model (`keep_cache`; one per
+model) and the next call of the same shape takes it (`take_cache`), cleared. The cache's tensors
+then keep their addresses from call to call, which CUDA-graph trees need to replay what they
+recorded instead of recording again every call.
 
 **CUDA graphs.** On a CUDA device the step is also captured (inductor's CUDA-graph trees) and
 replayed: one capture per cache-length and batch-size bucket. Capture needs what the points above give, a
@@ -30,13 +30,14 @@ the next replay overwrites it (`run_compiled` does).
 
 >>> [static_cache_length(n) for n in (5, 64, 65, 300, 1500)]
 [64, 64, 128, 512, 2048]
->>> [batch_bucket(n) for n in (1, 2, 3, 5, 8, 9)]
-[1, 2, 4, 8, 8, 16]
+>>> [batch_bucket(n) for n in (1, 2, 3, 5, 8, 9, 33)]
+[1, 2, 4, 8, 8, 16, 40]
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 
 import torch
 
@@ -53,8 +54,9 @@ def static_cache_length(positions: int) -> int:
 
 
 def batch_bucket(batch: int) -> int:
-    """The batch a compiled decode step runs for `batch` rows: the next power of two."""
-    return 1 << (batch - 1).bit_length()
+    """The batch a compiled decode step runs for `batch` rows: 1, 2, 4 or 8, then the next multiple of
+    8 (at most 7 filler rows: few graphs, little waste)."""
+    return 1 << (batch - 1).bit_length() if batch <= 8 else -(-batch // 8) * 8
 
 
 def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -68,37 +70,41 @@ def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return t if extra == 0 else torch.cat([t, t[:1].expand(extra, *t.shape[1:])])
 
 
-_pool_lock = threading.Lock()  # concurrent calls on one model take different caches
+# The cache the last compiled call of each model left behind: one per model, so the memory held is
+# bounded by one cache; weakly keyed, so it goes with the model (and deepcopy or torch.save never
+# copy it).
+_kept: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_kept_lock = threading.Lock()  # concurrent calls on one model never take the same cache
 
 
-def _pool(model) -> dict:
-    return model.__dict__.setdefault("_kernelhub_free_static_caches", {})
-
-
-def _pool_key(model, rows: int, max_len: int) -> tuple:
-    p = next(model.parameters())
-    return rows, max_len, p.dtype, p.device
+def _shape(model, rows: int, max_len: int) -> tuple:
+    """What a cache must match to be reused: its size, and the model's dtypes and devices now."""
+    return rows, max_len, frozenset((p.dtype, p.device) for p in model.parameters())
 
 
 def take_cache(model, rows: int, max_len: int):
-    """A static cache of `rows` x `max_len` for a compiled `generate` call: one an earlier call gave back
-    (zeroed: a stale NaN would survive a mask's zero weight), else `model.make_cache("static", ...)`."""
-    with _pool_lock:
-        free = _pool(model).get(_pool_key(model, rows, max_len))
-        cache = free.pop() if free else None
-    if cache is None:
+    """A static cache of `rows` x `max_len` for a compiled `generate` call: the one the model's last
+    compiled call left (`keep_cache`) when it has this shape, cleared, else a new one (the kept one
+    is dropped first, so its memory is free for the new one)."""
+    want = _shape(model, rows, max_len)
+    with _kept_lock:
+        shape, cache = _kept.pop(model, (None, None))
+    if shape != want:
+        del cache
         return model.make_cache("static", batch=rows, max_len=max_len)
-    for t in cache.keys + cache.values:
-        t.zero_()
+    with torch.inference_mode():  # generate made it, as an inference tensor
+        for t in cache.keys + cache.values:
+            t.zero_()  # a stale NaN would survive a mask's zero weight (0 x NaN), wherever an earlier call wrote it
     cache.seen = 0
     return cache
 
 
-def give_back_cache(model, cache) -> None:
-    """Keep `cache` on `model` for the next compiled call of its shape (the caller no longer reads it)."""
-    rows, max_len = cache.keys[0].shape[0], cache.max_len
-    with _pool_lock:
-        _pool(model).setdefault(_pool_key(model, rows, max_len), []).append(cache)
+def keep_cache(model, cache, rows: int, max_len: int) -> None:
+    """Leave `cache` (no longer read by anyone) for the model's next compiled call of its shape. Its
+    tensors keep their addresses from call to call, so CUDA-graph trees replay what they recorded
+    instead of recording again."""
+    with _kept_lock:
+        _kept[model] = (_shape(model, rows, max_len), cache)
 
 
 def decode_step(model, ids, positions, padding, cache):

@@ -22,8 +22,8 @@ from __future__ import annotations
 import dataclasses
 import torch
 
-from kernelhub.models.compiled_decode import (batch_bucket, give_back_cache, pad_rows, run_compiled,
-                                              static_cache_length, take_cache)
+from kernelhub.models.compiled_decode import (batch_bucket, keep_cache, pad_rows, run_compiled, static_cache_length,
+                                              take_cache)
 from kernelhub.models.outputs import GenerateOutput
 from kernelhub.models.sampling import SamplingParams, make_generator, pick, process_logits, warp
 from kernelhub.models.tensor_parallel_sync import check_cache_heads, same_on_every_rank
@@ -106,7 +106,8 @@ def generate(model, input_ids, *, sampling: SamplingParams | None = None, attent
     `compile=True` (with `cache="static"`) runs each decode step as one compiled graph, built once
     per cache-length bucket and batch-size bucket and reused across tokens and prompt lengths (see
     `kernelhub.models.compiled_decode`; a returned cache then holds the bucket's rows, the first
-    B of them this call's); the prefill runs eagerly.
+    B of them this call's); the prefill runs eagerly. The model keeps the last compiled call's
+    cache for the next one of that shape, unless the call returns it.
 
     >>> model.generate(ids, max_new_tokens=20, eos_token_id=[2, 7], repetition_penalty=1.2)  # doctest: +SKIP
     >>> model.generate(ids, max_new_tokens=64, cache="static", compile=True)  # doctest: +SKIP
@@ -133,7 +134,10 @@ def generate(model, input_ids, *, sampling: SamplingParams | None = None, attent
     attention_mask = attention_mask.to(device)
     max_len = static_cache_length(prompt_len + limit) if compile else prompt_len + limit
     rows = batch_bucket(batch) if compile else batch  # the model runs `rows`; logits are kept for `batch`
-    kv = take_cache(model, rows, max_len) if compile else model.make_cache(cache, batch=rows, max_len=max_len)
+    # a compiled call reuses the cache the model's last one left (the same addresses for CUDA graphs), unless
+    # this call hands its cache to the caller
+    reuse = compile and not return_dict_in_generate
+    kv = take_cache(model, rows, max_len) if reuse else model.make_cache(cache, batch=rows, max_len=max_len)
     check_cache_heads(model, kv)
     # compiled steps see the padding of the whole cache (ones past the prompt): one shape for every step
     padding = pad_rows(torch.nn.functional.pad(attention_mask, (0, max_len - prompt_len), value=1), rows) \
@@ -172,9 +176,9 @@ def generate(model, input_ids, *, sampling: SamplingParams | None = None, attent
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
     if streamer is not None:
         streamer.end()
-    if return_dict_in_generate:  # the caller keeps the cache
+    if return_dict_in_generate:
         return GenerateOutput(sequences=sequences, scores=tuple(scores) if output_scores else None,
                               past_key_values=kv)
-    if compile:
-        give_back_cache(model, kv)  # for the next call of this shape (a failed call just drops it)
+    if reuse:
+        keep_cache(model, kv, rows, max_len)  # for the next call of this shape (a failed call just drops it)
     return sequences

@@ -21,8 +21,8 @@ import kernelhub
 from kernelhub.backends.onednn_linear import pack, packed_linear
 from kernelhub.models import compiled_batching
 from kernelhub.models.compiled_batching import packed_step, token_bucket
-from kernelhub.models import compiled_decode
-from kernelhub.models.compiled_decode import decode_step, keep_cache, static_cache_length, take_cache
+from kernelhub.models import kept_cache
+from kernelhub.models.compiled_decode import decode_step, static_cache_length
 from tests.checkpoints import CONFIGS
 from tests.unchanged import assert_unchanged, snapshot
 
@@ -85,19 +85,19 @@ def test_compiled_generate_reuses_its_cache_across_calls_cleared(two_layer_check
     run = dict(max_new_tokens=8, cache="static", compile=True, eos_token_id=None)
     first, second = torch.tensor([[5, 17, 3, 9, 2]]), torch.tensor([[8, 1, 4]])
     model.generate(first, **run)
-    _, kept = compiled_decode._kept[model]
+    kept = kept_cache.kept(model, "static")
     address = kept.keys[0].data_ptr()
     with torch.inference_mode():  # generate made it there
         for t in kept.values:
             t.fill_(float("nan"))  # whatever a previous call left behind
     assert model.generate(second, **run).tolist() == model.generate(second, max_new_tokens=8,
                                                                      eos_token_id=None).tolist()
-    _, again = compiled_decode._kept[model]
+    again = kept_cache.kept(model, "static")
     assert again is kept and again.keys[0].data_ptr() == address
     returned = model.generate(second, return_dict_in_generate=True, **run).past_key_values
-    assert returned is not kept and compiled_decode._kept[model][1] is kept  # the caller's own cache
+    assert returned is not kept and kept_cache.kept(model, "static") is kept  # the caller's own cache
     model.generate(torch.tensor([[1, 2], [3, 4]]), **run)  # two rows: another shape
-    assert compiled_decode._kept[model][1] is not kept
+    assert kept_cache.kept(model, "static") is not kept
 
 
 def test_threads_taking_the_kept_cache_at_once_never_share_it(tiny_checkpoint):
@@ -105,9 +105,11 @@ def test_threads_taking_the_kept_cache_at_once_never_share_it(tiny_checkpoint):
     model = kernelhub.from_pretrained(tiny_checkpoint)
     lock, in_use, clashes, most = threading.Lock(), set(), [], [0]
 
+    spec = ("rows", 2)
+
     def worker():
         for _ in range(200):
-            cache = take_cache(model, 2, 64)
+            cache = kept_cache.take(model, "static", spec, lambda: model.make_cache("static", batch=2, max_len=64))
             with lock:
                 clashes.extend([cache] if id(cache) in in_use else [])
                 in_use.add(id(cache))
@@ -115,7 +117,7 @@ def test_threads_taking_the_kept_cache_at_once_never_share_it(tiny_checkpoint):
             time.sleep(0)  # let the others run while this one holds its cache
             with lock:
                 in_use.discard(id(cache))
-            keep_cache(model, cache, 2, 64)
+            kept_cache.keep(model, "static", spec, cache)
 
     threads = [threading.Thread(target=worker) for _ in range(4)]
     for t in threads:
@@ -138,8 +140,14 @@ def test_compiled_batching_compiles_once_per_token_bucket_and_equals_uncompiled(
     # decode-only steps of a few requests and full 16-token steps: two buckets, compiled once each
     assert results.stats["token_buckets"] == [8, 16]
     assert graphs() - before == 2
-    # another run with other prompts (same pool bucket) reuses them: no compilation at all
+    # another run with other prompts (same pool bucket) reuses them: no compilation at all, and it runs in
+    # the cache the first run left (the same pool addresses, for CUDA graphs), cleared of its leftovers
+    pool = kept_cache.kept(model, "paged")
+    with torch.inference_mode():
+        for t in pool.values:
+            t.fill_(float("nan"))
     again = model.generate_batch([p[::-1] for p in prompts], compile=True, **options)
+    assert kept_cache.kept(model, "paged") is pool
     assert graphs() - before == 2
     assert [r.tokens for r in again] == [r.tokens for r in model.generate_batch([p[::-1] for p in prompts],
                                                                                  **options)]

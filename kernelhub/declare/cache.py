@@ -89,6 +89,14 @@ class StaticCache:
         """Tokens written so far (the same for every layer)."""
         return self.seen
 
+    def reset(self) -> None:
+        """Empty the cache for reuse: position 0, every buffer zeroed (a stale NaN in a masked slot
+        would still reach attention's weighted sum as 0 x NaN)."""
+        with torch.inference_mode():  # the buffers may have been made in it (generate is)
+            for t in self.keys + self.values:
+                t.zero_()
+        self.seen = 0
+
     def step_view(self, q_len: int) -> StaticCacheStep:
         """The view a compiled step writes the next `q_len` positions through. Once the step has run,
         the caller counts them: `cache.seen += q_len`.

@@ -82,20 +82,32 @@ class PagedKVCache:
             raise ValueError("sliding_attention layers need a sliding_window")
         self.block_size, self.sliding_window = block_size, sliding_window
         self.groups = list(dict.fromkeys(self.layer_types))
-        self.pools = {g: BlockPool(num_blocks) for g in self.groups}
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layer_types]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layer_types]
         for t in self.keys + self.values:
             torch._dynamo.mark_static_address(t, guard=False)  # written in place by captured steps (see StaticCache)
-        self.tables: dict = {}     # seq -> {group: [block ids]}
         self.device = torch.device(device)
+        self._forget_sequences()
+
+    def reset(self) -> None:
+        """Empty the cache for reuse: every block free, no sequence, the pools zeroed (a stale NaN
+        in a masked slot would still reach attention's weighted sum as 0 x NaN)."""
+        with torch.inference_mode():  # the pools may have been made in it
+            for t in self.keys + self.values:
+                t.zero_()
+        self._forget_sequences()
+
+    def _forget_sequences(self) -> None:
+        self.pools = {g: BlockPool(self.num_blocks) for g in self.groups}
+        self.tables: dict = {}     # seq -> {group: [block ids]}
         self.step_masks: dict[str, PagedMask] = {}
         self._slots: dict = {}
 
     @classmethod
     def for_model(cls, model, *, memory_bytes: int, block_size: int = 16, max_blocks: int | None = None):
-        """A cache for `model` using at most `memory_bytes` (keys and values of every layer).
+        """A cache for `model` using at most `memory_bytes` (keys and values of every layer): the cache
+        `spec_for_model` describes.
 
         >>> from kernelhub.models.llama import LlamaForCausalLM
         >>> m = LlamaForCausalLM({"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
@@ -104,6 +116,12 @@ class PagedKVCache:
         >>> PagedKVCache.for_model(m, memory_bytes=2**16, block_size=16).num_blocks
         32
         """
+        return cls(**cls.spec_for_model(model, memory_bytes=memory_bytes, block_size=block_size,
+                                        max_blocks=max_blocks))
+
+    @staticmethod
+    def spec_for_model(model, *, memory_bytes: int, block_size: int = 16, max_blocks: int | None = None) -> dict:
+        """The keywords of the cache `for_model` makes: equal specs, interchangeable caches."""
         cfg, p = model.config, next(model.parameters())
         # the kv heads this process holds: fewer than the config's under tensor parallelism
         kv_heads = next((m.num_kv_heads for m in model.modules() if isinstance(m, AttentionSite)),
@@ -115,9 +133,9 @@ class PagedKVCache:
         if num_blocks < 2:
             raise ValueError(f"a KV cache budget of {memory_bytes} bytes holds {num_blocks} blocks of "
                              f"{block_size} positions ({per_block} bytes each); it needs at least 2")
-        return cls(cfg.layer_types, num_kv_heads=kv_heads, head_dim=cfg.head_dim,
-                   block_size=block_size, num_blocks=num_blocks, sliding_window=cfg.sliding_window,
-                   dtype=p.dtype, device=p.device)
+        return dict(layer_types=list(cfg.layer_types), num_kv_heads=kv_heads, head_dim=cfg.head_dim,
+                    block_size=block_size, num_blocks=num_blocks, sliding_window=cfg.sliding_window,
+                    dtype=p.dtype, device=p.device)
 
     # -- sizes -----------------------------------------------------------------------
 

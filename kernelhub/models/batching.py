@@ -35,6 +35,7 @@ from kernelhub.declare.log import progress as progress_bar
 from kernelhub.declare.paged_cache import PagedKVCache
 from kernelhub.declare.site import AttentionSite
 from kernelhub.declare.errors import SamplingError
+from kernelhub.models import kept_cache
 from kernelhub.models.compiled_batching import CompiledStep
 from kernelhub.models.generate import config_defaults, set_fields
 from kernelhub.models.sampling import SamplingParams, make_generator, sample
@@ -154,7 +155,12 @@ class ContinuousBatcher:
         # Under tensor parallelism every rank must schedule alike: the ranks agree on one budget (the
         # smallest; free GPU memory differs per rank), so their pools hold the same number of blocks.
         memory = agreed_min(model, kv_memory or default_kv_memory(self.device))
-        self.cache = PagedKVCache.for_model(model, memory_bytes=memory, block_size=block_size, max_blocks=max_blocks)
+        self.cache_spec = PagedKVCache.spec_for_model(model, memory_bytes=memory, block_size=block_size,
+                                                      max_blocks=max_blocks)
+        make = lambda: PagedKVCache(**self.cache_spec)  # noqa: E731
+        # Compiled steps run in the cache a finished compiled run left, when it has this spec: the same
+        # pool addresses, so CUDA graphs captured then replay now (`generate_batch` leaves it).
+        self.cache = kept_cache.take(model, "paged", self.cache_spec, make) if compile else make()
         self.compiled = CompiledStep(model, self.cache, max_batch_tokens) if compile else None
         self.waiting: collections.deque[_Request] = collections.deque()
         self.running: list[_Request] = []  # in admission order
@@ -380,4 +386,5 @@ def generate_batch(model, prompts, *, sampling: SamplingParams | None = None,
                  num_blocks=batcher.cache.num_blocks)
     if compile:
         stats["token_buckets"] = sorted(batcher.compiled.buckets)
+        kept_cache.keep(model, "paged", batcher.cache_spec, batcher.cache)  # for the next compiled run
     return BatchResults([results[i] for i in range(len(prompts))], stats)

@@ -17,10 +17,9 @@ all are handled here:
 Shapes stay static otherwise (`dynamic=False`): each bucket gets code specialised to its sizes.
 The prefill runs eagerly (one call per prompt, of a length that varies).
 
-**A kept cache.** A finished call leaves its static cache with the model (`keep_cache`; one per
-model) and the next call of the same shape takes it (`take_cache`), cleared. The cache's tensors
-then keep their addresses from call to call, which CUDA-graph trees need to replay what they
-recorded instead of recording again every call.
+**A kept cache.** A finished call leaves its static cache with the model and the next call of
+the same shape takes it, cleared (`kernelhub.models.kept_cache`): its tensors keep their
+addresses from call to call, which CUDA-graph trees need to replay what they recorded.
 
 **CUDA graphs.** On a CUDA device the step is also captured (inductor's CUDA-graph trees) and
 replayed: one capture per cache-length and batch-size bucket. Capture needs what the points above give, a
@@ -35,9 +34,6 @@ the next replay overwrites it (`run_compiled` does).
 """
 
 from __future__ import annotations
-
-import threading
-import weakref
 
 import torch
 
@@ -68,43 +64,6 @@ def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     """
     extra = rows - t.shape[0]
     return t if extra == 0 else torch.cat([t, t[:1].expand(extra, *t.shape[1:])])
-
-
-# The cache the last compiled call of each model left behind: one per model, so the memory held is
-# bounded by one cache; weakly keyed, so it goes with the model (and deepcopy or torch.save never
-# copy it).
-_kept: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_kept_lock = threading.Lock()  # concurrent calls on one model never take the same cache
-
-
-def _shape(model, rows: int, max_len: int) -> tuple:
-    """What a cache must match to be reused: its size, and the model's dtypes and devices now."""
-    return rows, max_len, frozenset((p.dtype, p.device) for p in model.parameters())
-
-
-def take_cache(model, rows: int, max_len: int):
-    """A static cache of `rows` x `max_len` for a compiled `generate` call: the one the model's last
-    compiled call left (`keep_cache`) when it has this shape, cleared, else a new one (the kept one
-    is dropped first, so its memory is free for the new one)."""
-    want = _shape(model, rows, max_len)
-    with _kept_lock:
-        shape, cache = _kept.pop(model, (None, None))
-    if shape != want:
-        del cache
-        return model.make_cache("static", batch=rows, max_len=max_len)
-    with torch.inference_mode():  # generate made it, as an inference tensor
-        for t in cache.keys + cache.values:
-            t.zero_()  # a stale NaN would survive a mask's zero weight (0 x NaN), wherever an earlier call wrote it
-    cache.seen = 0
-    return cache
-
-
-def keep_cache(model, cache, rows: int, max_len: int) -> None:
-    """Leave `cache` (no longer read by anyone) for the model's next compiled call of its shape. Its
-    tensors keep their addresses from call to call, so CUDA-graph trees replay what they recorded
-    instead of recording again."""
-    with _kept_lock:
-        _kept[model] = (_shape(model, rows, max_len), cache)
 
 
 def decode_step(model, ids, positions, padding, cache):

@@ -22,8 +22,8 @@ from __future__ import annotations
 import dataclasses
 import torch
 
-from kernelhub.models.compiled_decode import (batch_bucket, keep_cache, pad_rows, run_compiled, static_cache_length,
-                                              take_cache)
+from kernelhub.models import kept_cache
+from kernelhub.models.compiled_decode import batch_bucket, pad_rows, run_compiled, static_cache_length
 from kernelhub.models.outputs import GenerateOutput
 from kernelhub.models.sampling import SamplingParams, make_generator, pick, process_logits, warp
 from kernelhub.models.tensor_parallel_sync import check_cache_heads, same_on_every_rank
@@ -137,7 +137,9 @@ def generate(model, input_ids, *, sampling: SamplingParams | None = None, attent
     # a compiled call reuses the cache the model's last one left (the same addresses for CUDA graphs), unless
     # this call hands its cache to the caller
     reuse = compile and not return_dict_in_generate
-    kv = take_cache(model, rows, max_len) if reuse else model.make_cache(cache, batch=rows, max_len=max_len)
+    spec = (rows, max_len, frozenset((p.dtype, p.device) for p in model.parameters()))
+    make = lambda: model.make_cache(cache, batch=rows, max_len=max_len)  # noqa: E731
+    kv = kept_cache.take(model, "static", spec, make) if reuse else make()
     check_cache_heads(model, kv)
     # compiled steps see the padding of the whole cache (ones past the prompt): one shape for every step
     padding = pad_rows(torch.nn.functional.pad(attention_mask, (0, max_len - prompt_len), value=1), rows) \
@@ -180,5 +182,5 @@ def generate(model, input_ids, *, sampling: SamplingParams | None = None, attent
         return GenerateOutput(sequences=sequences, scores=tuple(scores) if output_scores else None,
                               past_key_values=kv)
     if reuse:
-        keep_cache(model, kv, rows, max_len)  # for the next call of this shape (a failed call just drops it)
+        kept_cache.keep(model, "static", spec, kv)  # for the next call of this shape (a failed call drops it)
     return sequences

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import kernelhub
+import kernelhub.models.kept_cache
 from kernelhub.declare.eager import eager_attention
 from kernelhub.models.batching import ContinuousBatcher
 from kernelhub.registry.capabilities import AttentionBackend
@@ -202,6 +203,40 @@ def test_cancelling_an_unknown_request_names_the_active_ones(tiny_checkpoint):
     with pytest.raises(ValueError, match="request id 'a' is already in use"):
         batcher.add_request([4], request_id="a")
     assert [r.request_id for r in batcher] == ["a"]
+
+
+def test_closing_a_batcher_cancels_its_work_and_refuses_use(tiny_checkpoint):
+    model = kernelhub.from_pretrained(tiny_checkpoint, attn_implementation="sdpa")
+    with ContinuousBatcher(model, kv_memory=1 << 20) as batcher:
+        batcher.add_request([1, 2, 3], request_id="done", max_new_tokens=1)
+        batcher.add_request([4, 5], request_id="open", max_new_tokens=50)
+        stepped = batcher.step()  # one step: "done" samples its one token, "open" its first
+        finished = batcher.close()
+    assert [(r.request_id, r.finish_reason) for r in stepped] == [("done", "length")]
+    assert [(r.request_id, r.finish_reason, len(r.tokens)) for r in finished] == [("open", "cancelled", 1)]
+    assert batcher.close() == [] and list(batcher) == []
+    with pytest.raises(RuntimeError, match="cannot add a request: this ContinuousBatcher is closed"):
+        batcher.add_request([1])
+    with pytest.raises(RuntimeError, match="cannot run a step: this ContinuousBatcher is closed"):
+        batcher.step()
+    assert kernelhub.models.kept_cache.kept(model, "paged") is None  # only compiled batchers keep their pool
+
+
+def test_a_closed_compiled_batcher_leaves_its_pool_to_the_next(tiny_checkpoint):
+    """The next compiled batcher of the same spec runs in the same pool, zeroed and with every
+    block free, so graphs captured for the first replay for the second (no step compiles here)."""
+    model = kernelhub.from_pretrained(tiny_checkpoint, attn_implementation="paged|sdpa")
+    first = ContinuousBatcher(model, kv_memory=1 << 20, compile=True)
+    first.add_request([1, 2, 3], max_new_tokens=4)
+    first.cache.reserve(0, 3)
+    first.cache.keys[0].fill_(float("nan"))
+    with pytest.raises(RuntimeError, match="exploded"), first:
+        raise RuntimeError("exploded")  # an exception in the block still leaves the pool
+    second = ContinuousBatcher(model, kv_memory=1 << 20, compile=True)
+    assert second.cache is first.cache and second.cache.used_blocks() == 0
+    assert not any(t.isnan().any() for t in second.cache.keys)
+    other = ContinuousBatcher(model, kv_memory=2 << 20, compile=True)  # another pool size: its own pool
+    assert other.cache is not first.cache
 
 
 def test_paged_with_a_backend_lacking_paged_support_is_refused_at_bind(tiny_checkpoint):

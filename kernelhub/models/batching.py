@@ -128,6 +128,10 @@ class ContinuousBatcher:
     >>> batcher.cancel(b)
     >>> sorted((r.request_id, r.finish_reason) for r in batcher)
     [(0, 'length'), (1, 'cancelled')]
+
+    Used as a context manager (or with `close()`), a compiled batcher leaves its KV pool for the
+    next compiled batcher of the same model and pool size, whose graphs then replay on the same
+    addresses (as `generate_batch` does between calls).
     """
 
     def __init__(self, model, *, sampling: SamplingParams | None = None, max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
@@ -167,6 +171,35 @@ class ContinuousBatcher:
         self.finished: list[GenerationResult] = []
         self._ids = itertools.count()
         self.stats = collections.Counter()
+        self.closed = False
+
+    # -- lifetime --------------------------------------------------------------------
+
+    def close(self) -> list[GenerationResult]:
+        """Finish with this batcher: cancel what is still waiting or running and return those
+        results with any not yet read. A compiled batcher leaves its KV pool with the model for the
+        next compiled one of the same spec (`kernelhub.models.kept_cache`). Closing twice is a
+        no-op; any other use after `close` raises."""
+        if self.closed:
+            return []
+        for request in [*self.running, *self.waiting]:
+            self.cancel(request.id)
+        done, self.finished = self.finished, []
+        self.closed = True
+        if self.compiled is not None:
+            kept_cache.keep(self.model, "paged", self.cache_spec, self.cache)
+        return done
+
+    def __enter__(self) -> "ContinuousBatcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _refuse_if_closed(self, doing: str) -> None:
+        if self.closed:
+            raise RuntimeError(f"cannot {doing}: this ContinuousBatcher is closed (its KV pool may already "
+                               "serve another batcher); make a new one")
 
     # -- requests --------------------------------------------------------------------
 
@@ -177,6 +210,7 @@ class ContinuousBatcher:
         `sampling` replaces the batcher's `SamplingParams` for this request; keyword `options`
         (`max_new_tokens`, `do_sample`, `temperature`, `top_k`, `top_p`, `eos_token_id`, `seed`)
         override single fields of it."""
+        self._refuse_if_closed("add a request")
         params = batch_sampling(SamplingParams.from_kwargs(self.sampling if sampling is None else sampling, **options))
         tokens = _as_token_list(prompt, "prompt", self.model.config.vocab_size)
         request_id = next(self._ids) if request_id is None else request_id
@@ -224,6 +258,7 @@ class ContinuousBatcher:
 
     def step(self) -> list[GenerationResult]:
         """Schedule and run one forward; return the requests that finished."""
+        self._refuse_if_closed("run a step")
         scheduled = self._schedule()
         if scheduled:
             self._run(scheduled)
@@ -386,5 +421,5 @@ def generate_batch(model, prompts, *, sampling: SamplingParams | None = None,
                  num_blocks=batcher.cache.num_blocks)
     if compile:
         stats["token_buckets"] = sorted(batcher.compiled.buckets)
-        kept_cache.keep(model, "paged", batcher.cache_spec, batcher.cache)  # for the next compiled run
+    batcher.close()  # a compiled batcher leaves its pool for the next compiled run
     return BatchResults([results[i] for i in range(len(prompts))], stats)

@@ -3,9 +3,11 @@
     .venv/bin/python bench/kernel_speed.py [--device cuda]      # or: make bench
 
 Times each kernel's public function against torch eager on the same tensors (median of
-interleaved runs, one run) and prints the speedup; for rmsnorm also the effective memory
-bandwidth (bytes read + written / time). On a CPU without a GPU the kernels run their
-PyTorch reference path (Triton needs a GPU, or the far slower interpreter), so expect ~1.0.
+interleaved runs, one run) and prints the speedup, the effective memory bandwidth (bytes read
++ written / time) and that bandwidth as a share of a plain device copy measured in the same run
+(the practical limit: on a GPU, the HBM bandwidth a copy reaches). `--hidden 4096 8192` runs
+each width. On a CPU without a GPU the kernels run their PyTorch reference path (Triton needs a
+GPU, or the far slower interpreter), so expect ~1.0.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from compile import copy_bandwidth  # bench/compile.py: the same measurement, read + write
 
 HUB_KERNELS = Path(__file__).resolve().parents[1] / "hub_kernels"
 for name in ("rmsnorm", "silu-and-mul", "layernorm", "rotary", "flash-attention"):
@@ -79,16 +82,22 @@ def workloads(device, dtype, hidden):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, nargs="+", default=[4096])
     args = parser.parse_args()
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     os.environ.pop("TRITON_INTERPRET", None)
-    print(f"device {args.device}, {str(dtype).removeprefix('torch.')}, hidden {args.hidden}")
-    print(f"{'kernel':14s} {'kernel ms':>10s} {'eager ms':>10s} {'speedup':>8s} {'GB/s':>8s}")
-    for name, (kernel, eager, nbytes) in workloads(args.device, dtype, args.hidden).items():
-        t_kernel, t_eager = compare(kernel, eager, args.device)
-        print(f"{name:14s} {t_kernel * 1e3:10.3f} {t_eager * 1e3:10.3f} {t_eager / t_kernel:8.2f} "
-              f"{nbytes / t_kernel / 1e9:8.1f}")
+    limit = copy_bandwidth(args.device, mib=1024 if args.device == "cuda" else 512)
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"device {args.device} ({name}), {str(dtype).removeprefix('torch.')}, copy bandwidth {limit / 1e9:.1f} GB/s")
+    for hidden in args.hidden:
+        print(f"\nhidden {hidden}")
+        print(f"{'kernel':16s} {'kernel ms':>10s} {'eager ms':>10s} {'speedup':>8s} {'GB/s':>8s} {'% of copy':>10s}")
+        for name, (kernel, eager, nbytes) in workloads(args.device, dtype, hidden).items():
+            t_kernel, t_eager = compare(kernel, eager, args.device)
+            bandwidth = nbytes / t_kernel
+            share = "-" if name == "flash-attention" else f"{100 * bandwidth / limit:.0f}%"  # bound by compute
+            print(f"{name:16s} {t_kernel * 1e3:10.3f} {t_eager * 1e3:10.3f} {t_eager / t_kernel:8.2f} "
+                  f"{bandwidth / 1e9:8.1f} {share:>10s}")
 
 
 if __name__ == "__main__":

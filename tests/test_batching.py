@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import kernelhub
-import kernelhub.models.kept_cache
 from kernelhub.declare.eager import eager_attention
+from kernelhub.models import kept_cache
 from kernelhub.models.batching import ContinuousBatcher
 from kernelhub.registry.capabilities import AttentionBackend
 from kernelhub.samples import smollm2_gguf
@@ -226,7 +226,7 @@ def test_closing_a_batcher_cancels_its_work_and_refuses_use(tiny_checkpoint):
         batcher.add_request([1])
     with pytest.raises(RuntimeError, match="cannot run a step: this ContinuousBatcher is closed"):
         batcher.step()
-    assert kernelhub.models.kept_cache.kept(model, "paged") is None  # only compiled batchers keep their pool
+    assert kept_cache.kept(model, "paged") is None  # only compiled batchers keep their pool
 
 
 def test_a_closed_compiled_batcher_leaves_its_pool_to_the_next(tiny_checkpoint):
@@ -234,16 +234,19 @@ def test_a_closed_compiled_batcher_leaves_its_pool_to_the_next(tiny_checkpoint):
     block free, so graphs captured for the first replay for the second (no step compiles here)."""
     model = kernelhub.from_pretrained(tiny_checkpoint, attn_implementation="paged|sdpa")
     first = ContinuousBatcher(model, kv_memory=1 << 20, compile=True)
+    pool = first.cache
     first.add_request([1, 2, 3], max_new_tokens=4)
-    first.cache.reserve(0, 3)
-    first.cache.keys[0].fill_(float("nan"))
+    pool.reserve("stray", 5)  # blocks no request holds, so cancelling on close does not free them
+    pool.keys[0].fill_(float("nan"))
     with pytest.raises(RuntimeError, match="exploded"), first:
         raise RuntimeError("exploded")  # an exception in the block still leaves the pool
+    assert first.cache is None and kept_cache.kept(model, "paged") is pool
     second = ContinuousBatcher(model, kv_memory=1 << 20, compile=True)
-    assert second.cache is first.cache and second.cache.used_blocks() == 0
-    assert not any(t.isnan().any() for t in second.cache.keys)
-    other = ContinuousBatcher(model, kv_memory=2 << 20, compile=True)  # another pool size: its own pool
-    assert other.cache is not first.cache
+    assert second.cache is pool and pool.used_blocks() == 0  # reset: every block free
+    assert not any(t.isnan().any() for t in pool.keys)
+    second.close()
+    other = ContinuousBatcher(model, kv_memory=2 << 20, compile=True)  # another pool size: not this pool
+    assert other.cache is not pool and kept_cache.kept(model, "paged") is None
 
 
 def test_paged_with_a_backend_lacking_paged_support_is_refused_at_bind(tiny_checkpoint):

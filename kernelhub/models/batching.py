@@ -178,8 +178,9 @@ class ContinuousBatcher:
     def close(self) -> list[GenerationResult]:
         """Finish with this batcher: cancel what is still waiting or running and return those
         results with any not yet read. A compiled batcher leaves its KV pool with the model for the
-        next compiled one of the same spec (`kernelhub.models.kept_cache`). Closing twice is a
-        no-op; any other use after `close` raises."""
+        next compiled one of the same spec (`kernelhub.models.kept_cache`); either way the batcher
+        lets go of its pool. Closing twice is a no-op; after `close`, adding a request or running a
+        step raises, and iterating yields nothing. Not thread-safe: close from the thread that steps."""
         if self.closed:
             return []
         for request in [*self.running, *self.waiting]:
@@ -188,6 +189,7 @@ class ContinuousBatcher:
         self.closed = True
         if self.compiled is not None:
             kept_cache.keep(self.model, "paged", self.cache_spec, self.cache)
+        self.cache = self.compiled = None  # a pool kept or dropped is no longer this batcher's
         return done
 
     def __enter__(self) -> "ContinuousBatcher":
@@ -409,17 +411,17 @@ def generate_batch(model, prompts, *, sampling: SamplingParams | None = None,
     workload = 1 + sum(-(-(len(p) + params.max_new_tokens) // block_size) for p in prompts)
     if compile:  # the pool's size is part of the compiled graphs' shapes: bucket it too, so calls share them
         workload = 1 << (workload - 1).bit_length()
-    batcher = ContinuousBatcher(model, sampling=params, max_batch_tokens=max_batch_tokens, block_size=block_size,
-                                kv_memory=kv_memory, max_blocks=workload, generator=generator, compile=compile)
-    for i, prompt in enumerate(prompts):
-        batcher.add_request(prompt, request_id=i)
-    # progress=False means no bar at all, not "a bar on a terminal only"; an asked-for bar stays when done
-    with progress_bar(batcher, desc="generating", total=len(prompts), unit="request", leave=True,
-                      disable=not progress) as finished:
-        results = {r.request_id: r for r in finished}
-    stats = dict(batcher.stats, kv_memory_bytes=batcher.cache.memory_bytes, block_size=block_size,
-                 num_blocks=batcher.cache.num_blocks)
-    if compile:
-        stats["token_buckets"] = sorted(batcher.compiled.buckets)
-    batcher.close()  # a compiled batcher leaves its pool for the next compiled run
+    # leaving the block closes the batcher: a compiled one leaves its pool for the next compiled run
+    with ContinuousBatcher(model, sampling=params, max_batch_tokens=max_batch_tokens, block_size=block_size,
+                           kv_memory=kv_memory, max_blocks=workload, generator=generator, compile=compile) as batcher:
+        for i, prompt in enumerate(prompts):
+            batcher.add_request(prompt, request_id=i)
+        # progress=False means no bar at all, not "a bar on a terminal only"; an asked-for bar stays when done
+        with progress_bar(batcher, desc="generating", total=len(prompts), unit="request", leave=True,
+                          disable=not progress) as finished:
+            results = {r.request_id: r for r in finished}
+        stats = dict(batcher.stats, kv_memory_bytes=batcher.cache.memory_bytes, block_size=block_size,
+                     num_blocks=batcher.cache.num_blocks)
+        if compile:
+            stats["token_buckets"] = sorted(batcher.compiled.buckets)
     return BatchResults([results[i] for i in range(len(prompts))], stats)

@@ -34,10 +34,9 @@ import torch
 from kernelhub.declare.log import progress as progress_bar
 from kernelhub.declare.paged_cache import PagedKVCache
 from kernelhub.declare.site import AttentionSite
-from kernelhub.declare.errors import SamplingError
 from kernelhub.models import kept_cache
+from kernelhub.models.batch_options import as_token_list, batch_defaults, batch_sampling
 from kernelhub.models.compiled_batching import CompiledStep
-from kernelhub.models.generate import config_defaults, set_fields
 from kernelhub.models.sampling import SamplingParams, make_generator, sample
 from kernelhub.models.tensor_parallel_sync import agreed_min, same_on_every_rank
 
@@ -92,23 +91,6 @@ class _Request:
 
     def result(self, reason, error=None):
         return GenerationResult(self.id, self.prompt, self.tokens[len(self.prompt):], reason, error)
-
-
-def _as_token_list(prompt, where: str, vocab_size: int) -> list[int]:
-    if isinstance(prompt, torch.Tensor):
-        if prompt.ndim != 1:
-            raise ValueError(f"{where} must be a 1-D tensor of token ids, got shape {tuple(prompt.shape)}")
-        prompt = prompt.tolist()
-    if isinstance(prompt, str) or not hasattr(prompt, "__iter__"):
-        raise ValueError(f"{where} must be a list of token ids, got {type(prompt).__name__} "
-                         "(tokenize text first)")
-    tokens = list(prompt)
-    if not tokens:
-        raise ValueError(f"{where} is empty; every prompt needs at least one token")
-    bad = [t for t in tokens if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
-    if bad:
-        raise ValueError(f"{where} has token ids outside 0..{vocab_size - 1}: {bad[:5]}")
-    return tokens
 
 
 def _sites_without_paged(model) -> list[str]:
@@ -214,7 +196,7 @@ class ContinuousBatcher:
         override single fields of it."""
         self._refuse_if_closed("add a request")
         params = batch_sampling(SamplingParams.from_kwargs(self.sampling if sampling is None else sampling, **options))
-        tokens = _as_token_list(prompt, "prompt", self.model.config.vocab_size)
+        tokens = as_token_list(prompt, "prompt", self.model.config.vocab_size)
         request_id = next(self._ids) if request_id is None else request_id
         if request_id in self._active_ids():
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -362,28 +344,6 @@ def _draw_key(request: _Request):
     return (p.temperature, p.top_k, p.top_p, id(request.generator)) if p.do_sample else "greedy"
 
 
-# What per-prompt `generate` does that continuous batching does not (yet): refused, never ignored.
-_NOT_BATCHED = {"min_new_tokens": 0, "max_length": None, "repetition_penalty": 1.0, "stop_strings": ()}
-
-
-def batch_defaults(model, sampling, options: dict) -> dict:
-    """The options of this batch merged as `generate` merges them (generation config, then
-    `sampling`, then keywords), taking from the generation config only what batching honours."""
-    honoured = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id")
-    from_config = {k: v for k, v in config_defaults(model).items() if k in honoured}
-    return {**from_config, **set_fields(sampling), **options}
-
-
-def batch_sampling(params: SamplingParams) -> SamplingParams:
-    """`params` if continuous batching honours every field that is set; a clear error otherwise."""
-    unsupported = [f"{name}={getattr(params, name)!r}" for name, off in _NOT_BATCHED.items()
-                   if getattr(params, name) != off]
-    if unsupported:
-        raise SamplingError(f"continuous batching does not support {', '.join(unsupported)}; use model.generate "
-                            "for these, or leave them at their defaults")
-    return params
-
-
 def generate_batch(model, prompts, *, sampling: SamplingParams | None = None,
                    max_batch_tokens: int = DEFAULT_BATCH_TOKENS, block_size: int = DEFAULT_BLOCK_SIZE,
                    kv_memory: int | None = None, generator: torch.Generator | None = None, progress: bool = False,
@@ -407,7 +367,7 @@ def generate_batch(model, prompts, *, sampling: SamplingParams | None = None,
     if not prompts:
         raise ValueError("prompts is empty; generate_batch needs at least one prompt")
     vocab = model.config.vocab_size
-    prompts = [_as_token_list(p, f"prompt {i}", vocab) for i, p in enumerate(prompts)]
+    prompts = [as_token_list(p, f"prompt {i}", vocab) for i, p in enumerate(prompts)]
     workload = 1 + sum(-(-(len(p) + params.max_new_tokens) // block_size) for p in prompts)
     if compile:  # the pool's size is part of the compiled graphs' shapes: bucket it too, so calls share them
         workload = 1 << (workload - 1).bit_length()

@@ -43,7 +43,7 @@ bench: $(STAMP)
 	$(PY) bench/batching.py --plot build/batching.png
 
 docs: $(STAMP)
-	$(PY) -m kernelhub.docs_gen docs/attention.md
+	$(PY) -m kernelhub.cli.docs_gen docs/attention.md
 	$(VENV)/bin/mkdocs build --strict
 
 clean:

@@ -26,8 +26,8 @@ import time
 import torch
 
 import kernelhub
-from kernelhub.models.batching import generate_batch
-from kernelhub.samples import smollm2_gguf, write_random_checkpoint
+from kernelhub.runtime.batching import generate_batch
+from kernelhub.testing.samples import smollm2_gguf, write_random_checkpoint
 
 WORKLOADS = [(8, 128), (64, 32)]  # (prompts, new tokens each)
 SMOLLM2_SHAPE = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,

@@ -27,7 +27,7 @@ os.environ["KERNELHUB_CACHE"] = tempfile.mkdtemp(prefix="kernelhub-bench-store-"
 import torch  # noqa: E402
 
 import kernelhub  # noqa: E402
-from kernelhub.kernel_build import build_kernel  # noqa: E402
+from kernelhub.kernel.build import build_kernel  # noqa: E402
 from kernelhub.models.llama import LlamaForCausalLM  # noqa: E402
 from kernelhub.testing import populate_hub_cache  # noqa: E402
 

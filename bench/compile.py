@@ -39,7 +39,7 @@ import time
 import torch
 
 import kernelhub
-from kernelhub.samples import smollm2_gguf
+from kernelhub.testing.samples import smollm2_gguf
 
 QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "Write a haiku about the sea.",
              "Explain gravity to a child.", "What is 12 times 7?", "List four animals that live in the ocean.",

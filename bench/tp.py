@@ -107,7 +107,7 @@ def main():
     args = parser.parse_args()
     if args.rank is not None:
         return rank_main(args)
-    from kernelhub.samples import write_random_checkpoint
+    from kernelhub.testing.samples import write_random_checkpoint
 
     config = {"model_type": "llama", "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
               **SIZES["tiny" if args.tiny else "default"]}

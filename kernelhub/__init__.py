@@ -15,7 +15,7 @@ from kernelhub.declare.layer import Linear, layer
 from kernelhub.declare.masks import (and_masks, bidirectional_mask, causal_mask, chunked_mask, or_masks,
                                      padding_mask, sliding_window_mask)
 from kernelhub.declare.site import AttentionSite, SiteBinding
-from kernelhub.models.sampling import SamplingParams
+from kernelhub.runtime.sampling import SamplingParams
 from kernelhub.registry.plugins import backends, register_backend, unregister_backend
 from kernelhub.registry.swap import use_kernels
 from kernelhub.registry.bind import bind, unbind
@@ -25,9 +25,12 @@ from kernelhub.registry.layer_contract import LayerCapabilities
 from kernelhub.registry.modes import Mode
 from kernelhub.registry.plan import BindingPlan, PlanEntry
 from kernelhub.registry.plugins import get_registry, scoped_registry
-from kernelhub.registry.pretrained import explain, from_pretrained, load_tokenizer
+from kernelhub.runtime.pretrained import explain, from_pretrained, load_tokenizer
 
 from kernelhub import debug  # kernelhub.debug.trace(model, inputs); imported after the API it uses
+from kernelhub import moved_modules
+
+moved_modules.install()  # 0.2 module paths keep working for one release
 
 __version__ = "0.1.0"
 

@@ -1,5 +1,5 @@
 import sys
 
-from kernelhub.cli import main
+from kernelhub.cli.commands import main
 
 sys.exit(main())

@@ -23,7 +23,7 @@ def isolated_registry():
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A random 4-layer Llama checkpoint in the Hugging Face layout, shared by the whole run."""
-    from kernelhub.samples import write_random_checkpoint
+    from kernelhub.testing.samples import write_random_checkpoint
 
     path = tmp_path_factory.mktemp("tiny")
     write_random_checkpoint(path)
@@ -34,7 +34,7 @@ def tiny_checkpoint(tmp_path_factory):
 def hub_kernels_built():
     """Every kernel in hub_kernels/ built in place once, as `kernelhub kernel build DIR` leaves it
     (build/ folders are not committed): tests bind them as local kernels in any order."""
-    from kernelhub.kernel_build import build_kernel
+    from kernelhub.kernel.build import build_kernel
     from tests.hub_test_kernels import HUB_KERNELS
 
     for kernel in sorted(HUB_KERNELS.iterdir()):

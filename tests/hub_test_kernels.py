@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from kernelhub.kernel_build import build_kernel
+from kernelhub.kernel.build import build_kernel
 from kernelhub.testing import write_kernel_repo
 
 ORG = "kernelhub-test"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kernelhub
-from kernelhub.cli import main
+from kernelhub.cli.commands import main
 from kernelhub.registry.hub import loader
 from kernelhub.registry.hub.loader import forget_loaded
 from kernelhub.registry.hub.locking import lock_kernels

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 import kernelhub
 from tests.unchanged import assert_unchanged, registry_snapshot, snapshot
 from kernelhub.declare.eager import eager_attention
-from kernelhub.samples import TINY_LLAMA, write_random_checkpoint
+from kernelhub.testing.samples import TINY_LLAMA, write_random_checkpoint
 
 
 @pytest.fixture

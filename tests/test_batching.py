@@ -6,10 +6,10 @@ import torch
 
 import kernelhub
 from kernelhub.declare.eager import eager_attention
-from kernelhub.models import kept_cache
-from kernelhub.models.batching import ContinuousBatcher
+from kernelhub.runtime import kept_cache
+from kernelhub.runtime.batching import ContinuousBatcher
 from kernelhub.registry.capabilities import AttentionBackend
-from kernelhub.samples import smollm2_gguf
+from kernelhub.testing.samples import smollm2_gguf
 from tests.unchanged import assert_unchanged, registry_snapshot, snapshot
 
 PAGED_BACKENDS = ["eager", "sdpa", "flex", "flash"]

@@ -20,8 +20,8 @@ import torch
 
 import kernelhub
 from kernelhub.backends.onednn_linear import NO_BF16, bf16_supported
-from kernelhub.demo import MORE_QUESTIONS, QUESTIONS, chat_ids
-from kernelhub.samples import smollm2_gguf
+from kernelhub.cli.demo import MORE_QUESTIONS, QUESTIONS, chat_ids
+from kernelhub.testing.samples import smollm2_gguf
 
 STEPS = 24
 MIN_EQUAL = 0.95

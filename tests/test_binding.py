@@ -11,7 +11,7 @@ import torch
 
 import kernelhub
 from kernelhub.declare.eager import eager_attention
-from kernelhub.samples import TINY_LLAMA, write_random_checkpoint
+from kernelhub.testing.samples import TINY_LLAMA, write_random_checkpoint
 from kernelhub.registry import plugins
 from threads import run_in_threads
 

@@ -8,7 +8,7 @@ import torch
 import kernelhub
 from checkpoints import write_hf_checkpoint
 from threads import run_in_threads
-from kernelhub.samples import minilm_dir
+from kernelhub.testing.samples import minilm_dir
 
 
 @pytest.fixture(scope="module")

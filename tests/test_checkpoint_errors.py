@@ -7,7 +7,7 @@ import torch
 
 import kernelhub
 from gguf_files import write_tiny_gguf
-from kernelhub.samples import minilm_dir
+from kernelhub.testing.samples import minilm_dir
 
 
 @pytest.fixture(autouse=True)
@@ -72,7 +72,7 @@ def test_missing_gguf_file(tmp_path):
 
 
 def test_explain_on_gguf_reads_metadata_only(tmp_path, monkeypatch):
-    import kernelhub.models.gguf as gguf_module
+    import kernelhub.checkpoint.gguf as gguf_module
 
     def no_tensors(*a, **k):
         raise AssertionError("explain must not dequantise")

@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 
 import kernelhub
 import kernelhub.models.bert as bert_module
-import kernelhub.models.checkpoint as checkpoint_module
-import kernelhub.models.gguf as gguf_module
+import kernelhub.checkpoint.hf_layout as checkpoint_module
+import kernelhub.checkpoint.gguf as gguf_module
 import kernelhub.models.llama as llama_module
 from gguf_files import write_tiny_gguf
 from kernelhub.declare.errors import CheckpointError, ConfigError

@@ -10,8 +10,8 @@ import pytest
 
 import kernelhub
 from gguf_files import write_tiny_gguf
-from kernelhub.cli import build_parser, main
-from kernelhub.cli_args import parse_request
+from kernelhub.cli.commands import build_parser, main
+from kernelhub.cli.args import parse_request
 from kernelhub.registry.hub.ref import parse_kernel_ref
 
 HUB_SUBCOMMANDS = ("backends", "plugins", "explain", "demo", "run", "lock", "download", "kernel")
@@ -144,7 +144,7 @@ def test_a_missing_checkpoint_is_one_line_and_debug_shows_the_traceback(tmp_path
 
 def _patched(exception: str, *args) -> str:
     """Python code that makes `kernelhub backends` raise `exception`, then runs the CLI."""
-    return ("import sys, kernelhub.cli as cli\n"
+    return ("import sys, kernelhub.cli.commands as cli\n"
             "def boom(args):\n"
             f"    raise {exception}\n"
             "cli.cmd_backends = boom\n"

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from gguf_files import write_tiny_gguf
-from kernelhub.samples import minilm_dir, smollm2_gguf
+from kernelhub.testing.samples import minilm_dir, smollm2_gguf
 
 
 def kernelhub_cli(*args, cache):

@@ -19,10 +19,10 @@ from torch._dynamo.utils import counters
 
 import kernelhub
 from kernelhub.backends.onednn_linear import pack, packed_linear
-from kernelhub.models import compiled_batching
-from kernelhub.models.compiled_batching import packed_step, token_bucket
-from kernelhub.models import kept_cache
-from kernelhub.models.compiled_decode import decode_step, static_cache_length
+from kernelhub.runtime import compiled_batching
+from kernelhub.runtime.compiled_batching import packed_step, token_bucket
+from kernelhub.runtime import kept_cache
+from kernelhub.runtime.compiled_decode import decode_step, static_cache_length
 from tests.checkpoints import CONFIGS
 from tests.unchanged import assert_unchanged, snapshot
 

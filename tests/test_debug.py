@@ -9,7 +9,7 @@ import torch
 
 import kernelhub
 from kernelhub import debug
-from kernelhub.cli_diff import add_diff_command, parse_binding
+from kernelhub.cli.diff import add_diff_command, parse_binding
 from kernelhub.testing import write_kernel_repo
 
 IDS = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import kernelhub
-from kernelhub.docs_gen import render
+from kernelhub.cli.docs_gen import render
 
 ROOT = Path(__file__).parent.parent
 

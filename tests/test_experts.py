@@ -11,7 +11,7 @@ import kernelhub
 from kernelhub.backends.experts import FEW_ROWS, BatchedMMExperts, GroupedMMExperts
 from kernelhub.declare.experts import (Experts, from_gpt_oss_layout, fuse_per_expert, split_per_expert,
                                        to_gpt_oss_layout)
-from kernelhub.kernel_build import build_kernel
+from kernelhub.kernel.build import build_kernel
 from kernelhub.registry.layer_contract import contract_problems
 from tests.hub_test_kernels import HUB_KERNELS
 from tests.unchanged import refused
@@ -368,7 +368,7 @@ def test_conversions_work_on_meta_tensors_and_round_trip():
 
 
 def test_backends_cli_lists_layer_kernels_with_capabilities(capsys):
-    from kernelhub.cli import main
+    from kernelhub.cli.commands import main
 
     assert main(["backends"]) == 0
     out = capsys.readouterr().out

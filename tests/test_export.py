@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import kernelhub
-from kernelhub.models.compiled_decode import decode_step
-from kernelhub.models.export import export_decode_step
+from kernelhub.runtime.compiled_decode import decode_step
+from kernelhub.runtime.export import export_decode_step
 from tests.hub_test_kernels import HUB_KERNELS
 
 KERNELS = {"RMSNorm": f"{HUB_KERNELS / 'rmsnorm'}", "SiLUAndMul": f"{HUB_KERNELS / 'silu-and-mul'}",

@@ -178,7 +178,7 @@ def test_eager_few_rows_run_the_skinny_kernel(tiny_checkpoint, dtype):
 
 @needs_onednn
 def test_export_does_not_take_the_row_path(tiny_checkpoint):
-    from kernelhub.models.export import export_decode_step
+    from kernelhub.runtime.export import export_decode_step
 
     model = kernelhub.from_pretrained(tiny_checkpoint, attn_implementation="sdpa", kernels={"Linear": "gemv"})
     cache = model.make_cache("static", batch=1, max_len=16)

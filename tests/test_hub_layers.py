@@ -27,7 +27,7 @@ def test_llama_with_hub_kernels_matches_reference_and_plan_names_commits(hub, ti
 
 
 def test_bert_with_hub_layernorm_matches_reference(hub):
-    from kernelhub.samples import minilm_dir
+    from kernelhub.testing.samples import minilm_dir
 
     model = kernelhub.from_pretrained(minilm_dir(), attn_implementation="sdpa")
     batch = {"input_ids": torch.tensor([[101, 7592, 2088, 102]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
@@ -61,7 +61,7 @@ def test_versions_branches_and_commit_pins_resolve_through_the_server(hub, tiny_
 
 def test_local_directory_binds_without_any_server(tiny_checkpoint):
     from tests.hub_test_kernels import HUB_KERNELS
-    from kernelhub.kernel_build import build_kernel
+    from kernelhub.kernel.build import build_kernel
 
     build_kernel(HUB_KERNELS / "rmsnorm")
     model = kernelhub.from_pretrained(tiny_checkpoint)
@@ -76,7 +76,7 @@ def test_hugging_face_kernelize_binds_our_decorated_layers(tiny_checkpoint):
     from kernels import LocalLayerRepository, Mode, kernelize, use_kernel_mapping
 
     from tests.hub_test_kernels import HUB_KERNELS
-    from kernelhub.kernel_build import build_kernel
+    from kernelhub.kernel.build import build_kernel
 
     build_kernel(HUB_KERNELS / "rmsnorm")
     model = kernelhub.from_pretrained(tiny_checkpoint)

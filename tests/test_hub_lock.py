@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kernelhub
-from kernelhub.cli import main
+from kernelhub.cli.commands import main
 from kernelhub.registry.hub.loader import forget_loaded
 from kernelhub.registry.hub.lockfile import KernelLock
 
@@ -81,7 +81,7 @@ def test_download_refuses_a_tampered_cache(hub, tmp_path, capsys):
 
 
 def test_offline_mode_uses_a_prepopulated_cache(tiny_checkpoint, offline_hub_cache, no_network):
-    from kernelhub.kernel_build import build_kernel
+    from kernelhub.kernel.build import build_kernel
     from tests.hub_test_kernels import HUB_KERNELS
 
     build_kernel(HUB_KERNELS / "rmsnorm")

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import kernelhub
-from kernelhub.cli import main
-from kernelhub.kernel_check import check_kernel
-from kernelhub.kernel_publish import publish_kernel
+from kernelhub.cli.commands import main
+from kernelhub.kernel.check import check_kernel
+from kernelhub.kernel.publish import publish_kernel
 from kernelhub.testing import write_kernel_repo
 from tests.hub_test_kernels import HUB_KERNELS, OURS
 from tests.hub_upload_double import UploadDouble

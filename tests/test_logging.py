@@ -16,8 +16,8 @@ from kernelhub.declare import log
 from kernelhub.declare.eager import eager_attention
 from kernelhub.declare.errors import KernelhubError
 from kernelhub.declare.log import captured_logs, parse_verbosity, progress
-from kernelhub.models import checkpoint as checkpoint_module
-from kernelhub.models.batching import generate_batch
+from kernelhub.checkpoint import hf_layout as checkpoint_module
+from kernelhub.runtime.batching import generate_batch
 from kernelhub.models.llama import LlamaForCausalLM
 
 CONFIG = {"vocab_size": 32, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,

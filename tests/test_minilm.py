@@ -5,7 +5,7 @@ import torch
 
 import kernelhub
 from kernelhub.models.bert import mean_pool
-from kernelhub.samples import minilm_dir
+from kernelhub.testing.samples import minilm_dir
 
 SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.", "The new movie is awesome.",
              "The stock market fell sharply on Monday.", "Quantum computers use qubits.", "Hi"]

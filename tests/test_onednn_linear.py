@@ -46,7 +46,7 @@ def test_refused_for_training_and_bf16_with_reasons(tiny_checkpoint):
 
 
 def test_encoder_with_onednn_matches_reference():
-    from kernelhub.samples import minilm_dir
+    from kernelhub.testing.samples import minilm_dir
 
     batch = kernelhub.load_tokenizer(minilm_dir())(["A man is eating food.", "Hi"], padding=True,
                                                     return_tensors="pt")

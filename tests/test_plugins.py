@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kernelhub
-from kernelhub import cli
+from kernelhub.cli import commands as cli
 from kernelhub.declare.eager import eager_attention
 from kernelhub.declare.log import captured_logs
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import kernelhub
-from kernelhub.kernel_publish import plan_publish, publish_kernel
+from kernelhub.kernel.publish import plan_publish, publish_kernel
 from kernelhub.testing import write_kernel_repo
 
 CLOSED_PORT = "http://127.0.0.1:9"  # discard port: nothing listens on loopback, connects are refused at once
@@ -23,7 +23,7 @@ import socket, sys
 def refuse(*args, **kwargs):
     raise AssertionError("the dry run opened a network connection")
 socket.socket.connect = socket.socket.connect_ex = socket.create_connection = socket.getaddrinfo = refuse
-from kernelhub.cli import main
+from kernelhub.cli.commands import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import kernelhub
-from kernelhub.models.batching import ContinuousBatcher, generate_batch
-from kernelhub.models.generate import generate
+from kernelhub.runtime.batching import ContinuousBatcher, generate_batch
+from kernelhub.runtime.generate import generate
 from kernelhub.declare.errors import SamplingError
-from kernelhub.models.sampling import SamplingParams, sample
+from kernelhub.runtime.sampling import SamplingParams, sample
 from tests.unchanged import assert_unchanged, snapshot
 from threads import run_in_threads
 

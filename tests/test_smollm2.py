@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import kernelhub
-from kernelhub.samples import smollm2_gguf
+from kernelhub.testing.samples import smollm2_gguf
 
 STRINGS = [
     "Hello world", " Hello  world", "1234567 + 89 = 1234656", "héllo wörld ñ 日本語 🤗",
@@ -85,7 +85,7 @@ def test_answers_paris(backend, tokenizer, prompt_ids):
 
 
 def test_second_load_reuses_the_converted_checkpoint(monkeypatch):
-    import kernelhub.models.gguf as gguf_module
+    import kernelhub.checkpoint.gguf as gguf_module
 
     def no_conversion(*a, **k):
         raise AssertionError("converted again")

@@ -19,8 +19,8 @@ import torch
 from safetensors import safe_open
 
 import kernelhub
-from kernelhub.cli import main
-from kernelhub.kernel_build import build_kernel
+from kernelhub.cli.commands import main
+from kernelhub.kernel.build import build_kernel
 from tests.checkpoints import write_family_checkpoint, write_hf_checkpoint, write_qwen3_checkpoint
 
 ROOT = Path(__file__).parent.parent

@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import kernelhub
-import kernelhub.models.tensor_parallel_load as tp_load
-from kernelhub.models.checkpoint import join_fused, split_fused
+import kernelhub.runtime.tensor_parallel_load as tp_load
+from kernelhub.declare.fused import join_fused, split_fused
 from kernelhub.models.llama import LlamaForCausalLM
-from kernelhub.models.tensor_parallel import plan_shards, shard_model
-from kernelhub.models.tensor_parallel_load import read_local_state
+from kernelhub.runtime.tensor_parallel import plan_shards, shard_model
+from kernelhub.runtime.tensor_parallel_load import read_local_state
 from tests.checkpoints import write_family_checkpoint, write_hf_checkpoint
 
 

@@ -5,7 +5,7 @@ import torch
 import transformers
 
 import kernelhub
-from kernelhub.samples import minilm_dir, smollm2_gguf
+from kernelhub.testing.samples import minilm_dir, smollm2_gguf
 
 TEXTS = ["Hello, world! don't", ["A man is eating food.", "Hi", "The stock market fell sharply on Monday."]]
 CALLS = [{}, {"padding": True}, {"padding": "longest", "padding_side": "left"},

@@ -18,10 +18,10 @@ import torch
 import torch.distributed as dist
 
 import kernelhub
-import kernelhub.models.checkpoint as checkpoint
-import kernelhub.models.tensor_parallel_load as tp_load
-from kernelhub.cli import main as cli_main
-from kernelhub.models.batching import ContinuousBatcher
+import kernelhub.checkpoint.hf_layout as checkpoint
+import kernelhub.runtime.tensor_parallel_load as tp_load
+from kernelhub.cli.commands import main as cli_main
+from kernelhub.runtime.batching import ContinuousBatcher
 
 
 class Reads:

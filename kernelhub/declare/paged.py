@@ -65,7 +65,7 @@ class PagedMask:
 
     def attend(self, fn, module, q, k_pool, v_pool, **kw):
         """Run a paged attention function `fn` over this step (a compiled step's mask, in
-        `kernelhub.models.compiled_batching`, runs it as one opaque op instead)."""
+        `kernelhub.runtime.compiled_batching`, runs it as one opaque op instead)."""
         return fn(module, q, k_pool, v_pool, self, **kw)
 
     def memo(self, key, build):

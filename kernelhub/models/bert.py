@@ -25,7 +25,7 @@ from kernelhub.declare.layer import Linear, layer
 from kernelhub.declare.site import AttentionSite
 from kernelhub.models.model_api import ModelAPI
 from kernelhub.models.outputs import EncoderOutput
-from kernelhub.models.config_schema import (boolean, check_dims, check_layer_count, choice, divides, found,
+from kernelhub.declare.config_schema import (boolean, check_dims, check_layer_count, choice, divides, found,
                                             positive_float, positive_int, probability)
 from kernelhub.declare.errors import ConfigError
 

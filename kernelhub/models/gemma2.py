@@ -26,7 +26,7 @@ from torch import nn
 from kernelhub.declare.errors import ConfigError
 from kernelhub.declare.layer import Linear, layer
 from kernelhub.declare.site import AttentionSite
-from kernelhub.models.config_schema import (boolean, check_dims, check_layer_count, choice, choice_list, divides,
+from kernelhub.declare.config_schema import (boolean, check_dims, check_layer_count, choice, choice_list, divides,
                                             found, invalid, optional_positive_int, positive_float, positive_int,
                                             probability)
 from kernelhub.models.decoder import (capture_outputs, causal_lm_output, keep_logits, layer_type_masks, positions,

@@ -15,10 +15,9 @@ from __future__ import annotations
 import torch
 
 from kernelhub.declare.cache import DynamicCache, StaticCache
-from kernelhub.models.batching import generate_batch
-from kernelhub.models.checkpoint import save_pretrained
-from kernelhub.models.generate import generate
-from kernelhub.models.generation_config import GenerationConfig
+from kernelhub.declare.serving import provided
+from kernelhub.checkpoint.hf_layout import save_pretrained
+from kernelhub.checkpoint.generation_config import GenerationConfig
 
 
 class ModelAPI:
@@ -74,12 +73,12 @@ class CausalLMAPI(ModelAPI):
         raise ValueError(f"unknown cache kind {kind!r}; valid: 'dynamic', 'static'")
 
     def generate(self, input_ids, **kwargs):
-        """Greedy or sampled generation; see `kernelhub.models.generate.generate`."""
-        return generate(self, input_ids, **kwargs)
+        """Greedy or sampled generation; see `kernelhub.runtime.generate.generate`."""
+        return provided("generate")(self, input_ids, **kwargs)
 
     def generate_batch(self, prompts, **kwargs):
-        """Continuous batching over a paged KV cache; see `kernelhub.models.batching.generate_batch`."""
-        return generate_batch(self, prompts, **kwargs)
+        """Continuous batching over a paged KV cache; see `kernelhub.runtime.batching.generate_batch`."""
+        return provided("generate_batch")(self, prompts, **kwargs)
 
     def fused_sizes(self) -> dict:
         """Rows of each part of the fused projections the model file declares in `FUSED`, in `FUSED` order:

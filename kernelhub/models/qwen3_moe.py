@@ -31,8 +31,8 @@ from kernelhub.declare.errors import ConfigError
 from kernelhub.declare.experts import Experts, fuse_per_expert, split_per_expert
 from kernelhub.declare.layer import Linear, layer
 from kernelhub.declare.site import AttentionSite
-from kernelhub.models.checkpoint import join_fused, split_fused
-from kernelhub.models.config_schema import (boolean, check_dims, check_layer_count, choice, divides, found,
+from kernelhub.declare.fused import join_fused, split_fused
+from kernelhub.declare.config_schema import (boolean, check_dims, check_layer_count, choice, divides, found,
                                             invalid, non_negative_int, optional_positive_int, positive_float,
                                             positive_int, probability)
 from kernelhub.models.decoder import (capture_outputs, causal_lm_output, keep_logits, layer_type_masks, positions,

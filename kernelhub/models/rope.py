@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from kernelhub.models.config_schema import boolean, choice, invalid, mapping, positive_float, positive_int
+from kernelhub.declare.config_schema import boolean, choice, invalid, mapping, positive_float, positive_int
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 

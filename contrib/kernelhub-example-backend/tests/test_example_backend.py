@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kernelhub
-from kernelhub.samples import write_random_checkpoint
+from kernelhub.testing.samples import write_random_checkpoint
 
 
 @pytest.fixture

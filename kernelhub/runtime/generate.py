@@ -22,11 +22,11 @@ from __future__ import annotations
 import dataclasses
 import torch
 
-from kernelhub.models import kept_cache
-from kernelhub.models.compiled_decode import batch_bucket, pad_rows, run_compiled, static_cache_length
+from kernelhub.runtime import kept_cache
+from kernelhub.runtime.compiled_decode import batch_bucket, pad_rows, run_compiled, static_cache_length
 from kernelhub.models.outputs import GenerateOutput
-from kernelhub.models.sampling import SamplingParams, make_generator, pick, process_logits, warp
-from kernelhub.models.tensor_parallel_sync import check_cache_heads, same_on_every_rank
+from kernelhub.runtime.sampling import SamplingParams, make_generator, pick, process_logits, warp
+from kernelhub.runtime.tensor_parallel_sync import check_cache_heads, same_on_every_rank
 
 CACHE_KINDS = ("dynamic", "static")
 # generate's own keywords; together with SamplingParams' fields, everything generate accepts
@@ -105,7 +105,7 @@ def generate(model, input_ids, *, sampling: SamplingParams | None = None, attent
     `GenerateOutput` with `sequences` and, with `output_scores=True`, the processed scores.
     `compile=True` (with `cache="static"`) runs each decode step as one compiled graph, built once
     per cache-length bucket and batch-size bucket and reused across tokens and prompt lengths (see
-    `kernelhub.models.compiled_decode`; a returned cache then holds the bucket's rows, the first
+    `kernelhub.runtime.compiled_decode`; a returned cache then holds the bucket's rows, the first
     B of them this call's); the prefill runs eagerly. The model keeps the last compiled call's
     cache for the next one of that shape, unless the call returns it.
 

@@ -18,7 +18,7 @@ Shapes stay static otherwise (`dynamic=False`): each bucket gets code specialise
 The prefill runs eagerly (one call per prompt, of a length that varies).
 
 **A kept cache.** A finished call leaves its static cache with the model and the next call of
-the same shape takes it, cleared (`kernelhub.models.kept_cache`): its tensors keep their
+the same shape takes it, cleared (`kernelhub.runtime.kept_cache`): its tensors keep their
 addresses from call to call, which CUDA-graph trees need to replay what they recorded.
 
 **CUDA graphs.** On a CUDA device the step is also captured (inductor's CUDA-graph trees) and

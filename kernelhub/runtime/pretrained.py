@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from kernelhub.models.checkpoint import (check_weight_names, config_path, load_weights, materialize, read_config,
+from kernelhub.checkpoint.hf_layout import (check_weight_names, config_path, load_weights, materialize, read_config,
                                          read_state_dict, resolve_dtype, weight_shapes)
-from kernelhub.models.config_schema import found
-from kernelhub.models.generation_config import GenerationConfig
-from kernelhub.models.tensor_parallel import install_boundaries, plan_shards, shard_model
-from kernelhub.models.tensor_parallel_load import device_mesh_for, read_local_state
+from kernelhub.declare.config_schema import found
+from kernelhub.checkpoint.generation_config import GenerationConfig
+from kernelhub.runtime.tensor_parallel import install_boundaries, plan_shards, shard_model
+from kernelhub.runtime.tensor_parallel_load import device_mesh_for, read_local_state
 from kernelhub.registry.bind import bind
 from kernelhub.registry.modes import parse_mode
 from kernelhub.declare.errors import CheckpointError, ConfigError, KernelhubError, TensorParallelError, suggestion
@@ -70,9 +70,10 @@ def checkpoint_dir(path) -> Path:
     """A checkpoint directory for `path`: itself, or the cached conversion of a .gguf file."""
     path = Path(path)
     if path.suffix == ".gguf":
-        from kernelhub.models.gguf import convert_gguf
+        from kernelhub.checkpoint.gguf import convert_gguf
 
-        return convert_gguf(path)
+        # The architecture's own checks too (an odd head_dim, say), before anything is dequantised.
+        return convert_gguf(path, check_config=lambda config, source: parse_config(config, source=source))
     return path
 
 
@@ -85,7 +86,7 @@ def load_tokenizer(path, model=None, **kwargs):
     >>> tok = kernelhub.load_tokenizer("path/to/model.gguf")   # doctest: +SKIP
     >>> tok(["Hello", "Hi there"])["input_ids"]                # doctest: +SKIP
     """
-    from kernelhub.models.tokenizer import Tokenizer
+    from kernelhub.checkpoint.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_file(checkpoint_dir(path), **kwargs)
     if model is not None:
@@ -203,7 +204,7 @@ def from_pretrained(path, attn_implementation=None, kernels=None, *, dtype=None,
     `kernels={"Experts": ...}` ("eager", "grouped_mm", "batched_mm", or any Experts kernel); with
     neither, `Experts` layers get ["grouped_mm", "eager"], as transformers defaults to grouped_mm.
     `tp_plan="auto"` (or a plan dict), inside an initialised process group (torchrun), loads
-    this rank's shards only (see `kernelhub.models.tensor_parallel`); `tp_size` and
+    this rank's shards only (see `kernelhub.runtime.tensor_parallel`); `tp_size` and
     `device_mesh` (1-D, or with a "tp" dimension) say which ranks share the model.
 
     >>> model = kernelhub.from_pretrained("path/to/checkpoint", attn_implementation="sdpa")  # doctest: +SKIP
@@ -268,7 +269,7 @@ def explain(path, attn_implementation=None, kernels=None, *, dtype=None, device=
     >>> print(kernelhub.explain("path/to/checkpoint", attn_implementation="flex"))  # doctest: +SKIP
     """
     if Path(path).suffix == ".gguf":  # the metadata is enough: no dequantisation for a plan
-        from kernelhub.models.gguf import read_gguf_config
+        from kernelhub.checkpoint.gguf import read_gguf_config
 
         config, source = read_gguf_config(path), f"config derived from GGUF file {path}"
     else:

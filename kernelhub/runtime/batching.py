@@ -34,11 +34,11 @@ import torch
 from kernelhub.declare.log import progress as progress_bar
 from kernelhub.declare.paged_cache import PagedKVCache
 from kernelhub.declare.site import AttentionSite
-from kernelhub.models import kept_cache
-from kernelhub.models.batch_options import as_token_list, batch_defaults, batch_sampling
-from kernelhub.models.compiled_batching import CompiledStep
-from kernelhub.models.sampling import SamplingParams, make_generator, sample
-from kernelhub.models.tensor_parallel_sync import agreed_min, same_on_every_rank
+from kernelhub.runtime import kept_cache
+from kernelhub.runtime.batch_options import as_token_list, batch_defaults, batch_sampling
+from kernelhub.runtime.compiled_batching import CompiledStep
+from kernelhub.runtime.sampling import SamplingParams, make_generator, sample
+from kernelhub.runtime.tensor_parallel_sync import agreed_min, same_on_every_rank
 
 DEFAULT_BATCH_TOKENS = 2048
 DEFAULT_BLOCK_SIZE = 16
@@ -122,7 +122,7 @@ class ContinuousBatcher:
         """`sampling` (or its fields as keyword `options`) is every request's default; a request
         with a `seed` draws from its own generator, the others from `generator`. `compile=True`
         runs each step as a compiled graph, one per token-count bucket
-        (`kernelhub.models.compiled_batching`); results equal the uncompiled steps'."""
+        (`kernelhub.runtime.compiled_batching`); results equal the uncompiled steps'."""
         self.sampling = batch_sampling(SamplingParams.from_kwargs(None, **batch_defaults(model, sampling, options)))
         not_paged = _sites_without_paged(model)
         if not_paged:
@@ -160,7 +160,7 @@ class ContinuousBatcher:
     def close(self) -> list[GenerationResult]:
         """Finish with this batcher: cancel what is still waiting or running and return those
         results with any not yet read. A compiled batcher leaves its KV pool with the model for the
-        next compiled one of the same spec (`kernelhub.models.kept_cache`); either way the batcher
+        next compiled one of the same spec (`kernelhub.runtime.kept_cache`); either way the batcher
         lets go of its pool. Closing twice is a no-op; after `close`, adding a request or running a
         step raises, and iterating yields nothing. Not thread-safe: close from the thread that steps."""
         if self.closed:
@@ -357,7 +357,7 @@ def generate_batch(model, prompts, *, sampling: SamplingParams | None = None,
     `progress=True` shows a bar of finished requests on stderr (off whenever
     `HF_HUB_DISABLE_PROGRESS_BARS=1`; see `kernelhub.declare.log.progress`).
     `compile=True` compiles the step once per token-count bucket (packed rows are padded to powers
-    of two up to `max_batch_tokens`; see `kernelhub.models.compiled_batching`): worth it for long
+    of two up to `max_batch_tokens`; see `kernelhub.runtime.compiled_batching`): worth it for long
     runs, where the compilations are paid once; results equal the uncompiled run's.
 
     >>> model.generate_batch(prompts, max_new_tokens=64, compile=True)  # doctest: +SKIP

@@ -29,7 +29,7 @@ class Parser(argparse.ArgumentParser):
 
     >>> Parser(prog="kernelhub").parse_args(["--nope"])
     Traceback (most recent call last):
-    kernelhub.cli_args.UsageError: unrecognized arguments: --nope (see `kernelhub --help`)
+    kernelhub.cli.args.UsageError: unrecognized arguments: --nope (see `kernelhub --help`)
     """
 
     def error(self, message):

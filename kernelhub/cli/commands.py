@@ -20,17 +20,17 @@ import os
 import sys
 import traceback
 
-from kernelhub.cli_args import (DTYPES, MODES, Parser, UsageError, non_negative_float, one_line, positive_int,
+from kernelhub.cli.args import (DTYPES, MODES, Parser, UsageError, non_negative_float, one_line, positive_int,
                                 probability, request_type)
-from kernelhub.cli_diff import add_diff_command
-from kernelhub.cli_hub import add_hub_commands
+from kernelhub.cli.diff import add_diff_command
+from kernelhub.cli.hub import add_hub_commands
 from kernelhub.declare.errors import KernelhubError
 
 
 def cmd_backends(args) -> int:
     import torch
 
-    from kernelhub.docs_gen import capability_rows
+    from kernelhub.cli.docs_gen import capability_rows
     from kernelhub.registry.capabilities import machine_problems
     from kernelhub.registry.plugins import backend_sources
 
@@ -59,7 +59,7 @@ def _row(values, widths, status: str) -> str:
 
 def _print_layer_kernels(device: str) -> None:
     """Layer kernels per declared layer name, with their capabilities and whether they run on `device`."""
-    from kernelhub.docs_gen import layer_kernel_rows
+    from kernelhub.cli.docs_gen import layer_kernel_rows
     from kernelhub.registry.plugins import get_registry
 
     rows = layer_kernel_rows(get_registry())
@@ -92,7 +92,7 @@ def cmd_plugins(args) -> int:
 def cmd_explain(args) -> int:
     import json
 
-    from kernelhub.registry.pretrained import explain
+    from kernelhub.runtime.pretrained import explain
 
     if args.tp_rank is not None and args.tp is None:  # a rank means nothing without a tensor-parallel size
         raise UsageError(f"--tp-rank {args.tp_rank} needs --tp N (the number of ranks); "
@@ -106,7 +106,7 @@ def cmd_explain(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from kernelhub.demo import run_demo
+    from kernelhub.cli.demo import run_demo
 
     return run_demo(attn=args.attn, max_new_tokens=args.max_new_tokens)
 
@@ -122,7 +122,7 @@ def _tensor_parallel_group(args):
     if dist.is_initialized():
         return None, False
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:  # start N ranks of this very command
-        from kernelhub.registry.pretrained import explain
+        from kernelhub.runtime.pretrained import explain
 
         # every refusal a rank would meet (sizes, plan, request) as one line here, before N processes start
         explain(args.model, attn_implementation=args.attn, kernels=args.kernels, dtype=args.dtype, lock=args.lock,
@@ -137,8 +137,8 @@ def _tensor_parallel_group(args):
 def cmd_run(args) -> int:
     import torch.distributed as dist
 
-    from kernelhub.models.sampling import SamplingParams
-    from kernelhub.registry.pretrained import from_pretrained
+    from kernelhub.runtime.sampling import SamplingParams
+    from kernelhub.runtime.pretrained import from_pretrained
 
     # temperature 0 means greedy here, as in most chat CLIs; bad values fail before the model loads
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens, do_sample=args.temperature != 0,
@@ -168,7 +168,7 @@ def _generate(args, sampling, model, quiet: bool = False) -> int:
 
     import torch
 
-    from kernelhub.registry.pretrained import load_tokenizer
+    from kernelhub.runtime.pretrained import load_tokenizer
 
     tokenizer = load_tokenizer(args.model, model=model)
     if not hasattr(model, "generate"):  # an encoder: show the sentence embedding

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from kernelhub.declare.layer import set_layer_forward
-from kernelhub.kernel_build import build_kernel, python_name, read_build_toml
+from kernelhub.kernel.build import build_kernel, python_name, read_build_toml
 from kernelhub.declare.errors import KernelhubError
 from kernelhub.registry.layer_contract import contract_problems
 from kernelhub.registry.hub.metadata import attention_specs, read_kernel_metadata, read_variant_metadata

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kernelhub.models.config_schema import (check_dims, check_layer_count, divides, invalid, non_negative_int,
+from kernelhub.declare.config_schema import (check_dims, check_layer_count, divides, invalid, non_negative_int,
                                             positive_float, positive_int)
 from kernelhub.declare.cache_dir import cache_root
 from kernelhub.declare.errors import CheckpointError, ConfigError
@@ -178,10 +178,12 @@ def read_gguf_config(path) -> dict:
     return hf_config(metadata(reader), tensor_shapes(reader), f"GGUF file {path}")
 
 
-def convert_gguf(path, cache_dir: Path | None = None) -> Path:
-    """Convert a GGUF file to a checkpoint directory (cached by file identity); return the directory."""
-    from kernelhub.models.gguf_tokenizer import tokenizer_files
-    from kernelhub.models.llama import LlamaConfig
+def convert_gguf(path, cache_dir: Path | None = None, check_config=None) -> Path:
+    """Convert a GGUF file to a checkpoint directory (cached by file identity); return the directory.
+
+    `check_config(config, source)` is the architecture's own config check (the loader passes it),
+    run before anything is dequantised or written."""
+    from kernelhub.checkpoint.gguf_tokenizer import tokenizer_files
 
     path = Path(path)
     stat = path.stat() if path.is_file() else None
@@ -195,7 +197,8 @@ def convert_gguf(path, cache_dir: Path | None = None) -> Path:
     meta = metadata(reader)
     config = hf_config(meta, tensor_shapes(reader), f"GGUF file {path}")
     # The model's own checks too (an odd head_dim, say), before anything is dequantised or written.
-    LlamaConfig.from_dict(config, source=f"config derived from GGUF file {path}")
+    if check_config is not None:
+        check_config(config, f"config derived from GGUF file {path}")
     tokenizer_json, tokenizer_config = tokenizer_files(meta)
     state = read_tensors(reader, config)
     embed = state["model.embed_tokens.weight"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kernelhub.cli_args import UsageError, positive_int
+from kernelhub.cli.args import UsageError, positive_int
 from kernelhub.declare.errors import ConfigError
 from kernelhub.registry.hub.lockfile import DEFAULT_NAME as DEFAULT_LOCK
 
@@ -34,11 +34,11 @@ def saved_request(path) -> dict | None:
     """
     path = Path(path)
     if path.is_file() and _is_gguf(path):
-        from kernelhub.models.gguf import read_gguf_config
+        from kernelhub.checkpoint.gguf import read_gguf_config
 
         request = read_gguf_config(path).get("kernelhub")
     else:
-        from kernelhub.models.checkpoint import read_config
+        from kernelhub.checkpoint.hf_layout import read_config
 
         request = read_config(path).get("kernelhub")
     if request is not None and not isinstance(request, dict):
@@ -109,7 +109,7 @@ def cmd_download(args) -> int:
 
 
 def cmd_kernel_build(args) -> int:
-    from kernelhub.kernel_build import build_kernel
+    from kernelhub.kernel.build import build_kernel
 
     for variant in build_kernel(args.dir):
         print(f"built {variant}")
@@ -117,7 +117,7 @@ def cmd_kernel_build(args) -> int:
 
 
 def cmd_kernel_check(args) -> int:
-    from kernelhub.kernel_check import check_kernel
+    from kernelhub.kernel.check import check_kernel
 
     report = check_kernel(args.dir)
     for line in report.lines:
@@ -128,8 +128,8 @@ def cmd_kernel_check(args) -> int:
 
 
 def cmd_kernel_publish(args) -> int:
-    from kernelhub.kernel_build import read_build_toml
-    from kernelhub.kernel_publish import plan_publish, publish_kernel
+    from kernelhub.kernel.build import read_build_toml
+    from kernelhub.kernel.publish import plan_publish, publish_kernel
 
     if args.dry_run:
         for line in plan_publish(args.dir, args.repo, version=args.version).lines():

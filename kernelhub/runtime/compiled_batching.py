@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from kernelhub.declare.paged import PagedMask
 from kernelhub.declare.site import AttentionSite
-from kernelhub.models.compiled_decode import compile_failure, cuda_graph_options
+from kernelhub.runtime.compiled_decode import compile_failure, cuda_graph_options
 
 MIN_BUCKET = 8
 MAX_GRAPHS = 64  # dynamo's per-function graph limit while stepping (its default of 8 is a few buckets)

@@ -95,7 +95,7 @@ def input_ids(args, model) -> torch.Tensor:
     if args.ids is not None:
         return parse_ids(args.ids, vocab)
     if args.prompt is not None:
-        from kernelhub.registry.pretrained import load_tokenizer
+        from kernelhub.runtime.pretrained import load_tokenizer
 
         ids = load_tokenizer(args.model, model=model).encode(args.prompt)
         if not ids:
@@ -106,7 +106,7 @@ def input_ids(args, model) -> torch.Tensor:
 
 def cmd_diff(args) -> int:
     from kernelhub.debug import compare, format_comparison, trace
-    from kernelhub.registry.pretrained import from_pretrained
+    from kernelhub.runtime.pretrained import from_pretrained
 
     bindings = [parse_binding(args.a), parse_binding(args.b)]  # both checked before any weight is read
     traces, ids = [], None

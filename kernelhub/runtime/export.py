@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from kernelhub.declare.cache import StaticCache, StaticCacheStep
-from kernelhub.models.compiled_decode import decode_step
+from kernelhub.runtime.compiled_decode import decode_step
 
 
 class DecodeStep(torch.nn.Module):
@@ -50,7 +50,7 @@ def export_decode_step(model: torch.nn.Module, cache: StaticCache) -> torch.expo
     """Export `model`'s decode step over the static `cache` (see the module docstring).
 
     >>> import kernelhub, tempfile
-    >>> from kernelhub.samples import write_random_checkpoint
+    >>> from kernelhub.testing.samples import write_random_checkpoint
     >>> path = tempfile.mkdtemp(); write_random_checkpoint(path)
     >>> model = kernelhub.from_pretrained(path, attn_implementation="sdpa")
     >>> cache = model.make_cache("static", batch=1, max_len=8)

@@ -3,7 +3,7 @@
 Supports the byte-level BPE vocabularies llama.cpp calls `gpt2` (SmolLM2, Llama 3, Qwen2),
 built the way transformers builds them from the same file: BPE over the byte-to-unicode
 alphabet, a ByteLevel pre-tokenizer and decoder, control tokens added as special tokens.
-The files it writes load with `kernelhub.models.tokenizer.Tokenizer.from_file`, so a GGUF
+The files it writes load with `kernelhub.checkpoint.tokenizer.Tokenizer.from_file`, so a GGUF
 tokenizer has the same transformers-style API (`tok(texts, padding=True, return_tensors="pt")`,
 `decode`, `apply_chat_template`, special-token ids) as a checkpoint's.
 """

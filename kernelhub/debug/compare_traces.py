@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from kernelhub.debug_trace import nodes
+from kernelhub.debug.trace_modules import nodes
 
 # Per dtype of the reference tensor: a few ulps of error accumulated over a handful of layers.
 DEFAULT_TOLERANCE = {"float64": (1e-8, 1e-7), "float32": (1e-5, 1e-4), "float16": (1e-3, 1e-2),
@@ -91,7 +91,7 @@ def compare(trace_a: dict, trace_b: dict, *, atol: float | None = None, rtol: fl
     where a row's numbers are those of its worst output; non-finite numbers are "nan" / "inf".
     An output only one trace has (eager's attention weights, say) is noted, not counted.
 
-    >>> from kernelhub.debug_trace import trace
+    >>> from kernelhub.debug.trace_modules import trace
     >>> lin = torch.nn.Linear(2, 2)
     >>> a = trace(lin, torch.ones(1, 2), keep_tensors=True)
     >>> with torch.no_grad():

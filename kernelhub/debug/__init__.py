@@ -18,7 +18,7 @@ and in tests (the `assert_matches_reference` fixture of kernelhub's pytest plugi
 True
 """
 
-from kernelhub.debug_diff import compare, format_comparison
-from kernelhub.debug_trace import load, nodes, save, tensor_stats, trace
+from kernelhub.debug.compare_traces import compare, format_comparison
+from kernelhub.debug.trace_modules import load, nodes, save, tensor_stats, trace
 
 __all__ = ["compare", "format_comparison", "load", "nodes", "save", "tensor_stats", "trace"]

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 from kernelhub.declare.errors import ConfigError
-from kernelhub.models.config_schema import found, invalid
+from kernelhub.declare.config_schema import found, invalid
 
 FILE = "generation_config.json"
 TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")

@@ -1,6 +1,6 @@
 """Docs tables generated from backend and layer-kernel capabilities (capabilities are data).
 
-    python -m kernelhub.docs_gen docs/attention.md   # rewrites the generated block
+    python -m kernelhub.cli.docs_gen docs/attention.md   # rewrites the generated block
 """
 
 from __future__ import annotations

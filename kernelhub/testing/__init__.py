@@ -25,7 +25,7 @@ import shutil
 import textwrap
 from pathlib import Path
 
-from kernelhub.kernel_build import build_kernel, python_name
+from kernelhub.kernel.build import build_kernel, python_name
 
 HEADER = "import torch\nimport torch.nn.functional as F\n\n\n"
 

@@ -32,7 +32,7 @@ def embed(model, batch):
 
 def embeddings_demo() -> bool:
     import kernelhub
-    from kernelhub.samples import minilm_dir
+    from kernelhub.testing.samples import minilm_dir
 
     path = minilm_dir()
     batch = kernelhub.load_tokenizer(path)(SENTENCES, padding=True, return_tensors="pt")
@@ -57,7 +57,7 @@ def embeddings_demo() -> bool:
 
 def chat_demo(attn: str, max_new_tokens: int) -> None:
     import kernelhub
-    from kernelhub.samples import smollm2_gguf
+    from kernelhub.testing.samples import smollm2_gguf
 
     path = smollm2_gguf()
     print(f"\n== SmolLM2-135M-Instruct chat (attn_implementation={attn!r}) ==\n")

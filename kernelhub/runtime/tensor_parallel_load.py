@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from kernelhub.declare.errors import CheckpointError, TensorParallelError
-from kernelhub.models.checkpoint import from_checkpoint, ties, to_checkpoint, weight_files
+from kernelhub.checkpoint.hf_layout import from_checkpoint, ties, to_checkpoint, weight_files
 
 TORCHRUN = ("run under torchrun (torchrun --nproc-per-node 2 your_script.py), or call "
             "torch.distributed.init_process_group() in every rank first")

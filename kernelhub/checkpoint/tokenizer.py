@@ -23,9 +23,9 @@ import torch
 from tokenizers import Tokenizer as Backend
 
 from kernelhub.declare.errors import CheckpointError
-from kernelhub.models.batch_encoding import BatchEncoding
-from kernelhub.models.chat_template import render_chat
-from kernelhub.models.checkpoint import read_json_object
+from kernelhub.checkpoint.batch_encoding import BatchEncoding
+from kernelhub.checkpoint.chat_template import render_chat
+from kernelhub.checkpoint.hf_layout import read_json_object
 
 SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 PADDING = {False: None, "do_not_pad": None, True: "longest", "longest": "longest", "max_length": "max_length"}

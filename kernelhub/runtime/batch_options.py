@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from kernelhub.declare.errors import SamplingError
-from kernelhub.models.generate import config_defaults, set_fields
-from kernelhub.models.sampling import SamplingParams
+from kernelhub.runtime.generate import config_defaults, set_fields
+from kernelhub.runtime.sampling import SamplingParams
 
 
 # What per-prompt `generate` does that continuous batching does not (yet): refused, never ignored.

@@ -22,8 +22,8 @@ import os
 from pathlib import Path
 
 from kernelhub.declare.errors import HubKernelError, KernelhubError
-from kernelhub.kernel_build import build_kernel, read_build_toml
-from kernelhub.kernel_check import check_kernel
+from kernelhub.kernel.build import build_kernel, read_build_toml
+from kernelhub.kernel.check import check_kernel
 from kernelhub.registry.hub.ref import HubRef, parse_hub_ref
 
 SKIP_DIRS = {"__pycache__", ".git", ".cache"}  # never published (.cache: huggingface_hub's own metadata)

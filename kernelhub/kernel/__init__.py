@@ -1,0 +1,1 @@
+"""The contributor toolkit: `kernelhub kernel init | build | check | publish`."""

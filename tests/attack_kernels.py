@@ -65,3 +65,22 @@ def plant_pyc(source_file: Path, evil_source: str) -> Path:
 def refused(model, error, phrases, marker: Path, **kwargs) -> str:
     """`tests.unchanged.refused` with sdpa as the default attention and the marker checked."""
     return unchanged_refused(model, error, phrases, attn=kwargs.pop("attn", "sdpa"), marker=marker, **kwargs)
+
+
+def dependency_chain(cache: Path, root: Path, length: int, prefix: str = "chain") -> str:
+    """`length` cached kernels, each depending on the next; returns the first one's 'org/name@v1'."""
+    for i in reversed(range(length)):
+        depends = [{"repo-id": f"{TRUSTED}/{prefix}-{i + 1}", "version": 1}] if i + 1 < length else []
+        to_cache(cache, f"{TRUSTED}/{prefix}-{i}", kernel(root, f"{prefix}-{i}", depends=depends))
+    return f"{TRUSTED}/{prefix}-0@v1"
+
+
+def diamond(cache: Path, root: Path, levels: int) -> str:
+    """Two cached kernels per level, each depending on both kernels of the next level (a graph
+    of 2 * levels kernels whose paths number 2 ** levels); returns a top kernel's 'org/name@v1'."""
+    for level in reversed(range(levels)):
+        below = [{"repo-id": f"{TRUSTED}/d{level + 1}-{side}", "version": 1} for side in "ab"]
+        for side in "ab":
+            name = f"d{level}-{side}"
+            to_cache(cache, f"{TRUSTED}/{name}", kernel(root, name, depends=below if level + 1 < levels else ()))
+    return f"{TRUSTED}/d0-a@v1"

@@ -209,18 +209,23 @@ def test_verified_copies_live_in_the_one_kernelhub_cache_xdg_included(tmp_path, 
     assert copy.parent == tmp_path / "xdg" / "kernelhub" / "verified" == cache_root() / "verified"
 
 
-def test_private_copy_is_reverified_on_reuse(tmp_path):
+def test_private_copy_is_reverified_on_reuse_and_never_rewritten(tmp_path, monkeypatch):
+    """A damaged copy is left for whoever may be using it; a fresh one is published beside it."""
+    monkeypatch.setenv("KERNELHUB_CACHE", str(tmp_path / "cache"))  # its damaged copies stay in there
     snapshot = Snapshot(tmp_path, {"pkg/__init__.py": b"X = 1\n", "metadata.json": b"{}"})
     copy = verified_copy(snapshot)
     assert (copy / "pkg" / "__init__.py").stat().st_mode & 0o222 == 0  # read-only
     (copy / "pkg" / "__init__.py").chmod(0o644)
     (copy / "pkg" / "__init__.py").write_text("X = 2\n")
     again = verified_copy(snapshot)
-    assert again == copy and (again / "pkg" / "__init__.py").read_bytes() == b"X = 1\n"
-    (copy / "pkg").chmod(0o755)
-    (copy / "pkg" / "__pycache__").mkdir()
-    assert (verified_copy(snapshot) / "pkg" / "__init__.py").read_bytes() == b"X = 1\n"
-    assert not (copy / "pkg" / "__pycache__").exists()
+    assert again != copy and (again / "pkg" / "__init__.py").read_bytes() == b"X = 1\n"
+    assert (copy / "pkg" / "__init__.py").read_text() == "X = 2\n"  # not deleted under another process
+    assert verified_copy(snapshot) == again  # the intact copy is found and reused
+    (again / "pkg").chmod(0o755)
+    (again / "pkg" / "__pycache__").mkdir()
+    third = verified_copy(snapshot)
+    assert third not in (copy, again) and (third / "pkg" / "__init__.py").read_bytes() == b"X = 1\n"
+    assert not (third / "pkg" / "__pycache__").exists()
 
 
 def test_no_bytecode_is_written_for_imported_kernels(model, tmp_path):

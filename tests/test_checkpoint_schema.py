@@ -250,7 +250,7 @@ def test_malformed_index_is_refused(tiny_checkpoint, tmp_path, guarded, index, p
 def test_index_that_is_not_json(tiny_checkpoint, tmp_path, guarded):
     path, _ = sharded(tiny_checkpoint, tmp_path / "ckpt")
     (path / "model.safetensors.index.json").write_text("{nope")
-    with pytest.raises(CheckpointError, match=r"index\.json is not a valid safetensors index \(not JSON"):
+    with pytest.raises(CheckpointError, match=r"index\.json \(a safetensors index\) is not valid JSON"):
         kernelhub.from_pretrained(path)
 
 

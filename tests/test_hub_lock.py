@@ -66,7 +66,8 @@ def test_lock_from_the_environment_and_from_a_saved_model(hub, tiny_checkpoint, 
     assert list(KernelLock.read(lock_path).entries) == [f"{ORG}/rmsnorm@v1"]
     forget_loaded()
     monkeypatch.setenv("KERNELHUB_LOCK", str(lock_path))
-    reloaded = kernelhub.from_pretrained(saved)  # binds the recorded request, verified against $KERNELHUB_LOCK
+    # the recorded request, applied on request (a checkpoint never chooses code), verified against $KERNELHUB_LOCK
+    reloaded = kernelhub.from_pretrained(saved, kernels="from_config")
     assert f"hub {ORG}/rmsnorm@{hub.commits['rmsnorm']} (RMSNorm)" in {e.source for e in reloaded.binding.entries}
 
 
@@ -100,7 +101,7 @@ def test_hub_kernel_repo_fixture_writes_a_kernel_that_binds_by_path(hub_kernel_r
 
     repo = hub_kernel_repo("zero-norm", layers=[RMSNorm])
     model = kernelhub.from_pretrained(tiny_checkpoint)
-    kernelhub.bind(model, "sdpa", kernels={"model.norm": str(repo)})
+    kernelhub.bind(model, "sdpa", kernels={"model.norm": str(repo)}, verify=False)  # zeros: wrong on purpose
     hidden = torch.randn(1, 2, 64)
     assert torch.equal(model.model.norm(hidden), torch.zeros_like(hidden))
     assert not torch.equal(model.model.layers[0].input_layernorm(hidden), torch.zeros_like(hidden))

@@ -16,10 +16,10 @@ kernelhub.declare.errors.ConfigError: generation_config.json: 'eos_token_id' is 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 from kernelhub.declare.errors import ConfigError
+from kernelhub.declare.json_limits import read_json_file
 from kernelhub.declare.config_schema import found, invalid
 
 FILE = "generation_config.json"
@@ -83,11 +83,7 @@ class GenerationConfig:
         file = Path(path) / FILE
         if not file.is_file():
             return cls.from_model_config(config)
-        try:
-            data = json.loads(file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{file} is not valid JSON: {e}") from None
-        return cls.from_dict(data, str(file))
+        return cls.from_dict(read_json_file(file, str(file), ConfigError, max_bytes=1 << 20), str(file))
 
     def sampling_defaults(self) -> dict:
         """The set fields that `SamplingParams` takes, as keywords (eos lists become tuples)."""

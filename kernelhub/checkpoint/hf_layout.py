@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from kernelhub.declare.config_schema import found
 from kernelhub.declare.errors import CheckpointError, ConfigError
 from kernelhub.declare.fused import join_fused, split_fused
+from kernelhub.declare.json_limits import read_json_file
 from kernelhub.declare.log import progress
 
 DTYPES = {
@@ -50,12 +51,15 @@ def read_config(path) -> dict:
     return read_json_object(file, ConfigError, "the config")
 
 
+# config.json, the safetensors index, tokenizer.json and its side files: a large vocabulary's tokenizer.json
+# is tens of MB, nothing kernelhub reads here comes near this.
+MAX_JSON_BYTES = 256 << 20
+
+
 def read_json_object(file: Path, error=CheckpointError, what: str = "the top level") -> dict:
-    """The JSON object in `file`; `CheckpointError` for invalid JSON, `error` for another JSON value."""
-    try:
-        data = json.loads(Path(file).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+    """The JSON object in `file`; `CheckpointError` for invalid JSON (too large, nested too deep, a key
+    twice), `error` for another JSON value."""
+    data = read_json_file(file, str(file), CheckpointError, max_bytes=MAX_JSON_BYTES)
     if not isinstance(data, dict):
         raise error(f"{file}: {what} is {found(data)}; allowed: a JSON object")
     return data
@@ -97,10 +101,7 @@ def weight_files(path: Path) -> list[Path]:
 
 def index_shards(index: Path) -> dict[str, str]:
     """Each shard file named by a safetensors index, with the first tensor it holds (for messages)."""
-    try:
-        data = json.loads(index.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{index} is not a valid safetensors index (not JSON: {e})") from None
+    data = read_json_file(index, f"{index} (a safetensors index)", CheckpointError, max_bytes=MAX_JSON_BYTES)
     if not isinstance(data, dict):
         raise CheckpointError(f"{index} is not a valid safetensors index: it is {found(data)}; allowed: "
                               "a JSON object with a 'weight_map'")

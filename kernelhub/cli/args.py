@@ -25,21 +25,111 @@ class UsageError(Exception):
 
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line (no usage block) and raise instead of exiting,
-    so `main(argv)` returns a status to callers and tests.
+    so `main(argv)` returns a status to callers and tests. An unrecognized option gets the
+    closest option of the command it was given to (`--max_new_tokens`: did you mean
+    `--max-new-tokens`?).
 
     >>> Parser(prog="kernelhub").parse_args(["--nope"])
     Traceback (most recent call last):
     kernelhub.cli.args.UsageError: unrecognized arguments: --nope (see `kernelhub --help`)
+    >>> p = Parser(prog="kernelhub")
+    >>> _ = p.add_argument("--max-new-tokens")
+    >>> p.parse_args(["--max_new_tokens", "3"])
+    Traceback (most recent call last):
+    kernelhub.cli.args.UsageError: unrecognized arguments: --max_new_tokens 3 (did you mean --max-new-tokens?) ...
     """
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            hint = did_you_mean(extras, _options(self, namespace))
+            self.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        return namespace
 
     def error(self, message):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
+def _options(parser: argparse.ArgumentParser, namespace) -> list[str]:
+    """The option strings of `parser` and of the subcommands `namespace` chose below it."""
+    options = [o for action in parser._actions for o in action.option_strings]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = action.choices.get(getattr(namespace, action.dest, None) or "")
+            if chosen is not None:
+                options += _options(chosen, namespace)
+    return options
+
+
+def did_you_mean(extras: list[str], options: list[str]) -> str:
+    """' (did you mean --x?)' for the first unrecognized option with a close known one, else ''.
+
+    >>> did_you_mean(["--max_new_tokens"], ["--max-new-tokens", "--attn"])
+    ' (did you mean --max-new-tokens?)'
+    >>> did_you_mean(["--atn=flex"], ["--max-new-tokens", "--attn"])
+    ' (did you mean --attn?)'
+    """
+    import difflib
+
+    for extra in extras:
+        if not extra.startswith("-"):
+            continue
+        name = extra.split("=", 1)[0]
+        dashed = name.replace("_", "-")
+        close = [dashed] if dashed in options else difflib.get_close_matches(dashed, options, n=1, cutoff=0.75)
+        if close:
+            return f" (did you mean {close[0]}?)"
+    return ""
+
+
+def verbosity_level(verbose: int, quiet: int) -> int:
+    """The `kernelhub` logger level for `-v`/`-q` counts: warning by default, each -v one step
+    louder (info, debug), each -q one step quieter (error, critical).
+
+    >>> verbosity_level(1, 0), verbosity_level(2, 0), verbosity_level(0, 1), verbosity_level(0, 5)
+    (20, 10, 40, 50)
+    """
+    return min(50, max(10, 30 - 10 * verbose + 10 * quiet))
+
+
+def device_type(text: str) -> str:
+    """argparse `type=` for `--device`: a device torch knows and this process can use, checked
+    before any weight is read (torch's own error on a CPU-only build is a bare AssertionError).
+
+    >>> device_type("cpu")
+    'cpu'
+    """
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; write cpu, cuda, cuda:N or mps "
+                                         f"(usable here: {', '.join(usable_devices())})") from None
+    if device.type == "cpu":
+        return text
+    try:
+        torch.empty(0, device=device)
+    except (AssertionError, RuntimeError) as e:  # AssertionError: "Torch not compiled with CUDA enabled"
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:120]
+        raise argparse.ArgumentTypeError(f"{text!r} cannot be used here ({why}); usable here: "
+                                         f"{', '.join(usable_devices())}") from None
+    return text
+
+
+def usable_devices() -> list[str]:
+    """The devices this process can allocate on: cpu, every visible cuda:N, mps."""
+    import torch
+
+    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    return devices + (["mps"] if mps is not None and mps.is_available() else [])
+
+
 def _example(option: str) -> str:
     if option == "--kernels":
-        return ("""JSON like '{"RMSNorm": "org/rmsnorm@v1"}' or key=value pairs like """
-                "RMSNorm=org/rmsnorm@v1,Linear=onednn")
+        return ("""JSON like '{"RMSNorm": "org/rmsnorm@v1"}', key=value pairs like """
+                "RMSNorm=org/rmsnorm@v1,Linear=onednn, or from_config (what the checkpoint recorded)")
     return ("""a name (sdpa, paged|flex, org/repo@v1:fn), JSON like '["flash", "sdpa"]' or """
             """'{"sliding_attention": "flex", "*": "sdpa"}', or key=value pairs like sliding_attention=flex,*=sdpa""")
 
@@ -71,6 +161,8 @@ def parse_request(text: str, option: str):
     text = text.strip()
     if not text:
         raise argparse.ArgumentTypeError(f"it is empty; write {_example(option)}")
+    if option == "--kernels" and text == "from_config":  # apply the request the checkpoint recorded
+        return text
     if text[0] in "[{\"":
         try:
             value = json.loads(text)

@@ -27,8 +27,17 @@ class HubKernelError(KernelhubError):
     """A Hub or local kernel that cannot be resolved, downloaded, verified or imported."""
 
 
+class KernelRefError(KernelhubError):
+    """A kernel reference ('org/name@rev:Symbol' or a local directory) that is malformed."""
+
+
 class UntrustedKernelError(KernelhubError):
     """A Hub kernel repo (or a dependency of one) that is not on the trust allowlist."""
+
+
+class TrustConfigError(UntrustedKernelError):
+    """A kernelhub config file (the `trusted = [...]` allowlist) that cannot be read: a refusal, as
+    nothing it lists can be trusted."""
 
 
 class LockError(KernelhubError):
@@ -37,6 +46,12 @@ class LockError(KernelhubError):
 
 class UnsafeKernelError(KernelhubError):
     """A kernel variant holding something whose bytes a digest could not vouch for."""
+
+
+# Refusals that protect the user: raised at once wherever a kernel is loaded, never turned into a
+# quiet fallback to the next candidate of a chain (an untrusted repo, a lock mismatch, bytecode or
+# symlinks in a variant).
+REFUSALS = (UntrustedKernelError, LockError, UnsafeKernelError)
 
 
 class KernelMetadataError(KernelhubError):

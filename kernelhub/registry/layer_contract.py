@@ -55,13 +55,19 @@ class LayerCapabilities:
 
 def layer_capabilities(impl, *, hub: bool) -> LayerCapabilities:
     """Read `impl`'s declared capabilities once; Hub kernels follow `kernels`' defaults."""
-    devices = getattr(impl, "devices", None)
-    dtypes = getattr(impl, "dtypes", None)
+    devices = _items(getattr(impl, "devices", None), str)
+    dtypes = _items(getattr(impl, "dtypes", None), torch.dtype)
     return LayerCapabilities(tuple(devices) if devices else None, tuple(dtypes) if dtypes else None,
                              bool(getattr(impl, "has_backward", True)),
                              bool(getattr(impl, "can_torch_compile", not hub)),
                              _supports(getattr(impl, "supports", ())),
                              None if hub else getattr(impl, "unsupported", None))
+
+
+def _items(value, kind) -> tuple | None:
+    """A well-formed `devices`/`dtypes` as a tuple; anything else counts as none (`contract_problems` reports it)."""
+    ok = isinstance(value, (tuple, list)) and all(isinstance(v, kind) for v in value)
+    return tuple(value) if ok else None
 
 
 def _supports(value) -> tuple[str, ...]:
@@ -117,7 +123,15 @@ def contract_problems(impl, declared_cls, *, hub: bool) -> list[str]:
                 f"with forward(self, ...) like {declared_cls.__name__}'s)"]
     if impl is torch.nn.Module or impl.forward is torch.nn.Module.forward:
         return [f"{impl.__name__} defines no forward of its own"]
+    if not callable(impl.forward):
+        return [f"{impl.__name__}.forward is {impl.forward!r} ({type(impl.forward).__name__}); a layer kernel's "
+                f"forward is a method, def forward(self, ...) like {declared_cls.__name__}'s"]
     problems = []
+    for attr, kind, example in (("devices", str, "('cpu', 'cuda')"), ("dtypes", torch.dtype, "(torch.float32,)")):
+        value = getattr(impl, attr, None)
+        if value is not None and _items(value, kind) is None:
+            problems.append(f"{impl.__name__}.{attr} is {value!r}; allowed: a tuple such as {example}, or no "
+                            f"{attr} attribute for any")
     if hub:
         if impl.__init__ is not torch.nn.Module.__init__:
             problems.append(f"{impl.__name__} defines __init__; layer kernels must be stateless and read the "

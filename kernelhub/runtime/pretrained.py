@@ -21,6 +21,7 @@ from kernelhub.checkpoint.generation_config import GenerationConfig
 from kernelhub.runtime.tensor_parallel import install_boundaries, plan_shards, shard_model
 from kernelhub.runtime.tensor_parallel_load import device_mesh_for, read_local_state
 from kernelhub.registry.bind import bind
+from kernelhub.registry.hub.ref import looks_like_kernel_ref
 from kernelhub.registry.modes import parse_mode
 from kernelhub.declare.errors import CheckpointError, ConfigError, KernelhubError, TensorParallelError, suggestion
 from kernelhub.declare.layer import layer_name
@@ -97,13 +98,64 @@ def load_tokenizer(path, model=None, **kwargs):
     return tokenizer
 
 
+FROM_CONFIG = "from_config"
+
+
+def _names_code(value) -> bool:
+    """Whether a request value names kernel code (a Hub repo or a directory), not a registered name."""
+    if isinstance(value, dict):
+        return any(_names_code(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_names_code(v) for v in value)
+    return isinstance(value, str) and looks_like_kernel_ref(value.split("|")[-1])
+
+
+def _anchored(value, base: Path):
+    """`value` with each local kernel directory ("./kern[:Symbol]") made absolute under `base`."""
+    if isinstance(value, dict):
+        return {k: _anchored(v, base) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_anchored(v, base) for v in value]
+    if isinstance(value, str) and value.startswith(("./", "../")):
+        return str(base / value)
+    return value
+
+
 def _requested(config, attn_implementation, kernels, source):
+    """(attn_implementation, kernels, recorded request held back) for a load.
+
+    A checkpoint never chooses code: what `save_pretrained` recorded under "kernelhub" is applied
+    only when the caller says `kernels="from_config"`. Without it, recorded kernels are left out, and
+    so is a recorded attn_implementation that names a Hub repo or a directory (registered names such
+    as "sdpa" run no code from anywhere and still apply); the plan shows what was held back."""
     recorded = config.get("kernelhub") or {}
     if not isinstance(recorded, dict):
         raise ConfigError(f"{source}: 'kernelhub' is {found(recorded)}; allowed: an object (the binding request "
                           "save_pretrained records)")
-    return (attn_implementation if attn_implementation is not None else recorded.get("attn_implementation"),
-            kernels if kernels is not None else recorded.get("kernels"))
+    rec_attn, rec_kernels = recorded.get("attn_implementation"), recorded.get("kernels")
+    if kernels == FROM_CONFIG:  # the user opted in; recorded directories are the checkpoint's, never the CWD's
+        base = Path(source).parent
+        return (attn_implementation if attn_implementation is not None else _anchored(rec_attn, base),
+                _anchored(rec_kernels, base), {})
+    if isinstance(kernels, str):
+        raise KernelhubError(f"kernels={kernels!r}: pass a dict such as {{'RMSNorm': 'org/rmsnorm@v1'}}, or "
+                             f"{FROM_CONFIG!r} to apply the request {source} recorded")
+    held = {"kernels": rec_kernels} if rec_kernels and kernels is None else {}
+    attn = attn_implementation
+    if attn is None and rec_attn is not None:
+        if _names_code(rec_attn):
+            held["attn_implementation"] = rec_attn
+        else:
+            attn = rec_attn
+    return attn, kernels, held
+
+
+def _hold_back(model, held: dict, source: str) -> None:
+    """Show in the plan what the checkpoint recorded and this load did not apply."""
+    if held and model.binding is not None:
+        model.binding = model.binding.noting(
+            f"recorded in {source}, not applied: {held}; pass kernels={FROM_CONFIG!r} (CLI: --kernels "
+            f"{FROM_CONFIG}) to apply it")
 
 
 DEFAULT_EXPERTS = ("grouped_mm", "eager")
@@ -148,6 +200,52 @@ def with_experts_implementation(model, asked, kernels, experts_implementation):
 SINGLE_DEVICE_MAPS = '"auto", "cpu", "cuda", "cuda:N", a torch.device, or {"": device}'
 
 
+def available_devices() -> list[str]:
+    """The devices this process can put a model on: "cpu", then each GPU torch sees.
+
+    >>> available_devices()[0]
+    'cpu'
+    """
+    names = ["cpu"]
+    if torch.cuda.is_available():
+        names += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        names += [f"xpu:{i}" for i in range(xpu.device_count())]
+    if torch.backends.mps.is_available():
+        names.append("mps")
+    return names
+
+
+def usable_device(device, what: str = "device", *, probe: bool = True) -> torch.device:
+    """`device` as a torch.device this process can allocate on; one `KernelhubError` naming it, why, and
+    what is available otherwise (torch's own is a bare AssertionError on a CPU-only build).
+    `probe=False` checks the spelling only.
+
+    >>> usable_device("cpu")
+    device(type='cpu')
+    >>> usable_device("tpu:99")
+    Traceback (most recent call last):
+        ...
+    kernelhub.declare.errors.KernelhubError: device='tpu:99' is not a device torch knows; available: cpu...
+    """
+    shown = str(device) if isinstance(device, torch.device) else device
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise KernelhubError(f"{what}={shown!r} is not a device torch knows; available: "
+                             f"{', '.join(available_devices())}") from None
+    if not probe or dev.type in ("cpu", "meta"):
+        return dev
+    try:
+        torch.empty(0, device=dev)
+    except (AssertionError, RuntimeError) as e:  # AssertionError: "Torch not compiled with CUDA enabled"
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:160]
+        raise KernelhubError(f"{what}={shown!r} cannot be used in this process ({why}); available: "
+                             f"{', '.join(available_devices())}") from None
+    return dev
+
+
 def resolve_device_map(device_map) -> torch.device:
     """The one device a single-device `device_map` names (kernelhub does not split a model across devices).
 
@@ -175,24 +273,27 @@ def resolve_device_map(device_map) -> torch.device:
 
 def _dtype_and_device(dtype, torch_dtype, device, device_map, default="cpu"):
     """Fold transformers' spellings (`torch_dtype`, `device_map`) into `dtype` and `device`
-    (`default` when neither names one; None lets a tensor-parallel load pick each rank's)."""
+    (`default` when neither names one; None lets a tensor-parallel load pick each rank's, and then the
+    ranks check their devices together, so only the spelling is checked here)."""
     if torch_dtype is not None:
         if dtype is not None:
             raise ValueError(f"pass dtype={dtype!r} or torch_dtype={torch_dtype!r}, not both "
                              "(torch_dtype is the deprecated name of dtype)")
         warnings.warn("torch_dtype is deprecated; use dtype", DeprecationWarning, stacklevel=3)
         dtype = torch_dtype
+    what = "device"
     if device_map is not None:
         if device is not None:
             raise ValueError(f"pass device={device!r} or device_map={device_map!r}, not both")
-        device = resolve_device_map(device_map)
+        device, what = resolve_device_map(device_map), "device_map"
     device = device or default
-    return dtype, torch.device(device) if device is not None else None
+    return dtype, usable_device(device, what, probe=default is not None) if device is not None else None
 
 
 def from_pretrained(path, attn_implementation=None, kernels=None, *, dtype=None, device=None,
                     mode: str = "inference", output_attentions: bool = False, lock=None, torch_dtype=None,
-                    device_map=None, experts_implementation=None, tp_plan=None, tp_size=None, device_mesh=None):
+                    device_map=None, experts_implementation=None, tp_plan=None, tp_size=None, device_mesh=None,
+                    verify: bool = True, dequantize: bool = True):
     """Load a Hugging Face-layout checkpoint directory (or a .gguf file) and bind it.
 
     `attn_implementation=None` uses what `save_pretrained` recorded, else sdpa (falling
@@ -200,12 +301,17 @@ def from_pretrained(path, attn_implementation=None, kernels=None, *, dtype=None,
     transformers name). `device_map` is transformers' spelling of one device: "auto" (cuda if
     available, else cpu), "cpu", "cuda:0", a torch.device or {"": device}. `lock` pins Hub
     kernels (see `bind`). `model.generation_config` comes from generation_config.json when
-    the checkpoint has one. `experts_implementation` is transformers' spelling of
-    `kernels={"Experts": ...}` ("eager", "grouped_mm", "batched_mm", or any Experts kernel); with
-    neither, `Experts` layers get ["grouped_mm", "eager"], as transformers defaults to grouped_mm.
+    the checkpoint has one. `verify=False` skips kernel conformance probes (see `bind`).
+    `experts_implementation` is transformers' spelling of `kernels={"Experts": ...}` ("eager",
+    "grouped_mm", "batched_mm", or any Experts kernel); with neither, `Experts` layers get
+    ["grouped_mm", "eager"], as transformers defaults to grouped_mm.
     `tp_plan="auto"` (or a plan dict), inside an initialised process group (torchrun), loads
     this rank's shards only (see `kernelhub.runtime.tensor_parallel`); `tp_size` and
     `device_mesh` (1-D, or with a "tp" dimension) say which ranks share the model.
+    `dequantize=False` (a .gguf file only) keeps the quantised projection weights packed in
+    `QuantizedLinear` layers bound to the `gguf` kernel (see `kernelhub.checkpoint.gguf_packed`);
+    the default, `True`, loads float weights. Packed becomes the default once compiled decode is
+    verified with it.
 
     >>> model = kernelhub.from_pretrained("path/to/checkpoint", attn_implementation="sdpa")  # doctest: +SKIP
     >>> print(model.binding)                                                                 # doctest: +SKIP
@@ -222,11 +328,12 @@ def from_pretrained(path, attn_implementation=None, kernels=None, *, dtype=None,
             raise TensorParallelError(f"tp_plan loads for inference only (mode={mode!r}): the gradients of the "
                                       "split layers' inputs are not reduced across ranks; use mode='inference'")
         mesh, device = device_mesh_for(tp_size, device_mesh, device)
+    gguf_file = None if dequantize else _packed_source(path, mesh)
     path = checkpoint_dir(path)
     config = read_config(path)
     source = str(config_path(path))
     arch, parsed = parse_config(config, source=source, output_attentions=output_attentions)
-    attn, kern = _requested(config, attn_implementation, kernels, source)
+    attn, kern, held = _requested(config, attn_implementation, kernels, source)
     dtype = resolve_dtype(dtype, config)
     check = getattr(parsed, "check_weights", None)
     if check is not None and mesh is None:  # sizes against the weights' headers, before anything is built
@@ -246,15 +353,38 @@ def from_pretrained(path, attn_implementation=None, kernels=None, *, dtype=None,
     if generation_config is not None and hasattr(model, "generation_config"):
         model.generation_config = generation_config
     kern = with_experts_implementation(model, kernels, kern, experts_implementation)
+    if gguf_file is not None:
+        from kernelhub.checkpoint.gguf_packed import pack_model, with_packed_kernels
+
+        placed, packed_notes = pack_model(model, gguf_file, config)
+        kern = with_packed_kernels(kern, kernels)
     # Bind before loading weights: a bad request fails fast, before any tensor is read.
-    bind(model, attn, kern, device=device, dtype=dtype, mode=mode, lock=lock)
+    bind(model, attn, kern, device=device, dtype=dtype, mode=mode, lock=lock, verify=verify)
+    _hold_back(model, held, source)
     if mesh is not None:
         materialize(model, read_local_state(model, path, model.tensor_parallel), dtype=dtype, device=device)
         install_boundaries(model, mesh)
+    elif gguf_file is not None:
+        from kernelhub.checkpoint.gguf_packed import load_packed
+
+        load_packed(model, path, placed, dtype=dtype, device=device, source=str(gguf_file))
+        for line in packed_notes:
+            model.binding = model.binding.noting(line)
     else:
         load_weights(model, read_state_dict(path), dtype=dtype, device=device, source=str(Path(path)))
     model.train(parse_mode(mode).training)
     return model
+
+
+def _packed_source(path, mesh) -> Path:
+    """The .gguf file `dequantize=False` applies to; a clear error for anything else."""
+    if Path(path).suffix != ".gguf":
+        raise KernelhubError(f"dequantize=False keeps a GGUF file's quantised weights packed; {str(path)!r} is not "
+                             "a .gguf file (drop the argument)")
+    if mesh is not None:
+        raise TensorParallelError("dequantize=False does not combine with tp_plan: packed GGUF weights are not "
+                                  "sharded; pass dequantize=True")
+    return Path(path)
 
 
 def explain(path, attn_implementation=None, kernels=None, *, dtype=None, device="cpu",
@@ -281,6 +411,8 @@ def explain(path, attn_implementation=None, kernels=None, *, dtype=None, device=
             raise TensorParallelError(f"tp_rank={tp_rank!r} is not a rank of tp_size={tp_size}; "
                                       f"valid: 0..{tp_size - 1}")
         shard_model(model, planned, rank=tp_rank)
-    attn, kern = _requested(config, attn_implementation, kernels, source)
+    attn, kern, held = _requested(config, attn_implementation, kernels, source)
     kern = with_experts_implementation(model, kernels, kern, experts_implementation)
-    return bind(model, attn, kern, device=device, dtype=resolve_dtype(dtype, config), mode=mode, lock=lock)
+    bind(model, attn, kern, device=device, dtype=resolve_dtype(dtype, config), mode=mode, lock=lock)
+    _hold_back(model, held, source)
+    return model.binding

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from kernelhub.backends.flash_style import flash_varlen_attention
+from kernelhub.backends.resolution import Resolution
 from kernelhub.registry.capabilities import AttentionBackend, Capabilities
 from kernelhub.registry.hub.fetch import HubKernelError
 from kernelhub.registry.hub.loader import load_kernel
@@ -26,6 +27,11 @@ def flash_capabilities(device_type: str) -> Capabilities:
     """What the flash-attn varlen API supports: fp16/bf16, GQA, window, softcap; no weights."""
     return Capabilities(devices=(device_type,), dtypes=(torch.float16, torch.bfloat16), head_dim=(8, 256),
                         softcap=True, varlen=True, arbitrary_mask=False, compile=False, backward=False)
+
+
+def _with_note(fn, note: str):
+    """`fn` everywhere, with the loader's note (how long verifying the kernel took) for the plan."""
+    return lambda device, dtype: Resolution(fn, note=note)
 
 
 def hub_backend(name: str, device: torch.device, lock=None) -> Registered:
@@ -51,11 +57,13 @@ def hub_backend(name: str, device: torch.device, lock=None) -> Registered:
                                      f"mask_format 'varlen', not {spec.mask_format!r}")
             fn = flash_varlen_attention(fn)
         backend = AttentionBackend(name=name, fn=fn, mask_format=spec.mask_format, capabilities=spec.capabilities,
-                                   accepts_is_causal=spec.accepts_is_causal, description=f"{loaded.source}:{symbol}")
+                                   accepts_is_causal=spec.accepts_is_causal, description=f"{loaded.source}:{symbol}",
+                                   resolve=_with_note(fn, loaded.note))
     elif symbol == FLASH_VARLEN:
-        backend = AttentionBackend(name=name, fn=flash_varlen_attention(fn), mask_format="varlen",
-                                   capabilities=flash_capabilities(device.type),
-                                   description=f"{loaded.source}:{symbol} (flash-style)")
+        fn = flash_varlen_attention(fn)
+        backend = AttentionBackend(name=name, fn=fn, mask_format="varlen", capabilities=flash_capabilities(device.type),
+                                   description=f"{loaded.source}:{symbol} (flash-style)",
+                                   resolve=_with_note(fn, loaded.note))
     else:
         raise HubKernelError(f"{name}: {symbol!r} is not declared in the repo's kernelhub.json, so its mask format "
                              f"and capabilities are unknown. Declared: {', '.join(specs) or 'none'}")

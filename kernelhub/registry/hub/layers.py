@@ -15,32 +15,30 @@ from __future__ import annotations
 
 import torch
 
-from kernelhub.declare.errors import KernelhubError
+from kernelhub.declare.errors import REFUSALS, KernelhubError
 from kernelhub.registry.hub.loader import load_kernel
-from kernelhub.registry.hub.lockfile import LockError
 from kernelhub.registry.hub.ref import HubRef, parse_kernel_ref
-from kernelhub.registry.hub.snapshot import UnsafeKernelError
-from kernelhub.registry.hub.trust import UntrustedKernelError
 from kernelhub.registry.layer_contract import contract_problems
 
 
 def load_hub_layer(value, layer: str, declared_cls, device, lock, origin: str):
-    """(name, impl or None, source, problems) for a Hub ref or local dir naming a layer kernel."""
+    """(name, impl or None, source, problems, note) for a Hub ref or local dir naming a layer kernel; `note`
+    says how long verifying its closure took in this bind (for the plan)."""
     ref = parse_kernel_ref(value, origin)
     symbol = ref.symbol or layer
     name = str(ref) if ref.symbol else f"{ref}:{symbol}"
     try:
         loaded = load_kernel(ref, device, lock)
-    except (UntrustedKernelError, LockError, UnsafeKernelError):  # refusals, never a quiet fallback
+    except REFUSALS:  # never a quiet fallback
         raise
     except KernelhubError as e:
-        return name, None, "hub" if isinstance(ref, HubRef) else "local", [str(e)]
+        return name, None, "hub" if isinstance(ref, HubRef) else "local", [str(e)], ""
     layers = getattr(loaded.module, "layers", None)
     if layers is None:
-        return name, None, loaded.source, [f"{loaded.source} has no `layers` module (the kernels layer contract)"]
+        return name, None, loaded.source, [f"{loaded.source} has no `layers` module (the kernels layer contract)"], ""
     impl = getattr(layers, symbol, None)
     if impl is None:
         found = sorted(n for n, v in vars(layers).items() if isinstance(v, type) and issubclass(v, torch.nn.Module))
         return name, None, loaded.source, [f"{loaded.source} has no layer {symbol!r} "
-                                           f"(layers: {', '.join(found) or 'none'})"]
-    return name, impl, loaded.source, contract_problems(impl, declared_cls, hub=True)
+                                           f"(layers: {', '.join(found) or 'none'})"], ""
+    return name, impl, loaded.source, contract_problems(impl, declared_cls, hub=True), loaded.note

@@ -27,15 +27,18 @@ import os
 import re
 from pathlib import Path
 
-from kernelhub.declare.errors import LockError, KernelhubError
+from kernelhub.declare.errors import KernelhubError, LockError
+from kernelhub.declare.json_limits import read_json_file
 from kernelhub.registry.hub.ref import HubRef, LocalRef, parse_kernel_ref
 
 LOCK_VERSION = 1
 DEFAULT_NAME = "kernelhub.lock"
 ENV = "KERNELHUB_LOCK"
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
-_DIGEST = re.compile(r"^[0-9a-f]{64}$")
-_VARIANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+MAX_LOCK_BYTES = 16 << 20  # about 100 bytes per locked file: room for thousands of kernels
+# fullmatch everywhere: `$` also matches before a trailing newline
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+_VARIANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 
@@ -86,17 +89,18 @@ class KernelLock:
 
     @classmethod
     def read(cls, path) -> "KernelLock":
+        """Parse and check the lock file at `path` (a str or path); nothing else is accepted."""
+        if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
+            raise LockError(f"lock={path!r} ({type(path).__name__}) is not a lock file; pass a path such as "
+                            f"lock=\"{DEFAULT_NAME}\", a KernelLock, or None for ${ENV}")
         path = Path(path)
+        where = f"lock file {str(path)!r}"
         try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise LockError(f"lock file {str(path)!r} does not exist; create it with `kernelhub lock`") from None
-        except IsADirectoryError:
-            raise LockError(f"lock file {str(path)!r} is a directory; name the lock file itself") from None
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-            raise LockError(f"lock file {str(path)!r} is not valid JSON: {e}") from None
-        except OSError as e:
-            raise LockError(f"lock file {str(path)!r} cannot be read: {e.strerror or e}") from None
+            data = read_json_file(path, where, LockError, max_bytes=MAX_LOCK_BYTES)
+        except LockError as e:
+            if str(e).endswith(" does not exist"):
+                raise LockError(f"{e}; create it with `kernelhub lock`") from None
+            raise
         return cls(parse_lock(data, str(path)), path)
 
     @classmethod
@@ -149,7 +153,7 @@ def _variants(raw, file: str, field: str) -> dict:
         raise _bad(file, field, raw, "a non-empty object of build variants")
     for variant, body in raw.items():
         where = f"{field}[{variant!r}]"
-        if not _VARIANT.match(variant):
+        if not isinstance(variant, str) or not _VARIANT.fullmatch(variant):
             raise _bad(file, f"{field} key", variant, "a build variant name like 'torch-cpu'")
         if not isinstance(body, dict) or set(body) != {"files"}:
             raise _bad(file, where, body, "an object with exactly one field, 'files'")
@@ -159,7 +163,7 @@ def _variants(raw, file: str, field: str) -> dict:
         for rel, digest in files.items():
             if not _relpath_ok(rel):
                 raise _bad(file, f"{where}.files key", rel, "a relative path inside the variant (no '..', no '/')")
-            if not isinstance(digest, str) or not _DIGEST.match(digest):
+            if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
                 raise _bad(file, f"{where}.files[{rel!r}]", digest, "a sha256 digest: 64 lowercase hex digits")
     return raw
 
@@ -177,7 +181,7 @@ def _hub_entry(key: str, raw: dict, file: str) -> LockEntry:
     if raw["repo_id"] != ref.repo_id or raw["requested"] != ref.requested or "@" not in key:
         raise _bad(file, f"{field}.repo_id/requested", f"{raw['repo_id']}@{raw['requested']}",
                    f"to match the key {key!r}")
-    if not isinstance(raw["commit"], str) or not _COMMIT.match(raw["commit"]):
+    if not isinstance(raw["commit"], str) or not _COMMIT.fullmatch(raw["commit"]):
         raise _bad(file, f"{field}.commit", raw["commit"], "a full commit id: 40 lowercase hex digits")
     return LockEntry(_variants(raw["variants"], file, f"{field}.variants"), raw["repo_id"], raw["requested"],
                      raw["commit"])

@@ -19,15 +19,17 @@ Both follow `HF_HUB_DISABLE_PROGRESS_BARS`.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from kernelhub.declare.errors import KernelhubError
 from kernelhub.declare.log import progress
+from kernelhub.registry.hub.depends import check_edge
 from kernelhub.registry.hub.fetch import HubKernelError, explain_failure, hub_budget, offline, probe, run_bounded
 from kernelhub.registry.hub.lockfile import KernelLock, LockEntry, LockError, lock_key
 from kernelhub.registry.hub.metadata import read_variant_metadata
 from kernelhub.registry.hub.ref import HubRef, LocalRef, parse_kernel_ref
-from kernelhub.registry.hub.snapshot import hub_blobs_dir, read_variant
+from kernelhub.registry.hub.snapshot import hub_repo_dir, read_variant
 from kernelhub.registry.hub.trust import check_trusted
 
 logger = logging.getLogger(__name__)
@@ -62,11 +64,11 @@ def _variant_dirs(build: Path) -> list[Path]:
     return dirs
 
 
-def _lock_variants(build: Path, blobs: Path | None) -> tuple[dict, set]:
+def _lock_variants(build: Path, top: Path | None) -> tuple[dict, set]:
     """(variant -> {"files": digests}, dependency refs of any variant); unsafe files are refused."""
     variants, depends = {}, set()
     for variant in _variant_dirs(build):
-        snapshot = read_variant(variant, blobs=blobs)
+        snapshot = read_variant(variant, top=top)
         variants[variant.name] = {"files": snapshot.digests}
         depends.update(read_variant_metadata(snapshot.files, str(variant)).depends)
     return variants, depends
@@ -86,16 +88,23 @@ def lock_kernels(refs, existing: KernelLock | None = None, path=None) -> KernelL
     """
     lock = KernelLock(dict(existing.entries) if existing else {}, Path(path) if path else None)
     with hub_budget():
+        start, done = time.perf_counter(), set()
         for text in refs:
-            _lock_one(parse_kernel_ref(text, "kernelhub lock"), lock, ())
+            _lock_one(parse_kernel_ref(text, "kernelhub lock"), lock, (), done)
+        logger.info("locked %d kernels in %.2f s", len(done), time.perf_counter() - start)
     return lock
 
 
-def _lock_one(ref, lock: KernelLock, chain: tuple) -> None:
+def _lock_one(ref, lock: KernelLock, chain: tuple, done: set) -> None:
+    """Lock `ref` and its dependencies; `done` holds what this run locked already (each kernel
+    of a graph is fetched and read once)."""
+    key = lock.key_for(ref) if isinstance(ref, LocalRef) else lock_key(ref)
+    if key in done:
+        return
     if isinstance(ref, LocalRef):
-        build = _local_build(ref.path.resolve())
-        variants, depends = _lock_variants(build, None)
-        key = lock.key_for(ref)
+        top = ref.path.resolve()
+        build = _local_build(top)
+        variants, depends = _lock_variants(build, top if build.is_relative_to(top) else build)
         lock.entries[key] = LockEntry(variants, path=key[2:])
     else:
         label = lock_key(ref)
@@ -104,13 +113,13 @@ def _lock_one(ref, lock: KernelLock, chain: tuple) -> None:
         if not local_only:
             probe(ref)
         build = _snapshot_build(ref, ref.revision, ref.version, local_only)
-        variants, depends = _lock_variants(build, hub_blobs_dir(next(iter(_variant_dirs(build)))))
+        variants, depends = _lock_variants(build, hub_repo_dir(next(iter(_variant_dirs(build)))))
         lock.entries[label] = LockEntry(variants, ref.repo_id, ref.requested, build.parent.name)
-        chain = (*chain, label)
+    chain = (*chain, key)
+    done.add(key)
     for dep in sorted(depends, key=lock_key):
-        if lock_key(dep) in chain:
-            raise HubKernelError(f"{' -> '.join((*chain, lock_key(dep)))}: a dependency cycle")
-        _lock_one(dep, lock, chain)
+        check_edge(chain, lock_key(dep))
+        _lock_one(dep, lock, chain, done)
 
 
 def _entry_build(key: str, entry: LockEntry, lock: KernelLock, local_only: bool) -> Path:
@@ -132,7 +141,7 @@ def download_locked(lock: KernelLock) -> list[str]:
             build = _entry_build(key, entry, lock, local_only=offline())
             for variant in sorted(entry.variants):
                 path = build / variant
-                entry.verify(variant, read_variant(path, blobs=hub_blobs_dir(path)).digests, path)
+                entry.verify(variant, read_variant(path, top=hub_repo_dir(path)).digests, path)
                 bar.update()
             lines.append(f"{key} @ {(entry.commit or 'local')[:12]}: {len(entry.variants)} variants verified")
     return lines
@@ -169,7 +178,7 @@ def _check_entry(key: str, entry: LockEntry, lock: KernelLock, bar) -> tuple[lis
             lines.append(f"{key} {variant}: not downloaded")
             continue
         try:
-            entry.verify(variant, read_variant(path, blobs=hub_blobs_dir(path)).digests, path)
+            entry.verify(variant, read_variant(path, top=hub_repo_dir(path)).digests, path)
         except (LockError, KernelhubError) as e:
             problems.append(f"{key} {variant}: {e}")
             continue

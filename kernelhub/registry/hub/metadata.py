@@ -23,17 +23,19 @@ naming the file, the field, what was found and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import json
+import os
 import re
 
 import torch
 
+from kernelhub.declare.errors import KernelhubError, KernelMetadataError
+from kernelhub.declare.json_limits import check_file, load_json
 from kernelhub.registry.capabilities import MASK_FORMATS, Capabilities
-from kernelhub.declare.errors import KernelMetadataError, KernelhubError
 from kernelhub.registry.hub.ref import HubRef, parse_hub_ref
 
 FILE = "kernelhub.json"
 METADATA = "metadata.json"
+MAX_JSON_BYTES = 1 << 20  # each of metadata.json and kernelhub.json: a few hundred bytes in practice
 DEVICES = ("cpu", "cuda", "xpu", "mps", "npu", "hpu")
 DTYPES = ("float32", "bfloat16", "float16")
 _KERNEL_NAME = re.compile(r"^[a-z][a-z0-9-]*[a-z0-9]$")
@@ -46,13 +48,19 @@ def _bad(file: str, field: str, found, allowed: str) -> KernelMetadataError:
 
 
 def _json_object(data: bytes, file: str) -> dict:
-    try:
-        value = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise KernelMetadataError(f"{file} is not valid JSON: {e}") from None
+    value = load_json(data, file, KernelMetadataError, max_bytes=MAX_JSON_BYTES)
     if not isinstance(value, dict):
         raise _bad(file, "the top level", value, "a JSON object")
     return value
+
+
+def check_json_files(paths) -> None:
+    """Refuse, by `stat` alone, any of `paths` (metadata.json, kernelhub.json files that exist)
+    that is not a regular file within `MAX_JSON_BYTES`: `kernels` reads metadata.json whole
+    before kernelhub sees the variant, and a FIFO would block that read forever."""
+    for path in paths:
+        if os.path.lexists(path):
+            check_file(path, str(path), KernelMetadataError, max_bytes=MAX_JSON_BYTES)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,15 +17,17 @@ HubRef(repo_id='kernels-community/rmsnorm', revision=None, version=1, symbol='RM
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import re
 from pathlib import Path
 
-from kernelhub.declare.errors import KernelhubError
+from kernelhub.declare.errors import KernelRefError
 
 SHAPE = "'org/name[@rev][:Symbol]' (rev: v<N>, a branch, a tag or a commit) or a local directory"
 _NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$")
 _REV = re.compile(r"^[A-Za-z0-9._/-]+$")
+MAX_LENGTH = 4096  # PATH_MAX on Linux; a Hub ref is far shorter (96-character names, 255-character revisions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +59,21 @@ class LocalRef:
         return str(self.path) + (f":{self.symbol}" if self.symbol else "")
 
 
-def _bad(text, origin, why) -> KernelhubError:
-    return KernelhubError(f"{origin}: {text!r} is not a valid kernel reference: {why}. Expected {SHAPE}")
+def _bad(text, origin, why) -> KernelRefError:
+    shown = text if not isinstance(text, str) or len(text) <= 80 else f"{text[:60]}...({len(text)} characters)"
+    return KernelRefError(f"{origin}: {shown!r} is not a valid kernel reference: {why}. Expected {SHAPE}")
+
+
+def _check_text(value, origin) -> None:
+    """Refuse what no file system call may see: a NUL byte (ValueError from the OS layer) or a
+    value past PATH_MAX (OSError: file name too long)."""
+    text = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if isinstance(text, bytes):
+        raise _bad(text, origin, "a bytes path; pass a str or pathlib.Path")
+    if isinstance(text, str) and "\0" in text:
+        raise _bad(text, origin, "it contains a NUL character")
+    if isinstance(text, str) and len(text) > MAX_LENGTH:
+        raise _bad(text, origin, f"it is {len(text)} characters long; the limit is {MAX_LENGTH}")
 
 
 def looks_like_kernel_ref(value) -> bool:
@@ -86,23 +101,37 @@ def _split_symbol(text, origin):
 
 
 def parse_local_ref(value, origin: str) -> LocalRef:
+    _check_text(value, origin)
     if isinstance(value, os.PathLike):
         return LocalRef(Path(value).expanduser(), None)
     path, symbol = value, None
-    if not Path(value).expanduser().is_dir() and ":" in value:
+    if not _is_dir(value) and ":" in value:
         path, symbol = _split_symbol(value, origin)
     path = Path(path).expanduser()
-    if not path.is_dir():
-        raise KernelhubError(f"{origin}: local kernel directory {str(path)!r} does not exist "
+    if not _is_dir(path):
+        try:
+            path.stat()
+        except OSError as e:  # say why when the OS refused the name itself (ENAMETOOLONG, ELOOP)
+            if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+                raise _bad(value, origin, f"the directory cannot be used ({e.strerror})") from None
+        raise KernelRefError(f"{origin}: local kernel directory {str(path)!r} does not exist "
                              f"(resolved to {str(path.resolve())!r})")
     return LocalRef(path, symbol)
+
+
+def _is_dir(path) -> bool:
+    """Path.is_dir that answers False where the OS refuses the name (a component past NAME_MAX)."""
+    try:
+        return Path(path).expanduser().is_dir()
+    except OSError:
+        return False
 
 
 def _guessed_directory(text: str) -> str | None:
     """The existing directory a Hub-looking value names (with or without its ':Symbol'), if any."""
     body, sep, symbol = text.rpartition(":")
     for candidate in (text, body if sep and symbol.isidentifier() else None):
-        if candidate and Path(candidate).is_dir():
+        if candidate and _is_dir(candidate):
             return candidate
     return None
 
@@ -118,14 +147,25 @@ def parse_kernel_ref(value, origin: str) -> HubRef | LocalRef:
     >>> parse_kernel_ref("./hub_kernels/rmsnorm:RMSNorm", "example")      # doctest: +SKIP
     LocalRef(path=PosixPath('hub_kernels/rmsnorm'), symbol='RMSNorm')
     """
+    _check_text(value, origin)
     if is_local_ref(value):
         return parse_local_ref(value, origin)
     if isinstance(value, str):
         directory = _guessed_directory(value)
         if directory is not None:
-            raise KernelhubError(f"{origin}: a directory {directory} exists; write ./{value} for the local kernel "
+            raise KernelRefError(f"{origin}: a directory {directory} exists; write ./{value} for the local kernel "
                                  "(a Hub repo id never names a local directory here)")
     return parse_hub_ref(value, origin)
+
+
+def _colon_for_at(text: str) -> str | None:
+    """`org/name@v1` (and its symbol) when `text` has ':' where '@' belongs, else None.
+
+    >>> _colon_for_at("my-org/rmsnorm:v1"), _colon_for_at("my-org/rmsnorm:v2:RMSNorm"), _colon_for_at("o/n:RMSNorm")
+    ('my-org/rmsnorm@v1', 'my-org/rmsnorm@v2:RMSNorm', None)
+    """
+    match = re.fullmatch(r"([^@:]+/[^@:]+):(v\d+)(:[^@:]*)?", text)
+    return f"{match.group(1)}@{match.group(2)}{match.group(3) or ''}" if match else None
 
 
 def parse_hub_ref(value, origin: str) -> HubRef:
@@ -136,9 +176,13 @@ def parse_hub_ref(value, origin: str) -> HubRef:
     """
     if not isinstance(value, str):
         raise _bad(value, origin, f"got {type(value).__name__}")
+    _check_text(value, origin)
     text = value.strip()
     if text != value or not text or any(c.isspace() for c in text):
         raise _bad(value, origin, "it contains whitespace or is empty")
+    typo = _colon_for_at(text)
+    if typo:
+        raise _bad(value, origin, f"':' comes before a symbol and '@' before a revision (did you mean {typo}?)")
     body, symbol = _split_symbol(text, origin)
     repo_id, at, rev = body.partition("@")
     if at and not rev:
@@ -151,9 +195,13 @@ def parse_hub_ref(value, origin: str) -> HubRef:
     for part, what in zip(parts, ("org", "name")):
         if not part:
             raise _bad(value, origin, f"the {what} is empty")
+        if len(part) > 96:
+            raise _bad(value, origin, f"the {what} is {len(part)} characters long; Hub names have at most 96")
         if not _NAME.match(part) or ".." in part or "--" in part:
             raise _bad(value, origin, f"the {what} {part!r} may only hold letters, digits, '-', '_' and '.', "
                                       "not at either end, without '--' or '..'")
+    if len(rev) > 255:
+        raise _bad(value, origin, f"the revision is {len(rev)} characters long; a revision has at most 255")
     if rev and not _REV.match(rev):
         raise _bad(value, origin, f"revision {rev!r} has characters a Hub revision cannot have")
     match = re.fullmatch(r"v(\d+)", rev)

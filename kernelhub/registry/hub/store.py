@@ -1,4 +1,4 @@
-"""kernelhub's private store of verified kernel variants, addressed by content.
+"""kernelhub's private store of verified kernel variants, addressed by content, written once.
 
 Kernel code is never imported from the shared Hugging Face cache (another process may
 write there between our check and the import) nor from a local directory as it is now.
@@ -10,6 +10,12 @@ Bytecode is never written next to it (kernelhub imports sources itself, see `imp
 
 where <cache> is kernelhub's cache directory (`kernelhub.declare.cache_dir.cache_root`:
 $KERNELHUB_CACHE, else $XDG_CACHE_HOME/kernelhub, else ~/.cache/kernelhub).
+
+Many processes fill one store at once, so a copy is published whole (written to a private
+temporary folder, then renamed into place: another process sees all of it or nothing), and
+once published it is never rewritten or deleted: another process may be importing from it.
+A copy found damaged is left where it is and a fresh one is published under the next free
+name (`<key>.1`, `<key>.2`, ...).
 
 >>> import os, pathlib, tempfile; os.environ["KERNELHUB_CACHE"] = tempfile.mkdtemp()
 >>> from kernelhub.registry.hub.snapshot import Snapshot
@@ -29,38 +35,49 @@ from pathlib import Path
 from kernelhub.declare.cache_dir import cache_root
 from kernelhub.registry.hub.snapshot import Snapshot, UnsafeKernelError, read_variant
 
+MAX_DAMAGED = 16  # damaged copies of one content key before kernelhub stops and says so
+
 
 def verified_copy(snapshot: Snapshot) -> Path:
-    """A read-only directory holding exactly `snapshot`'s bytes; reused when it still does."""
+    """A read-only directory holding exactly `snapshot`'s bytes: the first intact copy under
+    its content key, else one published now."""
     store = cache_root() / "verified"
     store.mkdir(parents=True, exist_ok=True)
-    final = store / snapshot.content_key
-    if _holds(final, snapshot):
-        return final
+    key = snapshot.content_key
+    for n in range(MAX_DAMAGED + 1):
+        final = store / (key if n == 0 else f"{key}.{n}")
+        if not os.path.lexists(final) and _publish(store, final, snapshot):
+            return final
+        if _holds(final, snapshot):  # published by us, by another process just now, or earlier
+            return final
+    raise UnsafeKernelError(f"kernelhub's verified store {str(store)!r} holds {MAX_DAMAGED + 1} damaged copies of "
+                            f"{key[:12]}; something keeps writing there. Delete {str(store)!r} while no kernelhub "
+                            "process runs")
+
+
+def _publish(store: Path, final: Path, snapshot: Snapshot) -> bool:
+    """Write `snapshot` to a private folder and rename it to `final`; False when another
+    process published there first (its copy is then checked like any other)."""
     tmp = Path(tempfile.mkdtemp(prefix=".incoming-", dir=store))
     for rel, data in snapshot.files.items():
         target = tmp / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
     _make_read_only(tmp)
-    if final.exists():  # stale or tampered with: set it aside before taking its place
-        _discard(final)
     try:
-        os.rename(tmp, final)
-    except OSError:  # another thread or process stored the same content first
-        _discard(tmp)
-        if not _holds(final, snapshot):
-            raise UnsafeKernelError(f"the verified copy {str(final)!r} changed while it was being stored; "
-                                    "another process is writing to kernelhub's cache") from None
-    return final
+        os.rename(tmp, final)  # atomic; fails when `final` exists and is not an empty directory
+        return True
+    except OSError:
+        _discard(tmp)  # our own, never published: nobody else can be using it
+        return False
 
 
 def _holds(path: Path, snapshot: Snapshot) -> bool:
-    if not path.is_dir():
+    if not path.is_dir() or path.is_symlink():
         return False
     try:
         return read_variant(path).digests == snapshot.digests
-    except UnsafeKernelError:  # a planted .pyc or symlink: the copy is discarded and rewritten
+    except (UnsafeKernelError, OSError):  # a planted .pyc or symlink, or unreadable: not this content
         return False
 
 
@@ -73,12 +90,6 @@ def _make_read_only(root: Path) -> None:
 
 
 def _discard(path: Path) -> None:
-    aside = path.with_name(f".discard-{path.name}-{os.getpid()}-{id(path)}")
-    try:
-        os.rename(path, aside)
-    except OSError:
-        return
-    for directory, _, _ in os.walk(aside):
+    for directory, _, _ in os.walk(path):
         os.chmod(directory, stat.S_IRWXU)
-    shutil.rmtree(aside, ignore_errors=True)
-
+    shutil.rmtree(path, ignore_errors=True)

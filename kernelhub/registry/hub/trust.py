@@ -24,11 +24,13 @@ import os
 import tomllib
 from pathlib import Path
 
-from kernelhub.declare.errors import UntrustedKernelError, KernelhubError
+from kernelhub.declare.errors import TrustConfigError, UntrustedKernelError
+from kernelhub.declare.json_limits import read_capped
 
 BUILT_IN = ("kernels-community",)
 ENV = "KERNELHUB_TRUSTED"
 CONFIG_ENV = "KERNELHUB_CONFIG"
+MAX_CONFIG_BYTES = 1 << 20  # an allowlist is a few lines
 
 
 
@@ -38,14 +40,21 @@ def config_path() -> Path:
 
 def _from_config() -> list[str]:
     path = config_path()
-    if not path.is_file():
+    if not os.path.exists(path):  # no config file: the built-ins and the environment only
         return []
+    where = f"the kernelhub config {str(path)!r}"
+    data = read_capped(path, where, TrustConfigError, max_bytes=MAX_CONFIG_BYTES)
     try:
-        entries = tomllib.loads(path.read_text()).get("trusted", [])
+        entries = tomllib.loads(data.decode("utf-8")).get("trusted", [])
+    except UnicodeDecodeError as e:
+        raise TrustConfigError(f"{where} is not UTF-8 text (byte {e.start}); save it as UTF-8 TOML with "
+                               "trusted = [\"my-org\"]") from None
+    except RecursionError:  # tomllib recurses once per nested array
+        raise TrustConfigError(f"{where} nests arrays too deeply to read; expected trusted = [\"my-org\"]") from None
     except tomllib.TOMLDecodeError as e:
-        raise KernelhubError(f"cannot read the kernelhub config {str(path)!r}: {e}") from None
+        raise TrustConfigError(f"cannot read {where}: {e}; expected TOML such as trusted = [\"my-org\"]") from None
     if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
-        raise KernelhubError(f"{str(path)!r}: 'trusted' must be a list of strings like [\"my-org\"]")
+        raise TrustConfigError(f"{str(path)!r}: 'trusted' must be a list of strings like [\"my-org\"]")
     return entries
 
 

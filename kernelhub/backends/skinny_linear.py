@@ -74,12 +74,12 @@ def _private(path: Path) -> None:
                            f"{info.st_mode & 0o777:o}); remove it or point KERNELHUB_CACHE elsewhere")
 
 
-def _compile(compiler: str, openmp: str, target: Path) -> None:
-    """Build the library into `target`, in a private temporary directory beside it."""
+def _compile(compiler: str, openmp: str, target: Path, source: Path = SOURCE) -> None:
+    """Build the library of `source` into `target`, in a private temporary directory beside it."""
     work = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
     try:
-        obj, lib = work / "skinny_linear.o", work / target.name
-        steps = [[compiler, *FLAGS, "-c", str(SOURCE), "-o", str(obj)],
+        obj, lib = work / f"{source.stem}.o", work / target.name
+        steps = [[compiler, *FLAGS, "-c", str(source), "-o", str(obj)],
                  # link torch's runtime by file: its soname is what the loader finds already loaded
                  [compiler, "-shared", str(obj), openmp, "-o", str(lib)]]
         for step in steps:
@@ -92,8 +92,9 @@ def _compile(compiler: str, openmp: str, target: Path) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _build() -> ctypes.CDLL:
-    """Compile (or reuse) the shared library; raises RuntimeError saying why it cannot."""
+def build_library(source: Path) -> ctypes.CDLL:
+    """Compile (or reuse) the shared library of the C file `source`, cached as `cpu/<stem>-<key>.so`;
+    raises RuntimeError saying why it cannot. Other built-in CPU kernels build their C source here."""
     if platform.machine().lower() not in ("x86_64", "amd64") or not os.path.exists("/proc/self/maps"):
         raise RuntimeError(f"it is written for x86-64 Linux, not {platform.system()} {platform.machine()}")
     capability = torch.backends.cpu.get_cpu_capability()
@@ -105,15 +106,15 @@ def _build() -> ctypes.CDLL:
     openmp = torch_openmp()
     if openmp is None:
         raise RuntimeError("torch's OpenMP runtime (libgomp) is not loaded in this process")
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join([compiler, *FLAGS]).encode(), openmp.encode()])).hexdigest()
+    text = source.read_bytes()
+    key = hashlib.sha256(b"\0".join([text, " ".join([compiler, *FLAGS]).encode(), openmp.encode()])).hexdigest()
     folder = cache_root() / "cpu"
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     _private(folder)
-    target = folder / f"skinny_linear-{key[:16]}.so"
+    target = folder / f"{source.stem}-{key[:16]}.so"
     for attempt in (1, 2):
         if not target.exists():
-            _compile(compiler, openmp, target)
+            _compile(compiler, openmp, target, source)
         _private(target)
         try:
             library = ctypes.CDLL(str(target))
@@ -122,6 +123,12 @@ def _build() -> ctypes.CDLL:
             if attempt == 2:
                 raise
             target.unlink(missing_ok=True)
+    return library
+
+
+def _build() -> ctypes.CDLL:
+    """Compile (or reuse) this kernel's library; raises RuntimeError saying why it cannot."""
+    library = build_library(SOURCE)
     library.skinny_linear.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                       ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                       ctypes.c_int]

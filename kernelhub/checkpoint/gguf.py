@@ -2,9 +2,11 @@
 
 `convert_gguf(path)` reads a GGUF file with the `gguf` package, dequantises every tensor to
 float32, maps llama.cpp tensor names to transformers' names (undoing llama.cpp's q/k row
-permutation for rotary embeddings), derives `config.json` from the metadata (every mapped
-key checked first, naming the file and key), and builds a `tokenizer.json` from the
-vocabulary and merges. The result is an ordinary checkpoint directory in the user cache,
+permutation for rotary embeddings in llama files, and the one it adds to Gemma's `1 + weight`
+norms), derives `config.json` from the metadata (every mapped key checked first, naming the
+file and key; what llama.cpp keeps in code rather than in the file, such as Gemma 3's layer
+pattern, as llama.cpp and transformers' own GGUF loader do), and builds a `tokenizer.json`
+from the vocabulary (and merges). The result is an ordinary checkpoint directory in the user cache,
 so the second load reads safetensors and starts fast.
 No transformers at run time.
 """
@@ -26,7 +28,7 @@ from kernelhub.declare.cache_dir import cache_root
 from kernelhub.declare.errors import CheckpointError, ConfigError
 from kernelhub.declare.log import progress
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
 TENSOR_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -37,6 +39,11 @@ BLOCK_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+# Gemma 3 norms each sublayer's output too, so its ffn_norm is the pre-feed-forward norm.
+GEMMA3_BLOCK_NAMES = {
+    **BLOCK_NAMES, "ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
 }
 
 
@@ -83,14 +90,16 @@ def hf_config(meta: dict, tensors: dict, source: str = "GGUF file") -> dict:
     heads = positive_int(meta, f"{arch}.attention.head_count", source)
     kv_heads = positive_int(meta, f"{arch}.attention.head_count_kv", source, default=heads)
     divides(source, f"{arch}.attention.head_count_kv", kv_heads, f"{arch}.attention.head_count", heads)
-    if f"{arch}.rope.dimension_count" not in meta:
+    # llama.cpp's head size: Gemma's is its own (key_length), the others' the rotary dimension.
+    head_key = f"{arch}.attention.key_length" if arch == "gemma3" else f"{arch}.rope.dimension_count"
+    if head_key not in meta:
         divides(source, f"{arch}.attention.head_count", heads, f"{arch}.embedding_length", hidden)
     check_layer_count(f"{arch}.block_count", layers, tensors, "blk", source, "this file")
     ff = positive_int(meta, f"{arch}.feed_forward_length", source)
     embedding = (f"{arch}.embedding_length", hidden)
     check_dims(tensors, "token_embd.weight", [None, embedding], source, "this file")
     check_dims(tensors, "blk.0.ffn_gate.weight", [(f"{arch}.feed_forward_length", ff), embedding], source, "this file")
-    return {
+    config = {
         "model_type": arch,
         "vocab_size": vocab_size(meta, tensors, arch, source),
         "hidden_size": hidden,
@@ -98,7 +107,7 @@ def hf_config(meta: dict, tensors: dict, source: str = "GGUF file") -> dict:
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
-        "head_dim": positive_int(meta, f"{arch}.rope.dimension_count", source, default=hidden // heads),
+        "head_dim": positive_int(meta, head_key, source, default=hidden // heads),
         "max_position_embeddings": positive_int(meta, f"{arch}.context_length", source, default=2048),
         "rms_norm_eps": positive_float(meta, f"{arch}.attention.layer_norm_rms_epsilon", source),
         "rope_theta": positive_float(meta, f"{arch}.rope.freq_base", source, default=10000.0),
@@ -106,6 +115,57 @@ def hf_config(meta: dict, tensors: dict, source: str = "GGUF file") -> dict:
         "bos_token_id": token_id(meta, "tokenizer.ggml.bos_token_id", source),
         "eos_token_id": token_id(meta, "tokenizer.ggml.eos_token_id", source),
         "dtype": "float32",
+    }
+    if arch == "gemma3":
+        config.update(gemma3_config(meta, config, source))
+        del config["rope_theta"]  # per layer type, in rope_parameters
+    return config
+
+
+def gemma3_config(meta: dict, config: dict, source: str) -> dict:
+    """The Gemma 3 fields of config.json, as llama.cpp reads the file (`llama_model::load_hparams`).
+
+    llama.cpp keeps some of them in code: every 6th layer is global unless the file has
+    `gemma3.attention.sliding_window_pattern` (a period, or one bool per layer, true = sliding),
+    sliding layers rotate with base 10000, and scores are scaled by 1/sqrt(head_dim) except on the
+    27B (62 layers: 1/sqrt(hidden / heads)). The global rope takes the file's linear scaling
+    (4B and larger). transformers' GGUF loader reads the same config from the 270M and 1B files;
+    it skips the rope scaling and takes 256 as every model's query_pre_attn_scalar.
+
+    >>> meta = {"gemma3.attention.sliding_window": 512, "gemma3.rope.freq_base": 1e6}
+    >>> cfg = gemma3_config(meta, {"num_hidden_layers": 7, "head_dim": 256}, "GGUF file x.gguf")
+    >>> cfg["layer_types"][4:], cfg["query_pre_attn_scalar"]
+    (['sliding_attention', 'full_attention', 'sliding_attention'], 256)
+    """
+    layers, key = config["num_hidden_layers"], "gemma3.attention.sliding_window_pattern"
+    pattern = meta.get(key, 6)
+    if isinstance(pattern, list):
+        if len(pattern) != layers or not all(isinstance(p, bool) for p in pattern):
+            raise invalid(source, key, pattern, f"a positive int, or gemma3.block_count ({layers}) bools")
+        sliding = pattern
+    else:
+        period = positive_int(meta, key, source, default=6)
+        sliding = [bool((i + 1) % period) for i in range(layers)]
+    full_rope = {"rope_type": "default", "rope_theta": positive_float(meta, "gemma3.rope.freq_base", source,
+                                                                      default=1_000_000.0)}
+    scaling = meta.get("gemma3.rope.scaling.type")
+    if scaling not in (None, "none"):
+        if scaling != "linear":
+            raise invalid(source, "gemma3.rope.scaling.type", scaling, "'linear' or 'none'")
+        full_rope.update(rope_type="linear", factor=positive_float(meta, "gemma3.rope.scaling.factor", source))
+    scalar = config["hidden_size"] // config["num_attention_heads"] if layers == 62 else config["head_dim"]
+    if meta.get("gemma3.attention.value_length", config["head_dim"]) != config["head_dim"]:
+        raise invalid(source, "gemma3.attention.value_length", meta["gemma3.attention.value_length"],
+                      f"gemma3.attention.key_length ({config['head_dim']})")
+    return {
+        "model_type": "gemma3_text",
+        "hidden_activation": "gelu_pytorch_tanh",
+        "sliding_window": positive_int(meta, "gemma3.attention.sliding_window", source),
+        "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
+        "rope_parameters": {"full_attention": full_rope,
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        "query_pre_attn_scalar": scalar,
+        "pad_token_id": token_id(meta, "tokenizer.ggml.padding_token_id", source),
     }
 
 
@@ -130,12 +190,13 @@ def vocab_size(meta: dict, tensors: dict, arch: str, source: str) -> int:
     return rows
 
 
-def hf_name(name: str) -> str:
+def hf_name(name: str, model_type: str = "llama") -> str:
     if name in TENSOR_NAMES:
         return TENSOR_NAMES[name]
     parts = name.split(".")
-    if parts[0] == "blk" and len(parts) == 4 and parts[2] in BLOCK_NAMES:
-        return f"model.layers.{parts[1]}.{BLOCK_NAMES[parts[2]]}.{parts[3]}"
+    blocks = GEMMA3_BLOCK_NAMES if model_type == "gemma3_text" else BLOCK_NAMES
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in blocks:
+        return f"model.layers.{parts[1]}.{blocks[parts[2]]}.{parts[3]}"
     raise CheckpointError(f"GGUF tensor {name!r} has no counterpart in the model")
 
 
@@ -151,7 +212,7 @@ def read_tensors(reader, config: dict) -> dict:
 
     state = {}
     for t in progress(reader.tensors, desc="dequantising GGUF", unit="tensor"):
-        name = hf_name(t.name)
+        name = hf_name(t.name, config["model_type"])
         try:
             array = dequantize(t.data, t.tensor_type)
         except Exception as e:  # noqa: BLE001 - any reader failure becomes one CheckpointError
@@ -163,6 +224,8 @@ def read_tensors(reader, config: dict) -> dict:
                 raise CheckpointError(f"GGUF tensor {t.name!r} has shape {array.shape}, whose rows do not split "
                                       f"into {heads} heads of rotary pairs")
             array = unpermute_rows(array, heads)
+        if config["model_type"] == "gemma3_text" and "norm.weight" in t.name:
+            array = array - 1  # llama.cpp stores Gemma's norms as 1 + weight; transformers' loader subtracts it too
         state[name] = torch.tensor(array, dtype=torch.float32)  # a copy: the reader's arrays are read-only
     return state
 

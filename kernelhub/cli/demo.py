@@ -4,6 +4,9 @@
     binding plan, and agreement with the eager reference.
 (b) SmolLM2-135M-Instruct answers chat prompts under the chosen backend, with tokens/s, then
     answers eight prompts at once with continuous batching (`generate_batch`).
+(c) Gemma 3 270M (the base model), from its real Q4_K_M GGUF file, continues three prompts
+    (sliding and global layers, q/k norms, Gemma's `(1 + weight)` norms: one model file,
+    `kernelhub/models/gemma3.py`).
 
 The GGUF conversion is cached in the user cache directory, so the second run starts fast.
 """
@@ -104,9 +107,35 @@ def batch_demo(model, tokenizer, max_new_tokens: int, answers: list) -> None:
           f"{'equal' if same else 'DIFFER FROM'} the one-by-one answers above\n")
 
 
+# The Gemma 3 270M file is the pretrained (base) model, with no chat template: it continues text.
+GEMMA_PROMPTS = ["The capital of France is", "The three primary colors are", "A haiku about the sea:\n"]
+
+
+def gemma_demo(attn: str, max_new_tokens: int) -> None:
+    import kernelhub
+    from kernelhub.testing.samples import gemma3_gguf
+
+    path = gemma3_gguf()
+    print(f"== Gemma 3 270M, a base model from its Q4_K_M GGUF file, continues text (attn_implementation={attn!r}) "
+          "==\n")
+    start = time.perf_counter()
+    model = kernelhub.from_pretrained(path, attn_implementation=attn)
+    tokenizer = kernelhub.load_tokenizer(path, model=model)
+    print(f"  loaded in {time.perf_counter() - start:.1f} s (the conversion is cached after the first run)\n")
+    for prompt in GEMMA_PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        start = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id)
+        new = out.shape[1] - ids.shape[1]
+        text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).rstrip().replace("\n", "\n      ")
+        print(f"  {prompt.strip()!r} ->{text}\n     ({new} tokens, {new / (time.perf_counter() - start):.1f} "
+              "tokens/s)\n")
+
+
 def run_demo(attn: str = "sdpa", max_new_tokens: int = 48) -> int:
     agree = embeddings_demo()
     chat_demo(attn, max_new_tokens)
+    gemma_demo(attn, max_new_tokens)
     if not agree:
         print("backends disagree with the eager reference beyond 1e-4")
         return 1

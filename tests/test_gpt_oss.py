@@ -212,7 +212,7 @@ def test_an_experts_kernel_lacking_a_feature_is_refused(eager_model, kernel, rea
 
 @pytest.mark.parametrize("field, value, allowed", [
     ("quantization_config", {"quant_method": "mxfp4"}, "null: load a dequantized checkpoint"),
-    ("output_router_logits", True, "false or null"),
+    ("output_router_logits", "yes", "true, false or null"),
     ("num_experts_per_tok", 5, "at most num_local_experts (4)"),
     ("rope_parameters", {"rope_type": "yarn", "factor": 0}, "a number > 0"),
 ])

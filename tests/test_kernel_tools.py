@@ -20,7 +20,7 @@ def test_our_hub_kernels_pass_check(name, capsys, tmp_path):
     repo = shutil.copytree(HUB_KERNELS / name, tmp_path / name, ignore=shutil.ignore_patterns("build", "__pycache__"))
     assert main(["kernel", "check", str(repo)]) == 0, capsys.readouterr().out
     out = capsys.readouterr().out
-    assert "matches kernelhub" in out and "PROBLEM" not in out
+    assert ("conforms to kernelhub" in out or "matches kernelhub" in out) and "PROBLEM" not in out
     assert not (repo / "build").exists(), "check must not write into the repo"
     assert main(["kernel", "build", str(repo)]) == 0
     assert sorted(p.name for p in (repo / "build").iterdir()) == ["torch-cpu", "torch-cuda", "torch-rocm", "torch-xpu"]
@@ -48,7 +48,7 @@ def test_check_catches_a_kernel_that_computes_the_wrong_thing(tmp_path):
             return torch.nn.functional.gelu(x[..., :d]) * x[..., d:]
 
     report = check_kernel(write_kernel_repo(tmp_path / "wrong", "wrong", layers=[SiLUAndMul]))
-    assert not report.ok and "SiLUAndMul: differs from kernelhub SiLUAndMul" in report.problems[0]
+    assert not report.ok and "SiLUAndMul: conformance: max error" in report.problems[0]
 
 
 def test_publish_uploads_to_the_version_branch_and_downloads_back_byte_for_byte(hub, tmp_path, tiny_checkpoint):
@@ -79,3 +79,16 @@ def test_publish_refuses_bad_arguments(tmp_path):
         publish_kernel(repo, "org/name@v1", version=1, endpoint="http://127.0.0.1:9")
     with pytest.raises(kernelhub.KernelhubError, match="positive integer"):
         publish_kernel(repo, "org/name", version=0, endpoint="http://127.0.0.1:9")
+
+
+def test_check_fails_a_layer_class_that_matches_no_declared_layer(tmp_path):
+    from kernelhub.kernel.check import check_kernel
+    from kernelhub.testing import write_kernel_repo
+
+    source = ("class RmsNorm(torch.nn.Module):\n"
+              "    def forward(self, x):\n"
+              "        return x\n")
+    report = check_kernel(write_kernel_repo(tmp_path / "typo", "typo", layers=[source]))
+    assert not report.ok
+    assert any("layers.RmsNorm matches no declared layer. Did you mean 'RMSNorm'?" in p for p in report.problems), \
+        report.problems

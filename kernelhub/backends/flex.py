@@ -23,14 +23,19 @@ on CPU a site with sinks runs flex uncompiled, and binding flex to one under
 import functools
 import logging
 import os
+import warnings
 
 import torch
 from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
 from kernelhub.backends.resolution import Resolution
+from kernelhub.declare.log import first_time
 from kernelhub.declare.paged import paged_dense
 
 COMPILE = None  # None: decided from KERNELHUB_FLEX_COMPILE on first use
+# torch warns (once, several lines) when flex_attention runs without torch.compile; kernelhub runs it
+# eagerly on purpose (paged steps, sinks on CPU, KERNELHUB_FLEX_COMPILE=0), so that warning is silenced there
+EAGER_WARNING = r"flex_attention called without torch\.compile"
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +110,13 @@ def inductor_cpu_safe(q, k, v):
 def _run(flex, q, k, v, sinks, **args):
     if flex is not flex_attention or torch.compiler.is_compiling():  # inductor generates the kernel
         q, k, v = inductor_cpu_safe(q, k, v)
+        return _call(flex, q, k, v, sinks, **args)
+    with warnings.catch_warnings():  # eager on purpose: not torch's "called without torch.compile" advice
+        warnings.filterwarnings("ignore", message=EAGER_WARNING, category=UserWarning)
+        return _call(flex, q, k, v, sinks, **args)
+
+
+def _call(flex, q, k, v, sinks, **args):
     if sinks is None:
         return flex(q, k, v, **args).transpose(1, 2), None
     out, aux = flex(q, k, v, return_aux=AuxRequest(lse=True), **args)
@@ -127,6 +139,9 @@ def flex_attention_backend(module, q, k, v, block_mask, *, scaling, dropout=0.0,
                 scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
     # The compiled CPU kernel has no LSE (module docstring): sinks on CPU run uncompiled.
     if _use_compiled() and (sinks is None or q.device.type != "cpu"):
+        if first_time(("flex compile", q.device.type, q.dtype)):
+            logger.info("compiling flex attention for %s/%s (first call takes a while)", q.device.type,
+                        str(q.dtype).removeprefix("torch."))
         try:
             return _run(compiled_flex_attention(), q, k, v, sinks, **args)
         except Exception as e:  # noqa: BLE001 - a compiler failure; a genuine input error re-raises below

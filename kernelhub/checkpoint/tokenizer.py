@@ -32,6 +32,7 @@ PADDING = {False: None, "do_not_pad": None, True: "longest", "longest": "longest
 TRUNCATION = {None: False, False: False, "do_not_truncate": False, True: True, "longest_first": True,
               "only_first": True}
 RETURN_TENSORS = (None, "pt")
+SIDES = ("right", "left")
 LARGE = 1_000_000  # transformers writes 1e30 for "no limit"
 # tokenizer classes whose models take token_type_ids (transformers' model_input_names)
 WITH_TOKEN_TYPES = ("Bert", "DistilBert", "Electra", "MPNet", "XLMRoberta")
@@ -41,8 +42,10 @@ class Tokenizer:
     """Encode text to model inputs and decode ids back, named and defaulted as in transformers.
 
     Special tokens are strings (`pad_token`, `eos_token`, ...) with ids (`pad_token_id`, ...);
-    `padding_side` / `truncation_side` are "right" or "left"; `model_max_length` is None when
-    the checkpoint sets no limit.
+    `padding_side` / `truncation_side` are "right" or "left" (as tokenizer_config.json says, else
+    "right", as transformers reads it); `model_max_length` is None when the checkpoint sets no limit.
+    Batches for a decoder's `generate` need left padding (it refuses right-padded rows): set
+    `tokenizer.padding_side = "left"` or pass `padding_side="left"` to the call.
     """
 
     def __init__(self, backend: Backend, *, padding_side: str = "right", truncation_side: str = "right",
@@ -53,6 +56,8 @@ class Tokenizer:
             raise TypeError(f"unknown Tokenizer arguments {unknown}; special tokens: {', '.join(SPECIAL)}")
         self.backend = backend
         self.padding_side, self.truncation_side = padding_side, truncation_side
+        for name, side in (("padding_side", padding_side), ("truncation_side", truncation_side)):
+            _option(name, side, {s: s for s in SIDES})
         self.chat_template, self.model_max_length = chat_template, model_max_length
         self.model_input_names = tuple(model_input_names)
         for name in SPECIAL:
@@ -198,7 +203,7 @@ class Tokenizer:
             width = max(map(len, columns["input_ids"])) if pad_mode == "longest" else limit
             if pad_to_multiple_of:
                 width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
-            side = padding_side or self.padding_side
+            side = _option("padding_side", padding_side or self.padding_side, {s: s for s in SIDES})
             for key, fill in (("input_ids", self.pad_token_id), ("token_type_ids", 0), ("attention_mask", 0)):
                 columns[key] = [_pad(row, width, fill, side) for row in columns[key]]
         wanted = {"attention_mask": return_attention_mask, "token_type_ids": return_token_type_ids}

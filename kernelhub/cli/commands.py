@@ -1,16 +1,19 @@
-"""The `kernelhub` command line: backends, plugins, explain, run, demo, lock, download, kernel.
+"""The `kernelhub` command line: backends, plugins, explain, run, demo, diff, lock, download, kernel.
 
     kernelhub backends              capability matrix on this machine (attention backends, layer kernels)
     kernelhub plugins               loaded plugins and the ones that failed
-    kernelhub explain MODEL --attn flex [--kernels RMSNorm=org/rmsnorm@v1] [--lock kernelhub.lock]
+    kernelhub explain MODEL --attn flex [--kernels RMSNorm=org/rmsnorm@v1] [--lock kernelhub.lock] [--device D]
     kernelhub run MODEL --prompt "..." [--attn X] [--max-new-tokens N] [--temperature T --top-k K --top-p P --seed S]
-                                    [--tp N]  (tensor parallel on N ranks; or torchrun ... -m kernelhub run ...)
+                                    [--device D] [--tp N]  (tensor parallel on N ranks, or under torchrun)
     kernelhub demo
-    kernelhub diff MODEL --a eager --b sdpa                     (see cli_diff.py)
-    kernelhub lock | download | kernel build|check|publish     (see cli_hub.py)
+    kernelhub diff MODEL --a eager --b sdpa [--device D]         (see kernelhub/cli/diff.py)
+    kernelhub lock | download | kernel init|build|check|publish  (see kernelhub/cli/hub.py)
 
-Every failure is one line on stderr, `kernelhub: error: ...`, exit 2 for bad input and 1
-otherwise; `--debug` prints the traceback instead.
+Every command takes `--debug` and `-v`/`-q` (before or after its name). Every failure is one
+line on stderr, `kernelhub: error: ...`, exit 2 for bad input and 1 otherwise; `--debug`
+prints the traceback instead. `-v` logs at info (what was bound where), `-vv` at debug, `-q`
+errors only, `-qq` critical only (the `kernelhub` logger; `KERNELHUB_VERBOSITY` otherwise).
+Tables wrap to the terminal's width.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ import os
 import sys
 import traceback
 
-from kernelhub.cli.args import (DTYPES, MODES, Parser, UsageError, non_negative_float, one_line, positive_int,
-                                probability, request_type)
+from kernelhub.cli.args import (DTYPES, MODES, Parser, UsageError, device_type, non_negative_float, one_line,
+                                positive_int, probability, request_type, verbosity_level)
 from kernelhub.cli.diff import add_diff_command
 from kernelhub.cli.hub import add_hub_commands
 from kernelhub.declare.errors import KernelhubError
@@ -38,23 +41,77 @@ def cmd_backends(args) -> int:
     print(f"attention backends on this machine ({device}):\n")
     rows = capability_rows(backend_sources())
     header = ["name", "aliases", "mask", "head_dim", "backward", "source", "features"]
-    widths = _widths(rows, header)
-    print(_row(header, widths, "status"))
+    table = [header + ["status"]]
     for entry, row in zip(backend_sources(), rows):
         reasons = machine_problems(entry.backend, device)
         status = "available" if not reasons else "unavailable: " + "; ".join(reasons)
-        print(_row([row[h] for h in header], widths, status))
+        table.append([str(row[h]) for h in header] + [status])
+    print("\n".join(format_table(table, wrap=("aliases", "head_dim", "backward", "source", "features", "status"))))
     _print_layer_kernels(device)
     return 0
 
 
-def _widths(rows: list[dict], header: list[str]) -> list[int]:
-    """Column widths that fit the header and every row's value."""
-    return [max(len(str(r[h])) for r in rows + [dict(zip(header, header))]) for h in header]
+def terminal_width() -> int | None:
+    """The width tables wrap to: $COLUMNS, else the terminal's; None (no wrapping) when output goes to a
+    pipe or a file and $COLUMNS is unset, so scripts and grep see one row per line."""
+    import shutil
+
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    return shutil.get_terminal_size().columns if sys.stdout.isatty() else None
 
 
-def _row(values, widths, status: str) -> str:
-    return "  ".join(str(v).ljust(w) for v, w in zip(values, widths)) + "  " + status
+def format_table(rows: list[list[str]], *, wrap=(), width: int | None = None, indent: str = "") -> list[str]:
+    """Rows (the first is the header) as aligned lines no wider than the terminal (`width`, else
+    `terminal_width()`; unlimited when that is None): the `wrap` columns (named by header) shrink, widest first, and
+    wrap onto continuation lines between words (a comma counts as a word's end). When even that
+    cannot fit, each row becomes a record: its first cell, then one `header: value` line per cell.
+
+    >>> print("\\n".join(format_table([["name", "status"], ["flash", "unavailable: needs CUDA and flash-attn"]],
+    ...                               wrap=("status",), width=30)))
+    name   status
+    flash  unavailable: needs CUDA
+           and flash-attn
+    >>> print("\\n".join(format_table([["name", "status"], ["flash", "unavailable: needs CUDA"]], width=24)))
+    flash
+      status: unavailable:
+        needs CUDA
+    """
+    import textwrap
+
+    width = width or terminal_width() or 1 << 30
+    shrinkable = [rows[0].index(name) for name in wrap if name in rows[0]]
+    rows = [[cell.replace(",", ", ").replace(",  ", ", ") if i in shrinkable else cell for i, cell in enumerate(row)]
+            for row in rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    floor = {i: max(len(word) for row in rows for word in row[i].split() or [""]) for i in shrinkable}
+    while len(indent) + sum(widths) + 2 * (len(widths) - 1) > width:
+        i = max((j for j in shrinkable if widths[j] > floor[j]), key=lambda j: widths[j], default=None)
+        if i is None:  # every wrapped column is down to its longest word: one record per row instead
+            return _records(rows, width, indent)
+        widths[i] -= 1
+    lines = []
+    for row in rows:
+        cells = [textwrap.wrap(cell, widths[i], break_long_words=False, break_on_hyphens=False) or [""]
+                 if i in shrinkable else [cell] for i, cell in enumerate(row)]
+        for k in range(max(map(len, cells))):
+            parts = [(cell[k] if k < len(cell) else "").ljust(w) for cell, w in zip(cells, widths)]
+            lines.append((indent + "  ".join(parts)).rstrip())
+    return lines
+
+
+def _records(rows: list[list[str]], width: int, indent: str) -> list[str]:
+    """Each data row as its first cell, then `header: value` lines wrapped to `width`."""
+    import textwrap
+
+    lines = []
+    for row in rows[1:]:
+        lines.append(indent + row[0])
+        for name, cell in zip(rows[0][1:], row[1:]):
+            lines += textwrap.wrap(f"{name}: {cell}", max(20, width), initial_indent=indent + "  ",
+                                   subsequent_indent=indent + "    ", break_on_hyphens=False)
+    return lines
 
 
 def _print_layer_kernels(device: str) -> None:
@@ -63,17 +120,19 @@ def _print_layer_kernels(device: str) -> None:
     from kernelhub.registry.plugins import get_registry
 
     rows = layer_kernel_rows(get_registry())
-    print(f"\nlayer kernels on this machine ({device}); 'reference' (the layer's own forward) serves every layer:")
+    import textwrap
+
+    print("\n" + textwrap.fill(f"layer kernels on this machine ({device}); 'reference' (the layer's own forward) "
+                               "serves every layer:", terminal_width() or 1 << 30))
     header = ["name", "devices", "dtypes", "features", "source"]
-    widths = _widths(rows, header)
-    layer = None
-    for row in rows:
-        if row["layer"] != layer:
-            layer = row["layer"]
-            print(f"\n{layer}:\n  " + _row(header, widths, "status"))
-        devices = row["caps"].devices
-        status = "available" if not devices or device in devices else f"unavailable: runs on {', '.join(devices)}"
-        print("  " + _row([row[h] for h in header], widths, status))
+    for layer in dict.fromkeys(row["layer"] for row in rows):
+        table = [header + ["status"]]
+        for row in (r for r in rows if r["layer"] == layer):
+            devices = row["caps"].devices
+            status = "available" if not devices or device in devices else f"unavailable: runs on {', '.join(devices)}"
+            table.append([str(row[h]) for h in header] + [status])
+        print(f"\n{layer}:")
+        print("\n".join(format_table(table, wrap=("dtypes", "features", "source", "status"), indent="  ")))
 
 
 def cmd_plugins(args) -> int:
@@ -100,7 +159,7 @@ def cmd_explain(args) -> int:
     if args.tp is not None and args.tp_rank is not None and not 0 <= args.tp_rank < args.tp:
         raise UsageError(f"--tp-rank {args.tp_rank} is not a rank of --tp {args.tp}; valid: 0..{args.tp - 1}")
     plan = explain(args.model, attn_implementation=args.attn, kernels=args.kernels, dtype=args.dtype,
-                   mode=args.mode, lock=args.lock, tp_size=args.tp, tp_rank=args.tp_rank or 0)
+                   device=args.device, mode=args.mode, lock=args.lock, tp_size=args.tp, tp_rank=args.tp_rank or 0)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan)
     return 0
 
@@ -145,9 +204,13 @@ def cmd_run(args) -> int:
                               temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if args.tp is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun ... -m kernelhub run
         args.tp = int(os.environ["WORLD_SIZE"])
+    if args.tp and args.device is not None:
+        raise UsageError(f"--device {args.device} and --tp {args.tp}: under tensor parallelism each rank uses its own "
+                         "device (cuda:LOCAL_RANK with NCCL, cpu with gloo); drop --device")
     if not args.tp or (args.tp == 1 and "WORLD_SIZE" not in os.environ):
         return _generate(args, sampling, from_pretrained(args.model, attn_implementation=args.attn,
-                                                         kernels=args.kernels, dtype=args.dtype, lock=args.lock))
+                                                         kernels=args.kernels, dtype=args.dtype, lock=args.lock,
+                                                         device=args.device))
     status, owned = _tensor_parallel_group(args)
     if status is not None:
         return status
@@ -174,7 +237,7 @@ def _generate(args, sampling, model, quiet: bool = False) -> int:
     if not hasattr(model, "generate"):  # an encoder: show the sentence embedding
         from kernelhub.models.bert import mean_pool
 
-        batch = tokenizer([args.prompt], return_tensors="pt")
+        batch = {k: v.to(model.device) for k, v in tokenizer([args.prompt], return_tensors="pt").items()}
         with torch.no_grad():
             emb = mean_pool(model(**batch).last_hidden_state, batch["attention_mask"])[0]
         print(f"sentence embedding ({emb.numel()} dims): {[round(v, 4) for v in emb[:8].tolist()]} ...")
@@ -184,6 +247,7 @@ def _generate(args, sampling, model, quiet: bool = False) -> int:
                                             return_tensors="pt")["input_ids"]
     else:
         ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+    ids = ids.to(model.device)
     start = time.perf_counter()
     # The checkpoint's generation config (all its eos ids) wins; the tokenizer's eos is the fallback.
     eos = {} if model.generation_config.eos_token_id is not None else {"eos_token_id": tokenizer.eos_token_id}
@@ -227,10 +291,18 @@ def build_parser() -> Parser:
     parser.add_argument("--version", action="version", version=f"kernelhub {__version__}",
                         help="print the version and exit")
     parser.add_argument("--debug", action="store_true", help="on failure, print the full traceback")
-    # --debug is accepted after the subcommand too; SUPPRESS keeps a subparser from resetting it
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log more: -v info (what was bound where), -vv debug")
+    parser.add_argument("-q", "--quiet", action="count", default=0,
+                        help="log less: -q errors only (no warnings, no progress bars), -qq critical")
+    # accepted after the subcommand too; SUPPRESS keeps a subparser from resetting what came before it
     common = Parser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="on failure, print the full traceback")
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                        help="log more: -v info, -vv debug")
+    common.add_argument("-q", "--quiet", action="count", default=argparse.SUPPRESS,
+                        help="log less: -q errors only, -qq critical")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     subcommand(sub, "backends", "list attention backends and whether they run here",
                parents=[common]).set_defaults(fn=cmd_backends)
@@ -250,6 +322,8 @@ def build_parser() -> Parser:
     p.add_argument("--mode", default="inference", choices=MODES, help="binding mode; one of: %(choices)s")
     p.add_argument("--lock", default=None, metavar="FILE", help="verify Hub kernels against this lock file")
     p.add_argument("--json", action="store_true", help="print plan.to_dict() as JSON")
+    p.add_argument("--device", type=device_type, default="cpu",
+                   help="device to plan for, e.g. cuda (checked here; default: %(default)s)")
     p.add_argument("--tp", type=positive_int, default=None, metavar="N",
                    help="plan one rank of a tensor-parallel load on N ranks (no process group needed)")
     p.add_argument("--tp-rank", type=int, default=None, metavar="R",
@@ -284,10 +358,12 @@ def build_parser() -> Parser:
                    help="weights dtype (default: the checkpoint's); one of: %(choices)s")
     p.add_argument("--lock", default=None, metavar="FILE", help="verify Hub kernels against this lock file")
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    p.add_argument("--device", type=device_type, default=None,
+                   help="load and run on this device, e.g. cuda or cuda:1 (default: cpu; not with --tp)")
     p.add_argument("--tp", type=positive_int, default=None, metavar="N",
                    help="tensor parallel on N ranks (started under torchrun for you; gloo on CPU); rank 0 prints")
     p.set_defaults(fn=cmd_run)
-    add_diff_command(sub)
+    add_diff_command(sub, parents=[common])
     add_hub_commands(sub, subcommand, common)
     return parser
 
@@ -318,6 +394,10 @@ def main(argv=None) -> int:
             status = e.code if isinstance(e.code, int) else 0
         else:
             args.argv = argv  # `run --tp N` starts N ranks of this same command
+            if args.verbose or args.quiet:
+                from kernelhub.declare.log import set_verbosity
+
+                set_verbosity(verbosity_level(args.verbose, args.quiet))
             status = args.fn(args)
         sys.stdout.flush()  # a closed pipe shows up here, inside the handler, not at interpreter exit
         return status

@@ -7,8 +7,12 @@
 The model is loaded once per binding and traced with `kernelhub.debug.trace`; the table
 lists every module call in forward order (the order outputs were produced) with the
 maximum absolute and relative difference of its outputs, --b measured against --a, and
-names the first module beyond tolerance. Exit status: 0 when every module matches, 1 when
-one diverges (usable in CI); bad arguments raise `KernelhubError`.
+names the first module beyond tolerance. Tolerances follow each tensor's magnitude and
+dtype (`kernelhub.debug.compare_traces`): |b - a| <= tol * max|a| + tol * |a|, tol = 256
+float32 ulps (3.1e-5), 16 ulps of a 16-bit float; --atol (absolute) and --rtol override.
+Layer kernels are bound without the conformance probe (a wrong kernel is what diff finds).
+Exit status: 0 when every module matches, 1 when one diverges (usable in CI); bad
+arguments raise `KernelhubError`.
 
 Input tokens: --ids, else the model's tokenizer on --prompt, else a fixed sequence of
 16 ids (the same on every run).
@@ -104,15 +108,27 @@ def input_ids(args, model) -> torch.Tensor:
     return torch.tensor([[(7 * i + 3) % vocab for i in range(DEFAULT_LENGTH)]])  # deterministic, spread out
 
 
+def load_bound(path, binding: dict, *, dtype=None, device="cpu"):
+    """The model at `path` bound as `binding` says, layer kernels unverified: `diff` exists to
+    measure a kernel that may be wrong, so the bind-time conformance probe must not refuse it."""
+    from kernelhub.registry.bind import bind
+    from kernelhub.runtime.pretrained import from_pretrained
+
+    model = from_pretrained(path, attn_implementation=binding["attn"], dtype=dtype, device=device)
+    if binding["kernels"]:
+        request = model.binding.request  # keep what loading chose (attention, Experts defaults)
+        bind(model, request.attn_implementation, {**(request.kernels or {}), **binding["kernels"]},
+             mode=request.mode, verify=False)
+    return model
+
+
 def cmd_diff(args) -> int:
     from kernelhub.debug import compare, format_comparison, trace
-    from kernelhub.runtime.pretrained import from_pretrained
 
     bindings = [parse_binding(args.a), parse_binding(args.b)]  # both checked before any weight is read
     traces, ids = [], None
     for binding in bindings:
-        model = from_pretrained(args.model, attn_implementation=binding["attn"], kernels=binding["kernels"],
-                                dtype=args.dtype, device=args.device)
+        model = load_bound(args.model, binding, dtype=args.dtype, device=args.device)
         ids = input_ids(args, model) if ids is None else ids
         traces.append(trace(model, ids.to(args.device), keep_tensors=True))
         del model  # one model in memory at a time
@@ -125,20 +141,26 @@ def cmd_diff(args) -> int:
     return 0 if result["ok"] else 1
 
 
-def add_diff_command(subparsers) -> None:
-    """Register `diff` on the `kernelhub` command's subparsers (`args.fn(args)` runs it)."""
+def add_diff_command(subparsers, parents=()) -> None:
+    """Register `diff` on the `kernelhub` command's subparsers (`args.fn(args)` runs it); `parents`
+    carry the options every command shares (--debug, -v/-q)."""
+    from kernelhub.cli.args import device_type
+
     p = subparsers.add_parser("diff", help="compare a model module by module under two bindings",
-                              description=__doc__.split("\n\n")[1].strip())
+                              description=__doc__.split("\n\n")[1].strip(), parents=list(parents))
     p.add_argument("model", help="checkpoint directory or .gguf file")
     p.add_argument("--a", required=True, help=f"the reference binding: {BINDING_HELP}")
     p.add_argument("--b", required=True, help="the binding compared against --a (same forms)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--prompt", default=None, help="text for the model's tokenizer")
     source.add_argument("--ids", default=None, help="token ids, comma-separated (e.g. 1,2,3)")
-    p.add_argument("--atol", type=float, default=None, help="absolute tolerance (default: per dtype)")
-    p.add_argument("--rtol", type=float, default=None, help="relative tolerance (default: per dtype)")
+    p.add_argument("--atol", type=float, default=None,
+                   help="absolute tolerance (default: per tensor, tol(dtype) * max|a|, tol = 256 float32 ulps "
+                        "or 16 ulps of a 16-bit float)")
+    p.add_argument("--rtol", type=float, default=None, help="relative tolerance (default: tol(dtype))")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="load in this dtype (default: the checkpoint's)")
-    p.add_argument("--device", default="cpu", help="run both bindings on this device (default: cpu)")
+    p.add_argument("--device", type=device_type, default="cpu",
+                   help="run both bindings on this device, checked before loading (default: cpu)")
     p.add_argument("--json", action="store_true", help="print the comparison as JSON")
     p.set_defaults(fn=cmd_diff)

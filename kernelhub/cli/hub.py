@@ -4,6 +4,7 @@
     kernelhub lock --from-model CHECKPOINT        (the kernels its saved binding uses)
     kernelhub lock --check [--output kernelhub.lock]   (verify against the cache; imports nothing)
     kernelhub download [--lock kernelhub.lock]
+    kernelhub kernel init DIR --layer RMSNorm
     kernelhub kernel build DIR | check DIR | publish DIR --repo org/name [--version N] [--dry-run]
 """
 
@@ -108,6 +109,19 @@ def cmd_download(args) -> int:
     return 0
 
 
+def cmd_kernel_init(args) -> int:
+    from kernelhub.kernel.ignore import walk
+    from kernelhub.kernel.init import init_kernel
+
+    repo = init_kernel(args.dir, args.layer)
+    print(f"wrote {args.layer} kernel repo {repo}:")
+    for rel, _ in walk(repo):
+        print(f"  {rel}")
+    print(f"next: (cd {repo} && python -m pytest tests); kernelhub kernel check {repo}; "
+          f"kernelhub kernel publish {repo} --repo ORG/{repo.name} --dry-run")
+    return 0
+
+
 def cmd_kernel_build(args) -> int:
     from kernelhub.kernel.build import build_kernel
 
@@ -122,6 +136,8 @@ def cmd_kernel_check(args) -> int:
     report = check_kernel(args.dir)
     for line in report.lines:
         print(f"ok       {line}")
+    for note in report.notes:
+        print(f"note     {note}")
     for problem in report.problems:
         print(f"PROBLEM  {problem}")
     return 0 if report.ok else 1
@@ -161,10 +177,19 @@ def add_hub_commands(sub, subcommand, common) -> None:
     p.add_argument("--lock", default=DEFAULT_LOCK, metavar="FILE", help="the lock file (default: %(default)s)")
     p.set_defaults(fn=cmd_download)
 
-    p = subcommand(sub, "kernel", "build, check or publish a kernel repo (see hub_kernels/)",
+    p = subcommand(sub, "kernel", "start, build, check or publish a kernel repo (see hub_kernels/)",
                    "run `kernelhub kernel ACTION --help` for each action's options", parents)
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     dir_help = "the kernel repo directory (build.toml, torch-ext/, ...)"
+    from kernelhub.kernel.init import TEMPLATES
+
+    p = subcommand(actions, "init", "write a new kernel repo for a declared layer, ready to build, check and "
+                   "publish", "The folder's name is the kernel's name (lowercase letters, digits, dashes).\n"
+                   "example: kernelhub kernel init my-rmsnorm --layer RMSNorm", parents)
+    p.add_argument("dir", metavar="DIR", help="the new folder (must not exist, or be empty)")
+    p.add_argument("--layer", required=True, choices=sorted(TEMPLATES),
+                   help="the declared layer the kernel implements; one of: %(choices)s")
+    p.set_defaults(fn=cmd_kernel_init)
     p = subcommand(actions, "build", "write build/torch-<backend>/ for every backend in build.toml",
                    parents=parents)
     p.add_argument("dir", metavar="DIR", help=dir_help)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -58,7 +59,7 @@ def tensor_stats(t: torch.Tensor, keep: bool = False) -> dict:
     return out
 
 
-def flatten(value, prefix: str = "", keep: bool = False, _seen=(), _depth=0) -> list[dict]:
+def flatten(value: object, prefix: str = "", keep: bool = False, _seen: tuple = (), _depth: int = 0) -> list[dict]:
     """Stats of every tensor inside `value` (tuples, lists, dicts, dataclasses), named by path."""
     if isinstance(value, torch.Tensor):
         return [{"name": prefix, **tensor_stats(value, keep)}]
@@ -77,7 +78,7 @@ def flatten(value, prefix: str = "", keep: bool = False, _seen=(), _depth=0) -> 
             for entry in flatten(item, f"{prefix}.{key}" if prefix else key, keep, seen, _depth + 1)]
 
 
-def trace(model: torch.nn.Module, inputs, *, keep_tensors: bool = False) -> dict:
+def trace(model: torch.nn.Module, inputs: torch.Tensor | dict | tuple, *, keep_tensors: bool = False) -> dict:
     """Run `model` once on `inputs` under `torch.no_grad()` and return the call tree (see module doc).
 
     `inputs` is a tensor (`model(inputs)`), a dict of keyword arguments (`model(**inputs)`)
@@ -152,7 +153,7 @@ def _without_values(node: dict) -> dict:
             "children": [_without_values(c) for c in node["children"]]}
 
 
-def save(tree: dict, path, *, tensors: bool = False) -> Path:
+def save(tree: dict, path: str | os.PathLike, *, tensors: bool = False) -> Path:
     """Write a trace as JSON (indented); full tensors only with `tensors=True`.
 
     Without tensors the file is strict JSON. With them, non-finite values are written as
@@ -168,7 +169,7 @@ def save(tree: dict, path, *, tensors: bool = False) -> Path:
     return path
 
 
-def load(path) -> dict:
+def load(path: str | os.PathLike) -> dict:
     """Read a trace written by `save`."""
     try:
         tree = json.loads(Path(path).read_text())

@@ -24,9 +24,9 @@ import tomllib
 from pathlib import Path
 
 from kernelhub.declare.errors import KernelhubError
+from kernelhub.kernel.ignore import copytree_ignore, walk
 
 BACKENDS = ("cpu", "cuda", "rocm", "xpu", "metal")
-IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc")
 
 
 def read_build_toml(repo: Path) -> dict:
@@ -62,10 +62,12 @@ def source_dir(repo: Path, general: dict) -> Path:
     return src
 
 
-def _digest(src: Path) -> str:
-    h = hashlib.sha256()
-    for path in sorted(p for p in src.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
-        h.update(path.relative_to(src).as_posix().encode() + b"\0" + path.read_bytes())
+def _digest(repo: Path, src: Path) -> str:
+    """A digest of the source files build copies (caches and what .gitignore names are not the source)."""
+    h, prefix = hashlib.sha256(), src.relative_to(repo).as_posix() + "/"
+    for rel, path in walk(repo):
+        if rel.startswith(prefix):
+            h.update(rel.removeprefix(prefix).encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:10]
 
 
@@ -83,13 +85,13 @@ def build_kernel(repo) -> list[Path]:
     repo = Path(repo)
     general = read_build_toml(repo)
     src = source_dir(repo, general)
-    digest = _digest(src)
+    digest = _digest(repo, src)
     build = repo / "build"
     shutil.rmtree(build, ignore_errors=True)
-    variants = []
+    variants, ignore = [], copytree_ignore(repo)  # caches and what the repo's .gitignore names stay behind
     for backend in general["backends"]:
         variant = build / f"torch-{backend}"
-        shutil.copytree(src, variant / python_name(general["name"]), ignore=IGNORE)
+        shutil.copytree(src, variant / python_name(general["name"]), ignore=ignore)
         (variant / "metadata.json").write_text(json.dumps(metadata(general, backend, digest), indent=2) + "\n")
         if (repo / "kernelhub.json").is_file():  # declarations kernelhub reads before import
             shutil.copy2(repo / "kernelhub.json", variant / "kernelhub.json")

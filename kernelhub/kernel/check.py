@@ -2,13 +2,19 @@
 
 It builds a scratch copy of the repo and checks, in order: the layout (build.toml,
 README card, source package, tests, benchmarks), every variant's `metadata.json` as
-Hugging Face `kernels` parses it, the `layers` contract of every layer class, and the
-numbers: each layer runs on a kernelhub reference module of the same name and must
-match that module's own forward (float32, 1e-5).
+Hugging Face `kernels` parses it, the benchmarks (each `Benchmark` class runs its first
+workload once on the CPU variant, setup, benchmark and verify, as `kernels benchmark`
+would; every `self.kernel.<name>` they read must exist), the `layers` contract of every
+layer class (a class whose name is no declared layer fails, with the closest name), and the
+numbers: each layer runs the conformance probe a bind runs, against the catalogue's reference
+of the same name, in float32 and in bfloat16 when it declares it.
+
+Every `lines` entry (printed `ok`) says what ran; `notes` say what could not be checked
+and why (a workload without a verify method); `problems` fail the check.
 
 >>> report = check_kernel("hub_kernels/rmsnorm")      # doctest: +SKIP
 >>> report.ok, report.lines[-1]                        # doctest: +SKIP
-(True, 'RMSNorm: matches kernelhub RMSNorm (max abs diff 2.4e-07)')
+(True, 'RMSNorm: conforms to kernelhub RMSNorm in bfloat16 (max err 0 (tol 0.016))')
 """
 
 from __future__ import annotations
@@ -21,9 +27,8 @@ from pathlib import Path
 
 import torch
 
-from kernelhub.declare.layer import set_layer_forward
 from kernelhub.kernel.build import build_kernel, python_name, read_build_toml
-from kernelhub.declare.errors import KernelhubError
+from kernelhub.declare.errors import KernelhubError, suggestion
 from kernelhub.registry.layer_contract import contract_problems
 from kernelhub.registry.hub.metadata import attention_specs, read_kernel_metadata, read_variant_metadata
 from kernelhub.registry.hub.snapshot import read_variant
@@ -31,8 +36,9 @@ from kernelhub.registry.hub.snapshot import read_variant
 
 @dataclasses.dataclass
 class CheckReport:
-    lines: list[str] = dataclasses.field(default_factory=list)
-    problems: list[str] = dataclasses.field(default_factory=list)
+    lines: list[str] = dataclasses.field(default_factory=list)      # checked and fine: each ran something
+    problems: list[str] = dataclasses.field(default_factory=list)   # any of these fails the check
+    notes: list[str] = dataclasses.field(default_factory=list)      # not checked, and why
 
     @property
     def ok(self) -> bool:
@@ -40,29 +46,14 @@ class CheckReport:
 
 
 def reference_layers() -> dict:
-    """Declared layer name -> (host module with random state, example inputs), float32."""
-    from kernelhub.declare.experts import Experts
-    from kernelhub.models.bert import LayerNorm
-    from kernelhub.models.llama import ApplyRotary, RMSNorm, SiLUAndMul
+    """Declared layer name -> an instance of its catalogue class, configured as models use it (the
+    `like` a conformance probe copies: eps, biases, activation)."""
+    from kernelhub.declare import reference_layers as catalogue
 
-    g = torch.Generator().manual_seed(0)
-    rms = RMSNorm(64, eps=1e-6)
-    rms.weight.data = torch.rand(64, generator=g) + 0.5
-    ln = LayerNorm(48, eps=1e-12)
-    ln.weight.data, ln.bias.data = torch.rand(48, generator=g) + 0.5, torch.randn(48, generator=g)
-    angles = torch.randn(2, 5, 8, generator=g)
-    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
-    q, k = torch.randn(2, 5, 4, 16, generator=g).transpose(1, 2), torch.randn(2, 5, 2, 16, generator=g).transpose(1, 2)
-    experts = Experts(4, 32, 16)  # plain silu experts: what every Experts kernel serves
-    experts.gate_up_proj.data = torch.randn(4, 32, 32, generator=g) / 6
-    experts.down_proj.data = torch.randn(4, 32, 16, generator=g) / 4
-    routed = (torch.randn(6, 32, generator=g), torch.tensor([[0, 1], [1, 3], [3, 0], [0, 1], [1, 0], [3, 1]]),
-              torch.rand(6, 2, generator=g))
-    return {"Experts": (experts, routed),
-            "RMSNorm": (rms, (torch.randn(2, 3, 64, generator=g),)),
-            "SiLUAndMul": (SiLUAndMul(), (torch.randn(2, 3, 96, generator=g),)),
-            "LayerNorm": (ln, (torch.randn(2, 3, 48, generator=g) * 3 + 1,)),
-            "ApplyRotary": (ApplyRotary(), (q, k, cos, sin))}
+    c = catalogue
+    return {"RMSNorm": c.RMSNorm(64), "GptOssRMSNorm": c.GptOssRMSNorm(64), "GemmaRMSNorm": c.GemmaRMSNorm(64),
+            "LayerNorm": c.LayerNorm(64, eps=1e-12), "SiLUAndMul": c.SiLUAndMul(), "GeluTanhAndMul": c.GeluTanhAndMul(),
+            "ApplyRotary": c.ApplyRotary(), "Linear": c.Linear(64, 48), "Experts": c.Experts(4, 32, 16)}
 
 
 def _layout(repo: Path, report: CheckReport) -> dict:
@@ -78,34 +69,106 @@ def _layout(repo: Path, report: CheckReport) -> dict:
     return general
 
 
-def _benchmark(repo: Path, report: CheckReport) -> None:
+def _workloads(cls) -> list[str]:
+    """A Benchmark class's workload names (benchmark_<name>), in the order the class defines them."""
+    names = []
+    for klass in reversed(cls.__mro__):
+        names += [n.removeprefix("benchmark_") for n in vars(klass) if n.startswith("benchmark_")
+                  and callable(getattr(cls, n)) and n.removeprefix("benchmark_") not in names]
+    return names
+
+
+def _kernel_names(path: Path) -> set[str]:
+    """Every `self.kernel.<name>` the benchmark file reads."""
+    import ast
+
+    def reads_self_kernel(node) -> bool:
+        inner = node.value
+        return isinstance(inner, ast.Attribute) and inner.attr == "kernel" and isinstance(inner.value, ast.Name) \
+            and inner.value.id == "self"
+
+    return {node.attr for node in ast.walk(ast.parse(path.read_text(), str(path)))
+            if isinstance(node, ast.Attribute) and reads_self_kernel(node)}
+
+
+def _run_workload(cls, workload: str, kernel) -> str:
+    """Run one workload as `kernels benchmark` does, once, on the CPU: setup, benchmark, verify.
+    Returns what was checked; raises with what went wrong."""
+    instance = cls()
+    instance.kernel, instance.device = kernel, "cpu"
+    if instance.seed is not None:
+        torch.manual_seed(instance.seed)
+    getattr(instance, f"setup_{workload}", instance.setup)()
+    getattr(instance, f"benchmark_{workload}")()
+    verify = getattr(instance, f"verify_{workload}", None)
+    if verify is None:
+        return f"{cls.__name__}.{workload} ran (it has no verify_{workload}: its output is not checked)"
+    want = verify()
+    if not isinstance(instance.out, torch.Tensor) or not isinstance(want, torch.Tensor):
+        raise AssertionError(f"benchmark_{workload} must set self.out and verify_{workload} return a tensor "
+                             f"(got {type(instance.out).__name__} and {type(want).__name__})")
+    if instance.out.shape != want.shape:
+        raise AssertionError(f"self.out has shape {tuple(instance.out.shape)}, verify_{workload} returns "
+                             f"{tuple(want.shape)}")
+    diff = float((instance.out.float() - want.float()).abs().max()) if want.numel() else 0.0
+    if not torch.allclose(instance.out, want, atol=1e-2):  # the rule `kernels benchmark` applies
+        raise AssertionError(f"self.out differs from verify_{workload} by {diff:.3g} (kernels benchmark allows "
+                             "atol=1e-2)")
+    return f"{cls.__name__}.{workload} matches verify_{workload} (max abs diff {diff:.1e})"
+
+
+def _benchmark(repo: Path, report: CheckReport, kernel) -> None:
+    """Each Benchmark class runs its first workload once against its verify method; every workload's
+    `self.kernel.<name>` must exist in the kernel (the other workloads' sizes are for real devices)."""
     path = repo / "benchmarks" / "benchmark.py"
     if not path.is_file():
         return
     from kernels.benchmark import Benchmark
     spec = importlib.util.spec_from_file_location("_kernelhub_checked_benchmark", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    found = [n for n, v in vars(module).items()
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - report any failure of the user's file
+        report.problems.append(f"benchmarks/benchmark.py does not import: {type(e).__name__}: {e}")
+        return
+    found = [v for v in vars(module).values()
              if isinstance(v, type) and issubclass(v, Benchmark) and v is not Benchmark]
     if not found:
         report.problems.append("benchmarks/benchmark.py defines no kernels.benchmark.Benchmark subclass")
-    else:
-        report.lines.append(f"benchmarks: {', '.join(found)}")
+        return
+    missing = sorted(name for name in _kernel_names(path) if not hasattr(kernel, name))
+    if missing:
+        report.problems.append(f"benchmarks/benchmark.py calls self.kernel.{', self.kernel.'.join(missing)}, which "
+                               f"the kernel does not define (it has: {', '.join(_public(kernel))})")
+    for cls in found:
+        workloads = _workloads(cls)
+        if not workloads:
+            report.notes.append(f"benchmarks: {cls.__name__} defines no benchmark_* workload: nothing ran")
+            continue
+        try:
+            done = _run_workload(cls, workloads[0], kernel)
+        except Exception as e:  # noqa: BLE001 - report any failure of the user's workload
+            report.problems.append(f"benchmarks: {cls.__name__}.{workloads[0]} fails on cpu: {type(e).__name__}: {e}")
+            continue
+        rest = f"; not run here: {', '.join(workloads[1:])}" if len(workloads) > 1 else ""
+        (report.lines if "matches" in done else report.notes).append(f"benchmarks: {done}{rest}")
 
 
-def _numbers(name, impl, reference, report: CheckReport) -> None:
-    host, inputs = reference
-    with torch.no_grad():
-        want = host(*inputs)
-        set_layer_forward(host, impl.forward)
-        got = host(*inputs)
-    want, got = (want, got) if isinstance(want, tuple) else ((want,), (got,))
-    diff = max(float((a - b).abs().max()) for a, b in zip(got, want))
-    if diff > 1e-5:
-        report.problems.append(f"{name}: differs from kernelhub {name} by {diff:.2e} (> 1e-5 in float32)")
-    else:
-        report.lines.append(f"{name}: matches kernelhub {name} (max abs diff {diff:.1e})")
+def _public(module) -> list[str]:
+    return sorted(n for n in vars(module) if not n.startswith("_"))
+
+
+def _numbers(name, impl, like, report: CheckReport) -> None:
+    """The conformance probe a bind runs, in float32 and in each other dtype the kernel declares."""
+    from kernelhub.registry.conformance import check_layer
+
+    declared = getattr(impl, "dtypes", None) or (torch.float32, torch.bfloat16)
+    for dtype in [torch.float32, *(d for d in (torch.bfloat16, torch.float16) if d in declared)]:
+        verdict = check_layer(impl.forward, like, dtype, torch.device("cpu"))
+        if verdict.ok:
+            report.lines.append(f"{name}: conforms to kernelhub {name} in {str(dtype)[6:]} ({verdict.note()})")
+        else:
+            report.problems.append(f"{name}: {verdict.reason()}")
 
 
 def _attention_numbers(module, symbol, spec, report):
@@ -144,11 +207,10 @@ def check_kernel(repo) -> CheckReport:
 
     repo, report = Path(repo), CheckReport()
     general = _layout(repo, report)
-    _benchmark(repo, report)
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp) / repo.name
         shutil.copytree(repo, scratch, ignore=shutil.ignore_patterns("build", "__pycache__", "*.pyc"))
-        specs = {}
+        specs, failed = {}, len(report.problems)
         for variant in build_kernel(scratch):
             try:
                 Metadata.read_from_file(variant / "metadata.json")
@@ -157,12 +219,14 @@ def check_kernel(repo) -> CheckReport:
                 specs = attention_specs(read_kernel_metadata(snapshot.files, str(variant)), variant.name)
             except (ValueError, KernelhubError) as e:
                 report.problems.append(f"{variant.name}: {e}")
-        report.lines.append(f"metadata: {len(general['backends'])} variants parse with kernels")
+        if len(report.problems) == failed:  # an ok line only for what did parse
+            report.lines.append(f"metadata: {len(general['backends'])} variants parse with kernels")
         try:
             module = get_local_kernel(scratch, backend="cpu")
         except Exception as e:  # noqa: BLE001 - report any import failure
             report.problems.append(f"the cpu variant does not import: {type(e).__name__}: {e}")
             return report
+        _benchmark(repo, report, module)
         for symbol, spec in sorted(specs.items()):
             _attention_numbers(module, symbol, spec, report)
         layers = getattr(module, "layers", None)
@@ -176,11 +240,11 @@ def check_kernel(repo) -> CheckReport:
             is_layer = isinstance(impl, type) and issubclass(impl, torch.nn.Module)
             if not is_layer or impl.__module__ != layers.__name__:
                 continue
-            if name not in references:
-                report.lines.append(f"{name}: no kernelhub layer of that name to compare with (declared: "
-                                    f"{', '.join(sorted(references))})")
+            if name not in references:  # a bind would never reach it: layer names are the contract
+                report.problems.append(f"layers.{name} matches no declared layer.{suggestion(name, references)} "
+                                       f"Declared layers: {', '.join(sorted(references))}")
                 continue
-            declared = type(references[name][0])
+            declared = type(references[name])
             problems = contract_problems(impl, declared, hub=True)
             report.problems.extend(f"{name}: {p}" for p in problems)
             if not problems:

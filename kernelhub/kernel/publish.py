@@ -18,16 +18,13 @@ would publish hub_kernels/rmsnorm to my-org/rmsnorm, branch v1 (created from mai
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 from kernelhub.declare.errors import HubKernelError, KernelhubError
 from kernelhub.kernel.build import build_kernel, read_build_toml
 from kernelhub.kernel.check import check_kernel
+from kernelhub.kernel.ignore import walk
 from kernelhub.registry.hub.ref import HubRef, parse_hub_ref
-
-SKIP_DIRS = {"__pycache__", ".git", ".cache"}  # never published (.cache: huggingface_hub's own metadata)
-SKIP_SUFFIXES = (".pyc",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,22 +72,16 @@ def _target(repo_dir, repo_id: str, version: int | None) -> tuple[HubRef, dict, 
 
 
 def repo_files(repo_dir) -> tuple[tuple[str, int], ...]:
-    """Every file a publish uploads, as (posix path in the repo, size), sorted; symlinks are refused
-    because a kernel consumer refuses them too."""
-    root = Path(repo_dir)
+    """Every file a publish uploads, as (posix path in the repo, size), sorted: caches never, files the
+    repo's .gitignore names neither, build/ always (see `kernelhub.kernel.ignore`). Symlinks are
+    refused because a kernel consumer refuses them too."""
     files = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
-        for name in [*dirnames, *filenames]:
-            path = Path(dirpath) / name
-            if path.is_symlink():
-                raise KernelhubError(f"{path} is a symlink; a kernel repo is published as plain files "
-                                     "(kernelhub refuses variants with symlinks)")
-        for name in filenames:
-            if not name.endswith(SKIP_SUFFIXES):
-                path = Path(dirpath) / name
-                files.append((path.relative_to(root).as_posix(), path.stat().st_size))
-    return tuple(sorted(files))
+    for rel, path in walk(repo_dir):
+        if path.is_symlink():
+            raise KernelhubError(f"{path} is a symlink; a kernel repo is published as plain files "
+                                 "(kernelhub refuses variants with symlinks)")
+        files.append((rel, path.stat().st_size))
+    return tuple(files)
 
 
 def plan_publish(repo_dir, repo_id: str, *, version: int | None = None, check: bool = True) -> PublishPlan:

@@ -24,8 +24,9 @@ import torch
 
 from kernelhub.declare.attention_mask import AttentionMask
 from kernelhub.declare.capture import capturing, require_weights
+from kernelhub.declare.config_schema import invalid
 from kernelhub.models.loss import causal_lm_loss
-from kernelhub.models.outputs import CausalLMOutput
+from kernelhub.models.outputs import CausalLMOutput, MoeCausalLMOutput
 
 
 def select_cache(model, past_key_values, cache, use_cache):
@@ -109,3 +110,67 @@ def causal_lm_output(logits, labels, cache, use_cache, captured) -> CausalLMOutp
                           past_key_values=cache if use_cache is not False else None,
                           hidden_states=tuple(hidden) if hidden is not None else None,
                           attentions=tuple(attentions) if attentions is not None else None)
+
+
+# -- mixture of experts: router logits and the load-balancing loss --------------------------------------
+
+def router_options(d: dict, source: str) -> tuple[bool, float]:
+    """(`output_router_logits`, `router_aux_loss_coef`) of an MoE config dict, defaults as transformers'
+    (False, 0.001); null means the default."""
+    wants = d.get("output_router_logits")
+    if wants is not None and not isinstance(wants, bool):
+        raise invalid(source, "output_router_logits", wants, "true, false or null")
+    coef = d.get("router_aux_loss_coef")
+    coef = 0.001 if coef is None else coef
+    if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not 0 <= coef < float("inf"):
+        raise invalid(source, "router_aux_loss_coef", coef, "a finite number >= 0")
+    return bool(wants), float(coef)
+
+
+def load_balancing_loss(router_logits, num_experts: int, top_k: int, attention_mask=None) -> torch.Tensor:
+    """The auxiliary load-balancing loss of Switch Transformer (eq. 4-6), transformers'
+    `load_balancing_loss_func` operation for operation: per layer, the share of top-k assignments and the
+    mean router probability of each expert (padding rows left out when `attention_mask` [B, S] is given),
+    summed over layers, normalised by all rows, dotted, times `num_experts`.
+
+    >>> round(float(load_balancing_loss((torch.zeros(4, 2),), num_experts=2, top_k=1)), 4)  # balanced
+    1.0
+    """
+    device = router_logits[0].device
+    tokens = torch.zeros(num_experts, dtype=torch.float32, device=device)
+    probs = torch.zeros(num_experts, dtype=torch.float32, device=device)
+    rows = 0.0
+    flat = attention_mask.reshape(-1).to(device=device, dtype=torch.float32) if attention_mask is not None else None
+    for logits in router_logits:
+        weights = torch.nn.functional.softmax(logits.to(device), dim=-1)
+        _, chosen = torch.topk(weights, top_k, dim=-1)
+        if flat is None:
+            tokens = tokens + torch.bincount(chosen.reshape(-1), minlength=num_experts).float()
+            probs = probs + weights.float().sum(dim=0)
+            rows = rows + weights.shape[0]
+        else:
+            tokens = tokens + torch.zeros(num_experts, dtype=torch.float32, device=device).scatter_add_(
+                0, chosen.reshape(-1), flat.repeat_interleave(top_k))
+            probs = probs + (weights.float() * flat.unsqueeze(-1)).sum(dim=0)
+            rows = rows + flat.sum()
+    return torch.sum((tokens / rows) * (probs / rows).unsqueeze(0)) * num_experts
+
+
+def moe_causal_lm_output(out: CausalLMOutput, router_logits, *, num_experts: int, top_k: int, coef: float,
+                         attention_mask=None) -> MoeCausalLMOutput:
+    """`out` as a `MoeCausalLMOutput`; with `router_logits` (a list, one per sparse layer, when the forward
+    was asked for them), also the `aux_loss`, added to the loss times `coef` when there is one, as in
+    transformers. The mask's last S columns pair with the S tokens each layer routed (with a cache, the
+    mask also covers the past)."""
+    fields = {name: getattr(out, name) for name in out.keys()}
+    if router_logits is None:
+        return MoeCausalLMOutput(**fields)
+    router_logits = tuple(router_logits)
+    aux = None
+    if router_logits:
+        if attention_mask is not None:
+            attention_mask = attention_mask[:, -(router_logits[0].shape[0] // attention_mask.shape[0]):]
+        aux = load_balancing_loss(router_logits, num_experts, top_k, attention_mask)
+        if fields.get("loss") is not None:
+            fields["loss"] = fields["loss"] + coef * aux.to(fields["loss"].device)
+    return MoeCausalLMOutput(**fields, aux_loss=aux, router_logits=router_logits)

@@ -27,16 +27,16 @@ from torch import nn
 
 from kernelhub.declare.errors import ConfigError
 from kernelhub.declare.experts import Experts, from_gpt_oss_layout, to_gpt_oss_layout
-from kernelhub.declare.layer import Linear, layer
 from kernelhub.declare.site import AttentionSite
 from kernelhub.declare.fused import join_fused, split_fused
 from kernelhub.declare.config_schema import (boolean, check_dims, check_layer_count, choice, choice_list, divides,
                                             found, invalid, optional_positive_int, positive_float, positive_int,
                                             probability)
-from kernelhub.models.decoder import (capture_outputs, causal_lm_output, keep_logits, layer_type_masks, positions,
-                                      select_cache)
+from kernelhub.declare.reference_layers import ApplyRotary, GptOssRMSNorm, Linear
+from kernelhub.models.decoder import (capture_outputs, causal_lm_output, keep_logits, layer_type_masks,
+                                      moe_causal_lm_output, positions, router_options, select_cache)
 from kernelhub.models.model_api import CausalLMAPI
-from kernelhub.models.rope import RotaryEmbedding, apply_rope, rope_parameters
+from kernelhub.models.rope import RotaryEmbedding, rope_parameters
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
 # transformers' defaults when config.json has no rope_parameters (GptOssConfig.__post_init__)
@@ -69,6 +69,8 @@ class GptOssConfig:
     tie_word_embeddings: bool = False
     attention_dropout: float = 0.0
     output_attentions: bool = False
+    output_router_logits: bool = False
+    router_aux_loss_coef: float = 0.001
     model_type: str = "gpt_oss"
     raw: dict = dataclasses.field(default_factory=dict)
 
@@ -90,9 +92,7 @@ class GptOssConfig:
             raise invalid(source, "quantization_config", d["quantization_config"],
                           "null: load a dequantized checkpoint (transformers: Mxfp4Config(dequantize=True), then "
                           "save_pretrained)")
-        if d.get("output_router_logits"):
-            raise invalid(source, "output_router_logits", d["output_router_logits"],
-                          "false or null (the router's auxiliary loss is not computed here)")
+        router_logits, aux_coef = router_options(d, source)
         hidden = positive_int(d, "hidden_size", source)
         layers = positive_int(d, "num_hidden_layers", source)
         heads = positive_int(d, "num_attention_heads", source)
@@ -134,6 +134,8 @@ class GptOssConfig:
             tie_word_embeddings=boolean(d, "tie_word_embeddings", source, default=False),
             attention_dropout=probability(d, "attention_dropout", source),
             output_attentions=boolean(d, "output_attentions", source, default=False),
+            output_router_logits=router_logits,
+            router_aux_loss_coef=aux_coef,
             raw=dict(d),
         )
 
@@ -150,31 +152,6 @@ class GptOssConfig:
 
 
 # -- layers ----------------------------------------------------------------------------
-
-@layer("RMSNorm")
-class RMSNorm(nn.Module):
-    """Root-mean-square norm in float32; gpt-oss scales before the cast back (Llama casts first)."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-5):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, x):
-        dtype = x.dtype
-        x = x.to(torch.float32)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return (self.weight * x).to(dtype)
-
-
-@layer("ApplyRotary")
-class ApplyRotary(nn.Module):
-    """Rotary position embedding of q and k ([B, H, S, D]) by cos/sin ([B, S, D]), rotate-half style
-    (gpt-oss's two-halves formula computes the same products)."""
-
-    def forward(self, q, k, cos, sin):
-        return apply_rope(q, k, cos, sin)
-
 
 class Attention(nn.Module):
     def __init__(self, cfg: GptOssConfig, layer_idx: int):
@@ -205,7 +182,8 @@ class Attention(nn.Module):
 
 
 class Router(nn.Module):
-    """Top-k of the (biased) router logits, softmaxed over those k: (weights [T, K], indices [T, K])."""
+    """Top-k of the (biased) router logits, softmaxed over those k: (logits [T, E], weights [T, K],
+    indices [T, K]), as transformers' `GptOssTopKRouter`."""
 
     def __init__(self, cfg: GptOssConfig):
         super().__init__()
@@ -216,7 +194,7 @@ class Router(nn.Module):
     def forward(self, x):
         logits = nn.functional.linear(x, self.weight, self.bias)
         top_values, top_indices = torch.topk(logits, self.top_k, dim=-1)
-        return torch.softmax(top_values, dim=1, dtype=top_values.dtype), top_indices
+        return logits, torch.softmax(top_values, dim=1, dtype=top_values.dtype), top_indices
 
 
 class MoE(nn.Module):
@@ -227,25 +205,28 @@ class MoE(nn.Module):
                                activation="swiglu_clamped", swiglu_alpha=cfg.swiglu_alpha,
                                swiglu_limit=cfg.swiglu_limit)
 
-    def forward(self, x):
+    def forward(self, x, router_logits: list | None = None):
+        """`router_logits`, when a list, gets this block's router logits [T, E] (output_router_logits)."""
         b, s, h = x.shape
         tokens = x.reshape(-1, h)
-        weights, indices = self.router(tokens)
+        logits, weights, indices = self.router(tokens)
+        if router_logits is not None:
+            router_logits.append(logits)
         return self.experts(tokens, indices, weights).reshape(b, s, h)
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: GptOssConfig, layer_idx: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = GptOssRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer_idx)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = GptOssRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg)
 
-    def forward(self, x, cos, sin, mask, cache):
+    def forward(self, x, cos, sin, mask, cache, router_logits: list | None = None):
         attn_out, weights = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         x = x + attn_out
-        return x + self.mlp(self.post_attention_layernorm(x)), weights
+        return x + self.mlp(self.post_attention_layernorm(x), router_logits), weights
 
 
 class GptOssModel(nn.Module):
@@ -253,18 +234,18 @@ class GptOssModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = GptOssRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg)
         self.cfg = cfg
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None,
-                output_hidden_states=False, output_attentions=False):
+                output_hidden_states=False, output_attentions=False, router_logits: list | None = None):
         with capture_outputs(self, output_hidden_states, output_attentions) as captured:
             x = self.embed_tokens(input_ids)
             cos, sin = self.rotary_emb(positions(x, cache, position_ids), x.dtype)
             masks = layer_type_masks(self.cfg.layer_types, self.cfg.sliding_window, x, attention_mask, cache)
             for layer_ in self.layers:
-                x, _ = layer_(x, cos, sin, masks[layer_.self_attn.attn.layer_type], cache)
+                x, _ = layer_(x, cos, sin, masks[layer_.self_attn.attn.layer_type], cache, router_logits)
             x = self.norm(x)
         if output_hidden_states:
             captured["hidden_states"][-1] = x  # transformers' convention: the last entry is normed
@@ -272,7 +253,7 @@ class GptOssModel(nn.Module):
 
 
 class GptOssForCausalLM(CausalLMAPI, nn.Module):
-    """A gpt-oss causal language model; `forward` returns a `CausalLMOutput`."""
+    """A gpt-oss causal language model; `forward` returns a `MoeCausalLMOutput`."""
 
     config_class = GptOssConfig
     # Tensor parallelism (models.tensor_parallel): q/k/v per head group with their biases, each head's sink
@@ -304,16 +285,23 @@ class GptOssForCausalLM(CausalLMAPI, nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache: bool | None = None, labels=None, logits_to_keep=0, output_hidden_states: bool = False,
-                output_attentions: bool | None = None, cache=None):
-        """Logits for `input_ids` [B, S], as transformers' `GptOssForCausalLM.forward` (the arguments
-        are those of `LlamaForCausalLM.forward`; no router logits or auxiliary loss)."""
+                output_attentions: bool | None = None, cache=None, output_router_logits: bool | None = None):
+        """Logits for `input_ids` [B, S], as transformers' `GptOssForCausalLM.forward`; the arguments are
+        those of `LlamaForCausalLM.forward`, and `output_router_logits` (default: the config's) adds each
+        layer's router logits and the load-balancing `aux_loss` (see `MoeCausalLMOutput`)."""
         cache = select_cache(self, past_key_values, cache, use_cache)
         if output_attentions is None:
             output_attentions = self.config.output_attentions
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        router_logits = [] if output_router_logits else None
         hidden, captured = self.model(input_ids, attention_mask, position_ids, cache,
-                                      output_hidden_states, output_attentions)
+                                      output_hidden_states, output_attentions, router_logits)
         logits = self.lm_head(keep_logits(hidden, logits_to_keep))
-        return causal_lm_output(logits, labels, cache, use_cache, captured)
+        cfg = self.config
+        return moe_causal_lm_output(causal_lm_output(logits, labels, cache, use_cache, captured), router_logits,
+                                    num_experts=cfg.num_local_experts, top_k=cfg.num_experts_per_tok,
+                                    coef=cfg.router_aux_loss_coef, attention_mask=attention_mask)
 
     # -- checkpoint layout: q/k/v fused here, separate in the files; experts in the `Experts`
     # layout here, gpt-oss's (interleaved gate/up, transposed) in the files.

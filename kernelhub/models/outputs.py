@@ -66,6 +66,22 @@ class CausalLMOutput(ModelOutput):
 
 
 @dataclasses.dataclass
+class MoeCausalLMOutput(ModelOutput):
+    """What a mixture-of-experts causal LM forward returns (transformers' `MoeCausalLMOutputWithPast` field
+    order). With `output_router_logits=True`: `router_logits`, one [tokens, experts] tensor per sparse layer,
+    and `aux_loss`, the load-balancing loss (added to `loss`, times `router_aux_loss_coef`, when labels are
+    given)."""
+
+    loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Any = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+    router_logits: tuple | None = None
+
+
+@dataclasses.dataclass
 class EncoderOutput(ModelOutput):
     """What an encoder forward returns (transformers' `BaseModelOutputWithPooling` field order)."""
 

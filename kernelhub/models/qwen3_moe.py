@@ -29,16 +29,16 @@ from torch import nn
 
 from kernelhub.declare.errors import ConfigError
 from kernelhub.declare.experts import Experts, fuse_per_expert, split_per_expert
-from kernelhub.declare.layer import Linear, layer
 from kernelhub.declare.site import AttentionSite
 from kernelhub.declare.fused import join_fused, split_fused
 from kernelhub.declare.config_schema import (boolean, check_dims, check_layer_count, choice, divides, found,
                                             invalid, non_negative_int, optional_positive_int, positive_float,
                                             positive_int, probability)
-from kernelhub.models.decoder import (capture_outputs, causal_lm_output, keep_logits, layer_type_masks, positions,
-                                      select_cache)
+from kernelhub.declare.reference_layers import ApplyRotary, Linear, RMSNorm, SiLUAndMul
+from kernelhub.models.decoder import (capture_outputs, causal_lm_output, keep_logits, layer_type_masks,
+                                      moe_causal_lm_output, positions, router_options, select_cache)
 from kernelhub.models.model_api import CausalLMAPI
-from kernelhub.models.rope import RotaryEmbedding, apply_rope, rope_parameters
+from kernelhub.models.rope import RotaryEmbedding, rope_parameters
 
 
 # -- configuration ---------------------------------------------------------------------
@@ -67,6 +67,8 @@ class Qwen3MoeConfig:
     layer_types: tuple = ()
     attention_dropout: float = 0.0
     output_attentions: bool = False
+    output_router_logits: bool = False
+    router_aux_loss_coef: float = 0.001
     raw: dict = dataclasses.field(default_factory=dict)
     model_type: str = "qwen3_moe"
 
@@ -107,6 +109,7 @@ class Qwen3MoeConfig:
         window = optional_positive_int(d, "sliding_window", source)
         if not boolean(d, "use_sliding_window", source, default=False):
             window = None
+        router_logits, aux_coef = router_options(d, source)
         return cls(
             vocab_size=positive_int(d, "vocab_size", source),
             hidden_size=hidden,
@@ -129,6 +132,8 @@ class Qwen3MoeConfig:
             layer_types=("sliding_attention" if window else "full_attention",) * layers,
             attention_dropout=probability(d, "attention_dropout", source),
             output_attentions=boolean(d, "output_attentions", source, default=False),
+            output_router_logits=router_logits,
+            router_aux_loss_coef=aux_coef,
             raw=dict(d),
         )
 
@@ -162,39 +167,6 @@ def layer_indices(d: dict, key: str, layers: int, source: str) -> set:
 
 
 # -- layers ----------------------------------------------------------------------------
-
-@layer("RMSNorm")
-class RMSNorm(nn.Module):
-    """Root-mean-square norm over the last dimension, computed in float32 (as transformers does)."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, x):
-        dtype = x.dtype
-        x = x.to(torch.float32)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x.to(dtype)
-
-
-@layer("SiLUAndMul")
-class SiLUAndMul(nn.Module):
-    """silu(x[..., :d]) * x[..., d:], the gated-MLP activation."""
-
-    def forward(self, x):
-        d = x.shape[-1] // 2
-        return nn.functional.silu(x[..., :d]) * x[..., d:]
-
-
-@layer("ApplyRotary")
-class ApplyRotary(nn.Module):
-    """Rotary position embedding of q and k ([B, H, S, D]) by cos/sin ([B, S, D]), rotate-half style."""
-
-    def forward(self, q, k, cos, sin):
-        return apply_rope(q, k, cos, sin)
-
 
 class Attention(nn.Module):
     def __init__(self, cfg: Qwen3MoeConfig, layer_idx: int):
@@ -256,10 +228,13 @@ class SparseMoeBlock(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return logits, weights.to(logits.dtype), indices
 
-    def forward(self, x):
+    def forward(self, x, router_logits: list | None = None):
+        """`router_logits`, when a list, gets this block's router logits [T, E] (output_router_logits)."""
         b, s, h = x.shape
         flat = x.reshape(-1, h)
-        _, weights, indices = self.route(flat)
+        logits, weights, indices = self.route(flat)
+        if router_logits is not None:
+            router_logits.append(logits)
         return self.experts(flat, indices, weights).view(b, s, h)
 
 
@@ -271,10 +246,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SparseMoeBlock(cfg) if cfg.sparse_layers[layer_idx] else MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache):
+    def forward(self, x, cos, sin, mask, cache, router_logits: list | None = None):
         attn_out, weights = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         x = x + attn_out
-        return x + self.mlp(self.post_attention_layernorm(x)), weights
+        h = self.post_attention_layernorm(x)
+        sparse = router_logits is not None and isinstance(self.mlp, SparseMoeBlock)
+        return x + (self.mlp(h, router_logits) if sparse else self.mlp(h)), weights
 
 
 class Qwen3MoeModel(nn.Module):
@@ -287,13 +264,13 @@ class Qwen3MoeModel(nn.Module):
         self.cfg = cfg
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None,
-                output_hidden_states=False, output_attentions=False):
+                output_hidden_states=False, output_attentions=False, router_logits: list | None = None):
         with capture_outputs(self, output_hidden_states, output_attentions) as captured:
             x = self.embed_tokens(input_ids)
             cos, sin = self.rotary_emb(positions(x, cache, position_ids), x.dtype)
             masks = layer_type_masks(self.cfg.layer_types, self.cfg.sliding_window, x, attention_mask, cache)
             for layer_ in self.layers:
-                x, _ = layer_(x, cos, sin, masks[layer_.self_attn.attn.layer_type], cache)
+                x, _ = layer_(x, cos, sin, masks[layer_.self_attn.attn.layer_type], cache, router_logits)
             x = self.norm(x)
         if output_hidden_states:
             captured["hidden_states"][-1] = x  # transformers' convention: the last entry is normed
@@ -301,7 +278,7 @@ class Qwen3MoeModel(nn.Module):
 
 
 class Qwen3MoeForCausalLM(CausalLMAPI, nn.Module):
-    """A causal language model; `forward` returns a `CausalLMOutput` (loss, logits, past_key_values, ...)."""
+    """A causal language model; `forward` returns a `MoeCausalLMOutput` (loss, aux_loss, logits, ...)."""
 
     config_class = Qwen3MoeConfig
     # Tensor parallelism (models.tensor_parallel): as Qwen3, and tensor-parallel experts: every rank holds
@@ -336,16 +313,23 @@ class Qwen3MoeForCausalLM(CausalLMAPI, nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache: bool | None = None, labels=None, logits_to_keep=0, output_hidden_states: bool = False,
-                output_attentions: bool | None = None, cache=None):
-        """Logits for `input_ids` [B, S], as transformers' `Qwen3MoeForCausalLM.forward` (router logits and
-        the auxiliary loss aside); the arguments are those of `LlamaForCausalLM.forward`."""
+                output_attentions: bool | None = None, cache=None, output_router_logits: bool | None = None):
+        """Logits for `input_ids` [B, S], as transformers' `Qwen3MoeForCausalLM.forward`; the arguments are
+        those of `LlamaForCausalLM.forward`, and `output_router_logits` (default: the config's) adds each
+        sparse layer's router logits and the load-balancing `aux_loss` (see `MoeCausalLMOutput`)."""
         cache = select_cache(self, past_key_values, cache, use_cache)
         if output_attentions is None:
             output_attentions = self.config.output_attentions
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        router_logits = [] if output_router_logits else None
         hidden, captured = self.model(input_ids, attention_mask, position_ids, cache,
-                                      output_hidden_states, output_attentions)
+                                      output_hidden_states, output_attentions, router_logits)
         logits = self.lm_head(keep_logits(hidden, logits_to_keep))
-        return causal_lm_output(logits, labels, cache, use_cache, captured)
+        cfg = self.config
+        return moe_causal_lm_output(causal_lm_output(logits, labels, cache, use_cache, captured), router_logits,
+                                    num_experts=cfg.num_experts, top_k=cfg.num_experts_per_tok,
+                                    coef=cfg.router_aux_loss_coef, attention_mask=attention_mask)
 
     # -- checkpoint layout: transformers' files keep q/k/v, dense gate/up and each expert's projections
     # separate; we hold q/k/v and gate/up fused and the experts stacked (`Experts`' layout).

@@ -35,7 +35,8 @@ from kernelhub.declare.log import progress as progress_bar
 from kernelhub.declare.paged_cache import PagedKVCache
 from kernelhub.declare.site import AttentionSite
 from kernelhub.runtime import kept_cache
-from kernelhub.runtime.batch_options import as_token_list, batch_defaults, batch_sampling
+from kernelhub.runtime.batch_options import (as_token_list, batch_defaults, batch_sampling, hits_stop_string,
+                                             processed_logits)
 from kernelhub.runtime.compiled_batching import CompiledStep
 from kernelhub.runtime.sampling import SamplingParams, make_generator, sample
 from kernelhub.runtime.tensor_parallel_sync import agreed_min, same_on_every_rank
@@ -61,7 +62,7 @@ class GenerationResult:
     request_id: object
     prompt: list[int]
     tokens: list[int]
-    finish_reason: str  # "length" | "eos" | "cancelled" | "error"
+    finish_reason: str  # "length" | "eos" | "stop" (one of stop_strings) | "cancelled" | "error"
     error: str | None = None
 
 
@@ -88,6 +89,10 @@ class _Request:
     @property
     def pending(self) -> int:
         return len(self.tokens) - self.computed
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - len(self.prompt)
 
     def result(self, reason, error=None):
         return GenerationResult(self.id, self.prompt, self.tokens[len(self.prompt):], reason, error)
@@ -118,12 +123,15 @@ class ContinuousBatcher:
 
     def __init__(self, model, *, sampling: SamplingParams | None = None, max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
                  block_size: int = DEFAULT_BLOCK_SIZE, kv_memory: int | None = None, max_blocks: int | None = None,
-                 generator: torch.Generator | None = None, compile: bool = False, **options):
+                 generator: torch.Generator | None = None, compile: bool = False, tokenizer=None, **options):
         """`sampling` (or its fields as keyword `options`) is every request's default; a request
         with a `seed` draws from its own generator, the others from `generator`. `compile=True`
         runs each step as a compiled graph, one per token-count bucket
-        (`kernelhub.runtime.compiled_batching`); results equal the uncompiled steps'."""
-        self.sampling = batch_sampling(SamplingParams.from_kwargs(None, **batch_defaults(model, sampling, options)))
+        (`kernelhub.runtime.compiled_batching`); results equal the uncompiled steps'. `tokenizer`
+        reads the generated text for requests with `stop_strings`."""
+        self.tokenizer = tokenizer
+        self.sampling = batch_sampling(SamplingParams.from_kwargs(None, **batch_defaults(model, sampling, options)),
+                                       tokenizer)
         not_paged = _sites_without_paged(model)
         if not_paged:
             raise ValueError(f"continuous batching reads a paged KV cache, and these attention sites are bound "
@@ -192,10 +200,11 @@ class ContinuousBatcher:
         finishes at once with `finish_reason="error"` and the reason, without affecting others.
 
         `sampling` replaces the batcher's `SamplingParams` for this request; keyword `options`
-        (`max_new_tokens`, `do_sample`, `temperature`, `top_k`, `top_p`, `eos_token_id`, `seed`)
-        override single fields of it."""
+        (`max_new_tokens`, `do_sample`, `temperature`, `top_k`, `top_p`, `eos_token_id`, `seed`,
+        `min_new_tokens`, `repetition_penalty`, `stop_strings`) override single fields of it."""
         self._refuse_if_closed("add a request")
-        params = batch_sampling(SamplingParams.from_kwargs(self.sampling if sampling is None else sampling, **options))
+        params = batch_sampling(SamplingParams.from_kwargs(self.sampling if sampling is None else sampling, **options),
+                                self.tokenizer)
         tokens = as_token_list(prompt, "prompt", self.model.config.vocab_size)
         request_id = next(self._ids) if request_id is None else request_id
         if request_id in self._active_ids():
@@ -287,9 +296,11 @@ class ContinuousBatcher:
         return scheduled
 
     def _sample(self, logits, requests) -> list[int]:
-        """Next tokens: one batched draw when every request draws alike, else one draw per request."""
+        """Next tokens: one batched draw when every request draws alike, else one draw per request.
+        Repetition penalty and min_new_tokens change each request's own row first, as in `generate`."""
         if not requests:
             return []
+        logits = processed_logits(logits, requests)
         if len({_draw_key(r) for r in requests}) == 1:
             return sample(logits, requests[0].sampling, requests[0].generator).tolist()
         return [int(sample(logits[i:i + 1], r.sampling, r.generator)[0]) for i, r in enumerate(requests)]
@@ -327,12 +338,12 @@ class ContinuousBatcher:
         for i, token in zip(sampling, nxt):
             request = scheduled[i][0]
             request.tokens.append(token)
-            generated = len(request.tokens) - len(request.prompt)
             eos = token in request.sampling.eos_token_ids
-            if eos or generated >= request.sampling.max_new_tokens:
+            stop = not eos and hits_stop_string(self.tokenizer, request)
+            if eos or stop or request.generated >= request.sampling.max_new_tokens:
                 self.running.remove(request)
                 cache.free(request.id)
-                self.finished.append(request.result("eos" if eos else "length"))
+                self.finished.append(request.result("eos" if eos else "stop" if stop else "length"))
         for request, _ in scheduled:
             if request in self.running:
                 cache.release_outside_window(request.id, request.computed)
@@ -347,7 +358,7 @@ def _draw_key(request: _Request):
 def generate_batch(model, prompts, *, sampling: SamplingParams | None = None,
                    max_batch_tokens: int = DEFAULT_BATCH_TOKENS, block_size: int = DEFAULT_BLOCK_SIZE,
                    kv_memory: int | None = None, generator: torch.Generator | None = None, progress: bool = False,
-                   compile: bool = False, **options) -> BatchResults:
+                   compile: bool = False, tokenizer=None, **options) -> BatchResults:
     """Generate for every prompt (lists of token ids) with continuous batching; results in prompt order,
     with this call's counters in `.stats`.
 
@@ -359,10 +370,13 @@ def generate_batch(model, prompts, *, sampling: SamplingParams | None = None,
     `compile=True` compiles the step once per token-count bucket (packed rows are padded to powers
     of two up to `max_batch_tokens`; see `kernelhub.runtime.compiled_batching`): worth it for long
     runs, where the compilations are paid once; results equal the uncompiled run's.
+    `min_new_tokens`, `repetition_penalty` and `stop_strings` work as in `generate` (greedy tokens
+    equal per-prompt `generate`'s); `stop_strings` need `tokenizer=`, and a request they end
+    finishes with `finish_reason="stop"`.
 
     >>> model.generate_batch(prompts, max_new_tokens=64, compile=True)  # doctest: +SKIP
     """
-    params = batch_sampling(SamplingParams.from_kwargs(None, **batch_defaults(model, sampling, options)))
+    params = batch_sampling(SamplingParams.from_kwargs(None, **batch_defaults(model, sampling, options)), tokenizer)
     prompts = list(prompts)
     if not prompts:
         raise ValueError("prompts is empty; generate_batch needs at least one prompt")
@@ -373,7 +387,8 @@ def generate_batch(model, prompts, *, sampling: SamplingParams | None = None,
         workload = 1 << (workload - 1).bit_length()
     # leaving the block closes the batcher: a compiled one leaves its pool for the next compiled run
     with ContinuousBatcher(model, sampling=params, max_batch_tokens=max_batch_tokens, block_size=block_size,
-                           kv_memory=kv_memory, max_blocks=workload, generator=generator, compile=compile) as batcher:
+                           kv_memory=kv_memory, max_blocks=workload, generator=generator, compile=compile,
+                           tokenizer=tokenizer) as batcher:
         for i, prompt in enumerate(prompts):
             batcher.add_request(prompt, request_id=i)
         # progress=False means no bar at all, not "a bar on a terminal only"; an asked-for bar stays when done

@@ -22,23 +22,51 @@ from __future__ import annotations
 import dataclasses
 import torch
 
+from kernelhub.checkpoint.generation_config import GenerationConfig
+from kernelhub.declare.errors import KernelhubError, SamplingError
 from kernelhub.runtime import kept_cache
 from kernelhub.runtime.compiled_decode import batch_bucket, pad_rows, run_compiled, static_cache_length
 from kernelhub.models.outputs import GenerateOutput
-from kernelhub.runtime.sampling import SamplingParams, make_generator, pick, process_logits, warp
+from kernelhub.runtime.sampling import SamplingParams, make_generator, pick, process_logits, valid_names, warp
 from kernelhub.runtime.tensor_parallel_sync import check_cache_heads, same_on_every_rank
 
 CACHE_KINDS = ("dynamic", "static")
 # generate's own keywords; together with SamplingParams' fields, everything generate accepts
 GENERATE_OPTIONS = ("input_ids", "sampling", "attention_mask", "cache", "generator", "streamer", "tokenizer",
-                    "return_dict_in_generate", "output_scores", "compile")
+                    "return_dict_in_generate", "output_scores", "compile", "generation_config", "use_cache")
 _SAMPLED_ONLY = ("temperature", "top_k", "top_p")  # a generation config's values, used only when it samples
+_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationConfig) if f.name != "raw")
 
 
-def config_defaults(model) -> dict:
-    """SamplingParams keywords from `model.generation_config` (sampling settings only if it samples)."""
+def refuse_beams(num_beams) -> None:
+    """transformers' `num_beams`: 1 (or None) is what kernelhub does; more is one clear refusal."""
+    if num_beams is not None and num_beams != 1:
+        raise SamplingError(f"beam search is not supported; num_beams={num_beams!r} asks for it. generate decodes "
+                            "greedily (do_sample=False) or samples (do_sample=True): leave num_beams at 1")
+
+
+def as_generation_config(value) -> GenerationConfig | None:
+    """A `generation_config=` argument as a `GenerationConfig`: one, or a dict of its fields (checked)."""
+    if value is None or isinstance(value, GenerationConfig):
+        return value
+    if not isinstance(value, dict):
+        raise SamplingError(f"generation_config must be a kernelhub GenerationConfig or a dict of its fields, got "
+                            f"{type(value).__name__}")
+    refuse_beams(value.get("num_beams"))
+    unknown = sorted(set(value) - set(_CONFIG_FIELDS) - {"num_beams"})
+    if unknown:
+        raise SamplingError(f"unknown generation_config fields {unknown}; valid: "
+                            f"{', '.join(valid_names(unknown, _CONFIG_FIELDS))}")
+    return GenerationConfig.from_dict(value, "generation_config")
+
+
+def config_defaults(model, generation_config: GenerationConfig | None = None) -> dict:
+    """SamplingParams keywords from `model.generation_config`, each field `generation_config` sets
+    overriding it (sampling settings only if the result samples)."""
     gc = getattr(model, "generation_config", None)
     defaults = gc.sampling_defaults() if gc is not None else {}
+    if generation_config is not None:
+        defaults = {**defaults, **generation_config.sampling_defaults()}
     if not defaults.get("do_sample"):
         defaults = {k: v for k, v in defaults.items() if k not in _SAMPLED_ONLY}
     if defaults.get("top_k") == 0:  # transformers' spelling of "off"
@@ -56,20 +84,23 @@ def set_fields(sampling: SamplingParams | None) -> dict:
             if getattr(sampling, f.name) != f.default}
 
 
-def call_options(model, sampling: SamplingParams | None, options: dict) -> dict:
-    """The options of one call: `model.generation_config`, then what `sampling` sets, then
-    keywords; each overrides the one before."""
-    return {**config_defaults(model), **set_fields(sampling), **options}
+def call_options(model, sampling: SamplingParams | None, options: dict,
+                 generation_config: GenerationConfig | None = None) -> dict:
+    """The options of one call: `model.generation_config`, then the fields `generation_config` sets,
+    then what `sampling` sets, then keywords; each overrides the one before."""
+    return {**config_defaults(model, generation_config), **set_fields(sampling), **options}
 
 
-def resolve(model, sampling, options: dict, prompt_len: int) -> tuple[SamplingParams, int]:
+def resolve(model, sampling, options: dict, prompt_len: int,
+            generation_config: GenerationConfig | None = None) -> tuple[SamplingParams, int]:
     """The params of this call and how many tokens it may add.
 
-    Keywords override `sampling`, which overrides `model.generation_config` (`call_options`).
-    `max_length` (prompt + new) applies unless `max_new_tokens` is given too (as a keyword, in
-    `sampling` or in the generation config), as in transformers.
+    Keywords override `sampling`, which overrides `generation_config`, which overrides
+    `model.generation_config` (`call_options`). `max_length` (prompt + new) applies unless
+    `max_new_tokens` is given too (as a keyword, in `sampling` or in a generation config), as in
+    transformers.
     """
-    merged = call_options(model, sampling, options)
+    merged = call_options(model, sampling, options, generation_config)
     params = SamplingParams.from_kwargs(None, also=GENERATE_OPTIONS, caller="generate", **merged)
     limit = params.max_new_tokens
     if params.max_length is not None and "max_new_tokens" not in merged:
@@ -88,17 +119,34 @@ def stop_string_hits(tokenizer, new_tokens: torch.Tensor, stops: tuple) -> torch
     return torch.tensor([any(s in t for s in stops) for t in texts], device=new_tokens.device)
 
 
+def refuse_right_padding(attention_mask: torch.Tensor) -> None:
+    """A decoder continues each row from its last position, so padding must be on the left: a row whose
+    mask ends in 0 (right padding) would silently continue from a padding token. One clear error."""
+    rows = (attention_mask[:, -1] == 0).nonzero().flatten().tolist()
+    if rows:
+        raise KernelhubError(f"attention_mask row {rows[0]} ends in padding (right padding; {len(rows)} row(s) in "
+                             "all): a decoder generates from each row's last position, so generate needs left "
+                             "padding. Pad on the left: tokenizer.padding_side = 'left', or tokenizer(texts, "
+                             "padding=True, padding_side='left', return_tensors='pt')")
+
+
 @torch.inference_mode()
 def generate(model, input_ids, *, sampling: SamplingParams | None = None, attention_mask=None, cache="dynamic",
              generator: torch.Generator | None = None, streamer=None, tokenizer=None,
-             return_dict_in_generate: bool = False, output_scores: bool = False, compile: bool = False, **options):
+             return_dict_in_generate: bool = False, output_scores: bool = False, compile: bool = False,
+             generation_config=None, use_cache: bool | None = None, **options):
     """Extend `input_ids` [B, S] by up to `max_new_tokens` tokens; returns [B, S + new].
 
     `sampling` is a `SamplingParams`; `options` are its fields as keywords (`max_new_tokens`,
     `min_new_tokens`, `max_length`, `do_sample`, `temperature`, `top_k`, `top_p`,
     `repetition_penalty`, `eos_token_id` (int or list), `pad_token_id`, `stop_strings`, `seed`)
-    and override it; unknown keywords are an error listing the valid ones. Padded batches are
-    left-padded with `attention_mask` (1 = token, 0 = padding). Rows that finished (an eos id,
+    and override it; unknown keywords are an error listing the valid ones (a close match first, then
+    sorted). `generation_config` (a `GenerationConfig` or a dict of its fields) overrides
+    `model.generation_config` field by field; `sampling` and keywords override it. `num_beams` other
+    than 1 is refused: there is no beam search. Padded batches are left-padded with
+    `attention_mask` (1 = token, 0 = padding); right padding is refused (a row would continue
+    from a padding token). `use_cache=False` recomputes the whole sequence at every step, without a
+    KV cache (the same tokens, slower). Rows that finished (an eos id,
     or one of `stop_strings`, which needs `tokenizer=`) are filled with `pad_token_id`
     (default: the first eos id). `streamer` gets `put(prompt)`, then `put(tokens)` per step and
     `end()` (transformers' `TextStreamer` works). `return_dict_in_generate=True` returns a
@@ -118,20 +166,33 @@ def generate(model, input_ids, *, sampling: SamplingParams | None = None, attent
     if input_ids.shape[-1] == 0:
         raise ValueError("input_ids is empty; generation needs at least one prompt token")
     batch, prompt_len = input_ids.shape
-    params, limit = resolve(model, sampling, options, prompt_len)
+    refuse_beams(options.pop("num_beams", None))
+    params, limit = resolve(model, sampling, options, prompt_len, as_generation_config(generation_config))
     if cache not in CACHE_KINDS:
         raise ValueError(f"unknown cache {cache!r}; valid: {', '.join(CACHE_KINDS)}")
     if compile not in (True, False):
         raise ValueError(f"compile must be True or False, got {compile!r}")
+    if use_cache not in (None, True, False):
+        raise ValueError(f"use_cache must be True, False or None, got {use_cache!r}")
+    use_cache = use_cache is not False
     if compile and cache != "static":
         raise ValueError(f"compile=True needs cache='static' (fixed shapes to compile once), got cache={cache!r}")
+    if not use_cache and (compile or cache != "dynamic"):
+        raise ValueError(f"use_cache=False recomputes every step without a cache; it cannot take cache={cache!r}"
+                         f"{' and compile=True' if compile else ''}: drop those, or use_cache=True")
     if params.stop_strings and tokenizer is None:
         raise ValueError("stop_strings needs the tokenizer to read the text: pass tokenizer=...")
     device = next(model.parameters()).device
     generator = make_generator(params, device, generator)
     input_ids = input_ids.to(device)
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else torch.as_tensor(attention_mask)
+    if attention_mask.ndim == 1:
+        attention_mask = attention_mask[None]
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; input_ids has "
+                         f"{tuple(input_ids.shape)}: they must match")
     attention_mask = attention_mask.to(device)
+    refuse_right_padding(attention_mask)
     max_len = static_cache_length(prompt_len + limit) if compile else prompt_len + limit
     rows = batch_bucket(batch) if compile else batch  # the model runs `rows`; logits are kept for `batch`
     # a compiled call reuses the cache the model's last one left (the same addresses for CUDA graphs), unless
@@ -139,7 +200,7 @@ def generate(model, input_ids, *, sampling: SamplingParams | None = None, attent
     reuse = compile and not return_dict_in_generate
     spec = (rows, max_len, frozenset((p.dtype, p.device) for p in model.parameters()))
     make = lambda: model.make_cache(cache, batch=rows, max_len=max_len)  # noqa: E731
-    kv = kept_cache.take(model, "static", spec, make) if reuse else make()
+    kv = kept_cache.take(model, "static", spec, make) if reuse else make() if use_cache else None
     check_cache_heads(model, kv)
     # compiled steps see the padding of the whole cache (ones past the prompt): one shape for every step
     padding = pad_rows(torch.nn.functional.pad(attention_mask, (0, max_len - prompt_len), value=1), rows) \
@@ -155,6 +216,10 @@ def generate(model, input_ids, *, sampling: SamplingParams | None = None, attent
         ids_in, positions_in = pad_rows(step_ids, rows), pad_rows(positions, rows)
         if compile and step:
             logits = run_compiled(ids_in, positions_in, padding, kv, model)[:batch]
+        elif not use_cache:  # the whole sequence again, every step
+            every = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            logits = model(sequences, attention_mask=attention_mask, position_ids=every, cache=None,
+                           logits_to_keep=1).logits[:, -1]
         else:
             logits = model(ids_in, attention_mask=pad_rows(attention_mask, rows), position_ids=positions_in,
                            cache=kv, logits_to_keep=1).logits[:batch, -1]

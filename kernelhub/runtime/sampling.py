@@ -17,12 +17,13 @@ tensor([1])
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import numbers
 
 import torch
 
-from kernelhub.declare.errors import SamplingError, closest_first
+from kernelhub.declare.errors import SamplingError
 
 
 def _int(v, lo, hi=math.inf) -> bool:
@@ -128,8 +129,22 @@ class SamplingParams:
         unknown = sorted(set(kwargs) - set(_RULES))
         if unknown:
             raise SamplingError(f"unknown {caller} options {unknown}; valid: "
-                                f"{', '.join(closest_first(unknown[0], [*_RULES, *also]))}")
+                                f"{', '.join(valid_names(unknown, [*_RULES, *also]))}")
         return dataclasses.replace(base, **kwargs) if kwargs else base
+
+
+def valid_names(unknown, names) -> list[str]:
+    """`names` sorted, each close match of an `unknown` name (a did-you-mean) moved to the front.
+
+    >>> valid_names(["temprature"], ["top_k", "seed", "temperature", "do_sample"])
+    ['temperature', 'do_sample', 'seed', 'top_k']
+    >>> valid_names(["num_beams"], ["top_k", "seed"])
+    ['seed', 'top_k']
+    """
+    names = sorted(set(names))
+    near = [m for u in unknown for m in difflib.get_close_matches(u, names, n=1, cutoff=0.6)]
+    near = list(dict.fromkeys(near))
+    return near + [n for n in names if n not in near]
 
 
 def make_generator(params: SamplingParams, device, generator: torch.Generator | None = None):

@@ -26,14 +26,47 @@ from kernelhub.checkpoint.hf_layout import from_checkpoint, ties, to_checkpoint,
 
 TORCHRUN = ("run under torchrun (torchrun --nproc-per-node 2 your_script.py), or call "
             "torch.distributed.init_process_group() in every rank first")
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets for env:// (and LOCAL_RANK)
+
+
+def init_from_launcher(device=None) -> bool:
+    """Initialise the default process group from a launcher's environment (torchrun: RANK, WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT, LOCAL_RANK), as transformers does for `tp_plan`: gloo for CPU ranks,
+    nccl for CUDA ones (`device`'s type, else CUDA when available). False when no launcher started this
+    process; a launcher's environment that lacks a variable is refused, naming it.
+
+    >>> init_from_launcher()  # not under torchrun: nothing to initialise from
+    False
+    """
+    import torch.distributed as dist
+
+    present = [name for name in LAUNCHER_ENV if name in os.environ]
+    if not present:
+        return False
+    missing = [name for name in LAUNCHER_ENV if name not in os.environ]
+    if missing:
+        raise TensorParallelError(f"tp_plan: the environment sets {', '.join(present)} but not {', '.join(missing)}; "
+                                  f"{TORCHRUN}")
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    except ValueError:
+        values = ", ".join(f"{n}={os.environ.get(n)!r}" for n in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+        raise TensorParallelError(f"tp_plan: the launcher's ranks are not integers ({values}); {TORCHRUN}") from None
+    kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda":
+        torch.cuda.set_device(local_rank)  # NCCL needs this rank's GPU current before the group forms
+    dist.init_process_group("nccl" if kind == "cuda" else "gloo", rank=rank, world_size=world)
+    return True
 
 
 def device_mesh_for(tp_size=None, device_mesh=None, device=None):
     """(1-D tensor-parallel DeviceMesh, this rank's device) for a `tp_plan` load.
 
-    Refused, before anything is read: no initialised process group, a `tp_size` other than
-    the group's size, a mesh of several dimensions, a device of another type than the
-    mesh's, ranks that ask for different device types or share one GPU.
+    A process a launcher started (torchrun) without an initialised group gets one from the launcher's
+    environment (`init_from_launcher`). Refused, before anything is read: no process group and no
+    launcher, a `tp_size` other than the group's size, a mesh of several dimensions, a device of
+    another type than the mesh's, ranks that ask for different device types or share one GPU.
 
     >>> device_mesh_for(tp_size=2)  # not under torchrun
     Traceback (most recent call last):
@@ -42,6 +75,8 @@ def device_mesh_for(tp_size=None, device_mesh=None, device=None):
     """
     import torch.distributed as dist
 
+    if dist.is_available() and not dist.is_initialized():
+        init_from_launcher(device)  # under torchrun without init_process_group: as transformers does
     if not dist.is_available() or not dist.is_initialized():
         raise TensorParallelError(f"tp_plan needs an initialised torch.distributed process group, one process per "
                                   f"rank: {TORCHRUN}")

@@ -4,7 +4,8 @@
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="kernelhub:flex")
 
 Backends registered with kernelhub later (plugins loaded afterwards, or at runtime) are
-added with `kernelhub_transformers.register()`.
+added with `kernelhub_transformers.register()`. The import must come first: until it has run,
+transformers knows no `kernelhub:` name and refuses one with its own "is not supported" error.
 
 Each backend is registered in transformers' `AttentionInterface` (the function) and
 `AttentionMaskInterface` (a mask builder producing the backend's declared mask format), so

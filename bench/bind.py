@@ -8,7 +8,12 @@ leaves them, with HF_HUB_OFFLINE=1, so every bind resolves `org/name@v1` through
 median warm bind of a fresh model, next to Hugging Face `kernels.kernelize` on the same
 model and kernels (median of runs; one run on this machine, noisy within ±10%). The first
 bind is reported twice: with kernelhub's verified store empty (every file hashed and copied)
-and as a new process finds it (the copies re-read and compared before reuse).
+and as a new process finds it (the copies re-read and compared before reuse). Every bind runs
+conformance (each kernel probed against its layer's reference, verdicts cached): the probe
+cost of each kernel is reported, and warm binds with and without it. Last, the cost of one
+binding per forward: a decode-shaped forward of the model bound through kernelhub (the
+published record looked up by every site and layer) against the same model with sdpa set on
+each site directly (no record, no look-up).
 """
 
 from __future__ import annotations
@@ -68,6 +73,8 @@ def main():
     kernelhub.bind(fresh_model(), "sdpa", kernels=KERNELS, device="cpu")
     reuse = (time.perf_counter() - start) * 1e3
     warm = median_ms(lambda m: kernelhub.bind(m, "sdpa", kernels=KERNELS, device="cpu"))
+    unverified = median_ms(lambda m: kernelhub.bind(m, "sdpa", kernels=KERNELS, device="cpu", verify=False))
+    probes = probe_costs(plan)
 
     from kernels import LocalLayerRepository, Mode, kernelize, use_kernel_mapping
 
@@ -80,7 +87,61 @@ def main():
     print(f"first bind, empty verified store:       {first:8.1f} ms   (resolve + hash + private copy + import)")
     print(f"first bind, verified copies reused:     {reuse:8.1f} ms   (resolve + hash + re-check copy + import)")
     print(f"warm bind, fresh model (median of 20):  {warm:8.1f} ms   target < 50 ms")
+    print(f"warm bind, verify=False (median of 20): {unverified:8.1f} ms   (conformance look-ups cost "
+          f"{warm - unverified:.1f} ms warm)")
+    for name, ms in probes.items():
+        print(f"  cold conformance probe, {name:<14}{ms:8.2f} ms   (once per kernel, dtype and device)")
     print(f"kernels.kernelize, same model/kernels:  {hf:8.1f} ms   ratio kernelhub/kernelize {warm / hf:.2f}")
+    bound, direct = forward_overhead()
+    print(f"decode forward, bound (record looked up): {bound:6.3f} ms; sdpa set on each site directly: "
+          f"{direct:6.3f} ms; overhead {100 * (bound / direct - 1):+.1f}% (target within 2%)")
+
+
+def probe_costs(plan) -> dict:
+    """Each kernel's conformance probe, timed cold (its cached verdict dropped first)."""
+    from kernelhub.registry import conformance
+
+    model = fresh_model()
+    kernelhub.bind(model, "sdpa", kernels=KERNELS, device="cpu")
+    costs = {}
+    for entry in plan.entries:
+        layer = entry.source.rsplit("(", 1)[-1].rstrip(")")
+        if entry.kind != "layer" or entry.chosen == "reference" or layer in costs:
+            continue
+        module = model.get_submodule(entry.path)
+        forward = module.__dict__["_kernelhub_forward"]
+        with conformance._lock:
+            conformance._cache.clear()
+        start = time.perf_counter()
+        conformance.check_layer(forward, module, torch.float32, torch.device("cpu"))
+        costs[layer] = (time.perf_counter() - start) * 1e3
+    return costs
+
+
+def forward_overhead(repeat: int = 7, calls: int = 200):
+    """(ms per decode-shaped forward bound through kernelhub, ms with sdpa set on each site directly):
+    the fastest of `repeat` rounds of `calls` forwards each, the two interleaved."""
+    from kernelhub.declare.site import AttentionSite
+
+    torch.manual_seed(0)
+    bound = LlamaForCausalLM(CONFIG).eval()
+    kernelhub.bind(bound, "sdpa")
+    direct = LlamaForCausalLM(CONFIG).eval()
+    direct.load_state_dict(bound.state_dict())
+    record = next(m for m in bound.modules() if isinstance(m, AttentionSite)).binding
+    for site in (m for m in direct.modules() if isinstance(m, AttentionSite)):
+        site.set_binding(record)  # hard-wired: the site's own record, nothing published, no hooks
+    ids = torch.tensor([[5]])
+    best = {id(bound): float("inf"), id(direct): float("inf")}
+    with torch.inference_mode():
+        torch.testing.assert_close(bound(ids).logits, direct(ids).logits)
+        for _ in range(repeat):
+            for model in (bound, direct):
+                start = time.perf_counter()
+                for _ in range(calls):
+                    model(ids)
+                best[id(model)] = min(best[id(model)], (time.perf_counter() - start) / calls * 1e3)
+    return best[id(bound)], best[id(direct)]
 
 
 if __name__ == "__main__":

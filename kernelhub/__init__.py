@@ -11,7 +11,8 @@ from kernelhub.declare.errors import (BindError, CheckpointError, ConfigError, H
                                       KernelMetadataError, LockError, RegistrationError, SamplingError,
                                       TensorParallelError, UnknownBackendError, UnsafeKernelError,
                                       UntrustedKernelError)
-from kernelhub.declare.layer import Linear, layer
+from kernelhub.declare.layer import layer
+from kernelhub.declare.reference_layers import Linear
 from kernelhub.declare.masks import (and_masks, bidirectional_mask, causal_mask, chunked_mask, or_masks,
                                      padding_mask, sliding_window_mask)
 from kernelhub.declare.site import AttentionSite, SiteBinding

@@ -110,7 +110,7 @@ def test_use_kernels_swaps_layers_and_restores(mistral_checkpoint):
     plan = model.binding
     with torch.no_grad():
         before = model(IDS).logits
-        with kernelhub.use_kernels({"model.norm": Zero}, model):
+        with kernelhub.use_kernels({"model.norm": Zero}, model, verify=False):
             assert model.binding["model.norm"].chosen == "Zero"
             assert model(IDS).logits.abs().max() == 0
         torch.testing.assert_close(model(IDS).logits, before, atol=0, rtol=0)

@@ -12,8 +12,8 @@ import torch
 
 import kernelhub
 from checkpoints import FAMILY_CONFIGS, write_family_checkpoint
-from kernelhub.models.gemma2 import GemmaRMSNorm
-from kernelhub.models.llama import RMSNorm
+from kernelhub.declare.reference_layers import GemmaRMSNorm
+from kernelhub.declare.reference_layers import RMSNorm
 from tests.unchanged import refused
 
 ACCEPTED = ["eager", "flex", "flash"]  # flash: the Triton kernel under the interpreter on CPU

@@ -124,10 +124,37 @@ def test_hub_fixtures_in_a_fresh_pytest_run(pytester):
             monkeypatch.setattr(socket.socket, "connect", lambda *a: 1 / 0)  # no request may leave
             model = LlamaForCausalLM({"vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
                                       "num_hidden_layers": 1, "num_attention_heads": 2})
-            plan = kernelhub.bind(model, "sdpa", kernels={"RMSNorm": "my-org/triple@v1"})
+            plan = kernelhub.bind(model, "sdpa", kernels={"RMSNorm": "my-org/triple@v1"}, verify=False)
             assert plan["model.norm"].source == f"hub my-org/triple@{commit} (RMSNorm)"
             assert torch.equal(model.model.norm(torch.ones(2)), torch.full((2,), 3.0))
         """
     )
     result = pytester.runpytest_subprocess()
     result.assert_outcomes(passed=1)
+
+
+def test_swap_kernel_takes_a_local_kernel_directory(swap_kernel, tiny_checkpoint, tmp_path):
+    from kernelhub.testing import write_kernel_repo
+
+    doubled = ("class RMSNorm(torch.nn.Module):\n"
+               "    def forward(self, x):\n"
+               "        x32 = x.float()\n"
+               "        out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)\n"
+               "        return 2 * self.weight * out.to(x.dtype)\n")
+    repo = write_kernel_repo(tmp_path / "doubled-norm", "rmsnorm", layers=[doubled])
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        reference = kernelhub.from_pretrained(tiny_checkpoint)(ids).logits
+        swap_kernel("RMSNorm", repo)
+        model = kernelhub.from_pretrained(tiny_checkpoint)
+        assert model.binding["model.norm"].source.startswith("swap_kernel")
+        assert (model(ids).logits - reference).abs().max() > 1e-2
+    with pytest.raises(kernelhub.KernelhubError, match="no such kernel directory"):
+        swap_kernel("RMSNorm", tmp_path / "missing")
+
+
+def test_assert_bound_names_the_closest_paths_and_tiny_model_is_bound(tiny_model, assert_bound):
+    assert_bound(tiny_model, "model.norm", "reference")
+    with pytest.raises(AssertionError, match="'model.nrom' is not a bound site or layer of LlamaForCausalLM; "
+                                             "closest: model.norm"):
+        assert_bound(tiny_model, "model.nrom", "reference")

@@ -40,6 +40,7 @@ def flash_varlen_attention(varlen_fn):
         return full.view(b, q_len, h, d), None
 
     attention.__name__ = getattr(varlen_fn, "__name__", "flash_attn_varlen_func")
+    attention.__wrapped__ = varlen_fn
     return attention
 
 

@@ -97,6 +97,8 @@ class GemvLinear(torch.nn.Module):
                         t is not None and t.requires_grad for t in (x, self.weight, self.bias))):
                     return torch.ops.kernelhub.skinny_linear(x, self.weight, self.bias)
                 return skinny_linear_eager(x, self.weight, self.bias)
-        if x.dtype in ONEDNN_DTYPES:
+        # oneDNN packs the weight's dtype: an autocast input of another dtype goes through F.linear,
+        # which casts as autocast decides (on CPUs where oneDNN has bf16, x may be bf16, W float32)
+        if x.dtype in ONEDNN_DTYPES and x.dtype == self.weight.dtype and not torch.is_autocast_enabled("cpu"):
             return OneDNNLinear.forward(self, x)
         return torch.nn.functional.linear(x, self.weight, self.bias)

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from kernelhub.declare.errors import CheckpointError
 from kernelhub.declare.layer import layer
+from kernelhub.declare.probe import TOLERANCE, randn, with_weights
 
 ACTIVATIONS = ("silu", "swiglu_clamped")
 
@@ -88,6 +89,17 @@ class Experts(torch.nn.Module):
         else:
             self.register_parameter("gate_up_proj_bias", None)
             self.register_parameter("down_proj_bias", None)
+
+    tolerance = TOLERANCE
+
+    @classmethod
+    def probe(cls, like, dtype, device):
+        """Four experts configured like `like` (biases, activation), four tokens routed to two each."""
+        module = with_weights(cls(4, 32, 16, bias=like.has_bias, activation=like.activation,
+                                  swiglu_alpha=like.alpha, swiglu_limit=like.limit), dtype, device, mean=0.0, std=0.2)
+        index = torch.tensor([[0, 2], [2, 3], [1, 0], [3, 1]], device=device)
+        weights = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.5, 0.5], [0.9, 0.1]], dtype=dtype, device=device)
+        return module, (randn(4, 32, dtype=dtype, device=device), index, weights)
 
     # Why an instance needs each feature it may ask of a kernel, for binding errors.
     requirement_notes = {"bias": "has expert biases", "swiglu_clamped": "uses the clamped SwiGLU activation (gpt-oss)"}

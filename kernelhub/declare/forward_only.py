@@ -2,16 +2,14 @@
 
 A model loaded for inference is called like any module: parameters still require grad and
 `torch.no_grad()` is not required. A backend without a backward on this device (flex on
-CPU, say) then runs under `no_grad`, and its output is tied to the inputs by a node whose
-backward raises a clear error naming the mode to bind with, so a gradient never silently
-skips attention.
+CPU, say) is bound with `SiteBinding.forward_only` set to the reason; the site then runs it
+under `no_grad` and ties its output to the inputs by a node whose backward raises that reason,
+so a gradient never silently skips attention. A flag on the record, not a wrapper around the
+backend: the plan, the record and the function called are the backend's own.
 
 >>> import torch
->>> def double(module, q, k, v, mask, *, scaling, dropout=0.0):
-...     return 2 * q, None
->>> fn = forward_only(double, "double", "cpu")
 >>> q = torch.ones(1, requires_grad=True)
->>> out, _ = fn(None, q, q, q, None, scaling=1.0)
+>>> out, _ = run_forward_only(lambda q, k, v: (2 * q, None), (q, q, q), "no backward here")
 >>> out.requires_grad, out.tolist()
 (True, [2.0])
 """
@@ -34,18 +32,20 @@ class _NoBackward(torch.autograd.Function):
         raise BindError(ctx.why)
 
 
-def forward_only(fn, name: str, device_type: str):
-    """`fn` that runs without autograd when its inputs require grad, and refuses a backward."""
-    why = (f"attention backend {name!r} has no backward on {device_type}: the model was bound for inference. "
-           f"Bind with mode=kernelhub.Mode.TRAINING (or mode='training') to get a backend that can train")
+def needs_autograd(tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
-    def attention(module, q, k, v, mask, **kwargs):
-        if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
-            return fn(module, q, k, v, mask, **kwargs)
-        with torch.no_grad():
-            out, weights = fn(module, q.detach(), k.detach(), v.detach(), mask, **kwargs)
-        anchor = next(t for t in (q, k, v) if t.requires_grad)
-        return _NoBackward.apply(out, anchor, why), weights
 
-    attention.__wrapped__ = fn
-    return attention
+def run_forward_only(call, qkv, why: str):
+    """`call(q, k, v) -> (out, weights)` without autograd; `out` is tied to the inputs by a node whose
+    backward raises `why`. Only for inputs that need autograd (`needs_autograd`)."""
+    with torch.no_grad():
+        out, weights = call(*(t.detach() for t in qkv))
+    anchor = next(t for t in qkv if t.requires_grad)
+    return _NoBackward.apply(out, anchor, why), weights
+
+
+def no_backward_reason(name: str, device_type: str) -> str:
+    """What a backward through a forward-only backend raises."""
+    return (f"attention backend {name!r} has no backward on {device_type}: the model was bound for inference. "
+            f"Bind with mode=kernelhub.Mode.TRAINING (or mode='training') to get a backend that can train")

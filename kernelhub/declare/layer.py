@@ -19,20 +19,33 @@ from __future__ import annotations
 
 import types
 
-import torch
 
 
-_DECLARED: set[str] = set()
+_DECLARED: dict[str, type] = {}  # name -> the first class declared under it
+
+
+def _ours(cls) -> bool:
+    return cls.__module__.split(".")[0] == "kernelhub"
 
 
 def layer(name: str):
-    """Class decorator declaring a swappable layer called `name`."""
+    """Class decorator declaring a swappable layer called `name`.
+
+    A name is one contract: inside kernelhub, a second class under a name already declared is an
+    error at import (put the reference in `kernelhub.declare.reference_layers` and import it; give
+    different math its own name). A user's own model may declare its own class under any name;
+    kernels bound to it are then checked against that class's forward.
+    """
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"layer name must be an identifier like 'RMSNorm', got {name!r}")
 
     def mark(cls):
+        first = _DECLARED.setdefault(name, cls)
+        if first is not cls and _ours(cls) and _ours(first) and first.__qualname__ != cls.__qualname__:
+            raise TypeError(f"layer {name!r} is already declared by {first.__module__}.{first.__qualname__}; "
+                            f"{cls.__module__}.{cls.__qualname__} must import it from "
+                            "kernelhub.declare.reference_layers, or declare its different math under another name")
         cls.kernel_layer_name = name
-        _DECLARED.add(name)
         return cls
 
     return mark
@@ -58,13 +71,7 @@ def set_layer_forward(module, forward) -> None:
 KERNEL_CACHE_PREFIX = "_kernelhub_cache_"
 
 
-def reset_layer_forward(module) -> None:
-    """Undo `set_layer_forward`: the class's reference forward runs again."""
-    module.__dict__.pop("forward", None)
+def drop_kernel_caches(module) -> None:
+    """Forget what a kernel cached on `module` (memory returns with the binding that made it)."""
     for name in [n for n in module.__dict__ if n.startswith(KERNEL_CACHE_PREFIX)]:
         del module.__dict__[name]
-
-
-@layer("Linear")
-class Linear(torch.nn.Linear):
-    """nn.Linear, declared swappable (for example with the oneDNN packed-weight kernel on CPU)."""

@@ -20,7 +20,9 @@ import dataclasses
 
 import torch
 
+from kernelhub.declare.binding import site_record
 from kernelhub.declare.eager import eager_attention
+from kernelhub.declare.forward_only import needs_autograd, run_forward_only
 from kernelhub.declare.paged import PagedMask, paged_dense
 
 
@@ -39,6 +41,7 @@ class SiteBinding:
     accepts_is_causal: bool = False
     returns_weights: bool = False
     paged_fn: object = None
+    forward_only: str = ""  # non-empty: the backend has no backward here; why (declare.forward_only)
 
 
 class AttentionSite(torch.nn.Module):
@@ -66,8 +69,8 @@ class AttentionSite(torch.nn.Module):
     def set_binding(self, binding: "SiteBinding") -> None:
         """Point this site at a backend (called by kernelhub's binder, not by model code).
 
-        One assignment: a forward running in another thread sees the old record or the new
-        one, never a mix of the two."""
+        This is the site's own record, what a call of the site outside a model forward runs; inside
+        a forward of a bound model the site runs the model's published record (`declare.binding`)."""
         self._binding = binding
 
     def set_implementation(self, name: str, fn, mask_format: str, accepts_is_causal: bool = False,
@@ -77,20 +80,20 @@ class AttentionSite(torch.nn.Module):
 
     @property
     def binding(self) -> "SiteBinding":
-        """The current record: what runs here."""
-        return self._binding
+        """The current record: what runs here (in this forward or generate call, if one is running)."""
+        return site_record(self)
 
     @property
     def implementation(self) -> str:
-        return self._binding.name
+        return site_record(self).name
 
     @property
     def returns_weights(self) -> bool:
-        return self._binding.returns_weights
+        return site_record(self).returns_weights
 
     @property
     def paged_fn(self):
-        return self._binding.paged_fn
+        return site_record(self).paged_fn
 
     def unbind(self):
         """Return to the eager reference."""
@@ -102,7 +105,7 @@ class AttentionSite(torch.nn.Module):
 
         With a `PagedMask`, q is one packed row [1, H, T, D] and k/v are block pools. A site declared
         with `sinks=True` takes its module's sink logits ([num_heads]) as `sinks`, and only then."""
-        b = self._binding  # read once: a concurrent rebind cannot mix two records
+        b = site_record(self)  # the forward's record, read once (declare.binding)
         dropout = self.dropout if self.training else 0.0
         kw = {"softcap": self.softcap} if self.softcap else {}
         if self.sinks:
@@ -110,6 +113,12 @@ class AttentionSite(torch.nn.Module):
         elif sinks is not None:
             raise ValueError("this attention site was declared without sinks but was given sinks; "
                              "declare AttentionSite(..., sinks=True) to use them")
+        if b.forward_only and needs_autograd((q, k, v)):
+            return run_forward_only(lambda q, k, v: self._call(b, q, k, v, mask, dropout, kw), (q, k, v),
+                                    b.forward_only)
+        return self._call(b, q, k, v, mask, dropout, kw)
+
+    def _call(self, b: SiteBinding, q, k, v, mask, dropout: float, kw: dict):
         if isinstance(mask, PagedMask):  # k/v are block pools; see backends.paged_attention
             if b.paged_fn is None:
                 raise RuntimeError(f"attention backend {b.name!r} cannot read a paged KV cache; "

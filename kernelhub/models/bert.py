@@ -21,13 +21,13 @@ from torch import nn
 
 from kernelhub.declare.attention_mask import AttentionMask
 from kernelhub.declare.capture import capturing, require_weights
-from kernelhub.declare.layer import Linear, layer
 from kernelhub.declare.site import AttentionSite
 from kernelhub.models.model_api import ModelAPI
 from kernelhub.models.outputs import EncoderOutput
 from kernelhub.declare.config_schema import (boolean, check_dims, check_layer_count, choice, divides, found,
                                             positive_float, positive_int, probability)
 from kernelhub.declare.errors import ConfigError
+from kernelhub.declare.reference_layers import LayerNorm, Linear
 
 
 @dataclasses.dataclass
@@ -91,15 +91,6 @@ class BertConfig:
             check_dims(shapes, f"embeddings.{tensor}.weight", [(key, value), hidden], source, weights)
         check_dims(shapes, "encoder.layer.0.intermediate.dense.weight",
                    [("intermediate_size", self.intermediate_size), hidden], source, weights)
-
-
-@layer("LayerNorm")
-class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm, declared swappable. `variance_epsilon` is the name Hub kernels read."""
-
-    @property
-    def variance_epsilon(self):
-        return self.eps
 
 
 class BertEmbeddings(nn.Module):

@@ -24,15 +24,15 @@ import torch
 from torch import nn
 
 from kernelhub.declare.errors import ConfigError
-from kernelhub.declare.layer import Linear, layer
 from kernelhub.declare.site import AttentionSite
 from kernelhub.declare.config_schema import (boolean, check_dims, check_layer_count, choice, choice_list, divides,
                                             found, invalid, optional_positive_int, positive_float, positive_int,
                                             probability)
+from kernelhub.declare.reference_layers import ApplyRotary, GeluTanhAndMul, GemmaRMSNorm, Linear
 from kernelhub.models.decoder import (capture_outputs, causal_lm_output, keep_logits, layer_type_masks, positions,
                                       select_cache)
 from kernelhub.models.model_api import CausalLMAPI
-from kernelhub.models.rope import RotaryEmbedding, apply_rope, rope_parameters
+from kernelhub.models.rope import RotaryEmbedding, rope_parameters
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -139,41 +139,6 @@ class Gemma2Config:
 
 
 # -- layers ----------------------------------------------------------------------------
-
-@layer("GemmaRMSNorm")
-class GemmaRMSNorm(nn.Module):
-    """Gemma's RMS norm: normalise in float32, scale by `(1 + weight)` in float32, then cast.
-
-    Not `RMSNorm`: the weight is an offset from one, and the scale is applied before the cast
-    (Llama casts first), so an `RMSNorm` kernel would compute something else."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(hidden_size))
-        self.eps = eps  # transformers' Gemma2RMSNorm attribute name
-
-    def forward(self, x):
-        out = x.float()
-        out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (out * (1.0 + self.weight.float())).type_as(x)
-
-
-@layer("GeluTanhAndMul")
-class GeluTanhAndMul(nn.Module):
-    """gelu_tanh(x[..., :d]) * x[..., d:], Gemma's gated-MLP activation."""
-
-    def forward(self, x):
-        d = x.shape[-1] // 2
-        return nn.functional.gelu(x[..., :d], approximate="tanh") * x[..., d:]
-
-
-@layer("ApplyRotary")
-class ApplyRotary(nn.Module):
-    """Rotary position embedding of q and k ([B, H, S, D]) by cos/sin ([B, S, D]), rotate-half style."""
-
-    def forward(self, q, k, cos, sin):
-        return apply_rope(q, k, cos, sin)
-
 
 class Attention(nn.Module):
     def __init__(self, cfg: Gemma2Config, layer_idx: int):

@@ -12,12 +12,20 @@ The steps of a decoder's forward that do not depend on the architecture are in `
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from kernelhub.declare.cache import DynamicCache, StaticCache
+from kernelhub.declare.binding import holding, pinned
 from kernelhub.declare.serving import provided
 from kernelhub.checkpoint.hf_layout import save_pretrained
 from kernelhub.checkpoint.generation_config import GenerationConfig
+
+
+def _pinned_if(model, compiled):
+    """Compiled calls read the binding inside graphs, not from the held record: pin it for the call."""
+    return pinned(model) if compiled is True else contextlib.nullcontext()
 
 
 class ModelAPI:
@@ -73,12 +81,15 @@ class CausalLMAPI(ModelAPI):
         raise ValueError(f"unknown cache kind {kind!r}; valid: 'dynamic', 'static'")
 
     def generate(self, input_ids, **kwargs):
-        """Greedy or sampled generation; see `kernelhub.runtime.generate.generate`."""
-        return provided("generate")(self, input_ids, **kwargs)
+        """Greedy or sampled generation; see `kernelhub.runtime.generate.generate`. The whole call runs
+        the binding the model has when it starts, even if another thread rebinds meanwhile."""
+        with _pinned_if(self, kwargs.get("compile")), holding(self):  # pin first: a rebind in progress ends
+            return provided("generate")(self, input_ids, **kwargs)
 
     def generate_batch(self, prompts, **kwargs):
         """Continuous batching over a paged KV cache; see `kernelhub.runtime.batching.generate_batch`."""
-        return provided("generate_batch")(self, prompts, **kwargs)
+        with _pinned_if(self, kwargs.get("compile")), holding(self):  # as in generate
+            return provided("generate_batch")(self, prompts, **kwargs)
 
     def fused_sizes(self) -> dict:
         """Rows of each part of the fused projections the model file declares in `FUSED`, in `FUSED` order:

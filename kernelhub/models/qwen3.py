@@ -8,6 +8,7 @@ defaults it), one `attention_bias` flag for q/k/v/o, and qwen2-style sliding win
 them too. Weight names match transformers checkpoints except that q/k/v and gate/up
 projections are fused (`qkv_proj`, `gate_up_proj`), converted on load and save.
 
+>>> import torch
 >>> cfg = {"model_type": "qwen3", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32, "head_dim": 8,
 ...        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}
 >>> model = Qwen3ForCausalLM(cfg)
@@ -19,19 +20,18 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 from torch import nn
 
 from kernelhub.declare.errors import ConfigError
-from kernelhub.declare.layer import Linear, layer
 from kernelhub.declare.site import AttentionSite
 from kernelhub.declare.config_schema import (boolean, check_dims, check_layer_count, choice, choice_list, divides,
                                             found, invalid, non_negative_int, optional_positive_int, positive_float,
                                             positive_int, probability)
+from kernelhub.declare.reference_layers import ApplyRotary, Linear, RMSNorm, SiLUAndMul
 from kernelhub.models.decoder import (capture_outputs, causal_lm_output, keep_logits, layer_type_masks, positions,
                                       select_cache)
 from kernelhub.models.model_api import CausalLMAPI
-from kernelhub.models.rope import RotaryEmbedding, apply_rope, rope_parameters
+from kernelhub.models.rope import RotaryEmbedding, rope_parameters
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -140,39 +140,6 @@ class Qwen3Config:
 
 
 # -- layers ----------------------------------------------------------------------------
-
-@layer("RMSNorm")
-class RMSNorm(nn.Module):
-    """Root-mean-square norm over the last dimension, computed in float32 (as transformers does)."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, x):
-        dtype = x.dtype
-        x = x.to(torch.float32)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x.to(dtype)
-
-
-@layer("SiLUAndMul")
-class SiLUAndMul(nn.Module):
-    """silu(x[..., :d]) * x[..., d:], the gated-MLP activation."""
-
-    def forward(self, x):
-        d = x.shape[-1] // 2
-        return nn.functional.silu(x[..., :d]) * x[..., d:]
-
-
-@layer("ApplyRotary")
-class ApplyRotary(nn.Module):
-    """Rotary position embedding of q and k ([B, H, S, D]) by cos/sin ([B, S, D]), rotate-half style."""
-
-    def forward(self, q, k, cos, sin):
-        return apply_rope(q, k, cos, sin)
-
 
 class Attention(nn.Module):
     def __init__(self, cfg: Qwen3Config, layer_idx: int):
@@ -295,6 +262,7 @@ class Qwen3ForCausalLM(CausalLMAPI, nn.Module):
 
         >>> model = Qwen3ForCausalLM({"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "head_dim": 4,
         ...                           "num_hidden_layers": 1, "num_attention_heads": 2})
+        >>> import torch
         >>> out = model(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]]), use_cache=True)
         >>> out.loss.shape, out.past_key_values.get_seq_length()
         (torch.Size([]), 3)

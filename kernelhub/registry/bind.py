@@ -23,14 +23,17 @@ import os
 
 import torch
 
-from kernelhub.declare.errors import BindError, KernelhubError
-from kernelhub.declare.layer import layer_name, reset_layer_forward, set_layer_forward
+from kernelhub.declare.errors import REFUSALS, BindError, KernelhubError
+from kernelhub.declare.binding import ModelBinding, changing, own_forward, publish, set_own_forward
+from kernelhub.declare.layer import drop_kernel_caches, layer_name
 from kernelhub.declare.log import first_time
+from kernelhub.declare.eager import eager_attention
 from kernelhub.declare.site import AttentionSite, SiteBinding
 from kernelhub.registry.bind_layers import layer_decisions
 from kernelhub.registry.capabilities import on_device, unsupported
-from kernelhub.registry.choose import REFUSALS, Option, choose
-from kernelhub.registry.forward_only import forward_only
+from kernelhub.registry.choose import Option, choose
+from kernelhub.registry.conformance import check_attention
+from kernelhub.declare.forward_only import no_backward_reason
 from kernelhub.registry.hub.attention import hub_backend
 from kernelhub.registry.hub.fetch import hub_budget
 from kernelhub.registry.hub.lockfile import KernelLock
@@ -48,16 +51,32 @@ def _device_and_dtype(model, device, dtype):
     param = next(model.parameters(), None)
     if device is None:
         device = param.device if param is not None else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:  # torch's own text lists every device type it knows
+        raise BindError(f"device={device!r} is not a torch device ({str(e).splitlines()[0]}); pass a "
+                        "torch.device or a string such as 'cpu', 'cuda' or 'cuda:1'") from None
     if device.type == "meta":
         device = torch.device("cpu")
-    return device, dtype or (param.dtype if param is not None else torch.float32)
+    return device, _dtype(dtype) or (param.dtype if param is not None else torch.float32)
+
+
+def _dtype(dtype):
+    """A torch.dtype from a dtype or its name ('float32', 'torch.bfloat16'); None stays None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = dtype.removeprefix("torch.") if isinstance(dtype, str) else ""
+    found = getattr(torch, name, None) if name.isidentifier() else None
+    if not isinstance(found, torch.dtype):
+        raise BindError(f"dtype={dtype!r} is not a dtype; pass a torch.dtype or its name, such as torch.bfloat16 "
+                        "or 'float32'")
+    return found
 
 
 def _read_lock(lock):
     if lock is None:
         return KernelLock.from_env()
-    return lock if isinstance(lock, KernelLock) else KernelLock.read(lock)
+    return lock if isinstance(lock, KernelLock) else KernelLock.read(lock)  # LockError for what is not a path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,15 +110,20 @@ def _attention_loader(registry, device, lock):
 
 
 def _site_binding(backend, resolution, device, mode: Mode) -> SiteBinding:
-    fn, paged_fn = resolution.fn, resolution.paged_fn
-    if not mode.training and not on_device(backend.capabilities.on(device.type).backward, device.type):
-        fn = forward_only(fn, backend.name, device.type)
-        paged_fn = forward_only(paged_fn, backend.name, device.type) if paged_fn else None
-    return SiteBinding(backend.name, fn, backend.mask_format, backend.accepts_is_causal,
-                       backend.capabilities.on(device.type).returns_weights, paged_fn)
+    caps = backend.capabilities.on(device.type)
+    forward_only = "" if mode.training or on_device(caps.backward, device.type) else \
+        no_backward_reason(backend.name, device.type)
+    return SiteBinding(backend.name, resolution.fn, backend.mask_format, backend.accepts_is_causal,
+                       caps.returns_weights, resolution.paged_fn, forward_only)
 
 
-def _attention_decisions(model, attn_implementation, registry, device, dtype, mode, lock):
+def _hub_verdict(backend, device, dtype, mode):
+    record = _site_binding(backend, backend.resolution(device, dtype), device, mode)
+    reference = SiteBinding("eager", eager_attention, "bool", returns_weights=True)
+    return check_attention(record, reference, dtype, device)
+
+
+def _attention_decisions(model, attn_implementation, registry, device, dtype, mode, lock, verify=True):
     sites = {path: m for path, m in model.named_modules() if isinstance(m, AttentionSite)}
     if attn_implementation is not None and not sites:
         raise KernelhubError(f"{type(model).__name__} has no kernelhub attention sites, so attn_implementation="
@@ -127,9 +151,14 @@ def _attention_decisions(model, attn_implementation, registry, device, dtype, mo
                             f"{site.layer_type!r}); keys given: {keys}. Add a '*' entry or the key {site.layer_type!r}")
 
         def reasons(option, site=site, chain=chain):
-            why = unsupported(option.payload.backend, site, device, dtype, mode)
-            if chain.paged and not option.payload.backend.capabilities.on(device.type).paged:
+            backend = option.payload.backend
+            why = unsupported(backend, site, device, dtype, mode)
+            if chain.paged and not backend.capabilities.on(device.type).paged:
                 why.append("does not support a paged KV cache (asked for 'paged|...')")
+            if not why and verify and looks_like_kernel_ref(option.name):  # Hub/local code: probed first
+                verdict = _hub_verdict(backend, device, dtype, mode)
+                if not verdict.ok:
+                    why.append(verdict.reason())
             return why
 
         def pick(fitting, site=site):
@@ -140,82 +169,119 @@ def _attention_decisions(model, attn_implementation, registry, device, dtype, mo
 
         entry, option = choose("attention", path, key if key != "*" else None, chain, load, reasons,
                                device=device, dtype=dtype, mode=mode, pick=pick,
-                               valid=f"Valid backends: {', '.join(registry.backend_names())}")
+                               valid=RunnableBackends(registry, device))
         backend = option.payload.backend
         resolution = backend.resolution(device, dtype)
-        note = "; ".join(n for n in (entry.note, resolution.note) if n)
+        verified = _hub_verdict(backend, device, dtype, mode).note() \
+            if verify and looks_like_kernel_ref(option.name) else ""
+        note = "; ".join(n for n in (entry.note, resolution.note, verified) if n)
         entries.append(dataclasses.replace(entry, note=note))
         actions.append((site, _site_binding(backend, resolution, device, mode)))
     return entries, actions
 
 
+class RunnableBackends:
+    """The error hint listing the registered backends that can run on `device` (never one that
+    cannot, such as flash on a CPU); computed only when an error is shown."""
+
+    def __init__(self, registry, device):
+        self.registry, self.device = registry, device
+
+    def __str__(self):
+        from kernelhub.registry.capabilities import machine_problems
+
+        kind = torch.device(self.device).type
+        usable = [r.backend.name for r in self.registry.backends() if not machine_problems(r.backend, kind)]
+        return f"Valid backends: {', '.join(usable) or 'none'} (those that run on {kind})"
+
+
 def decide(model, attn_implementation=None, kernels=None, *, device=None, dtype=None, mode="inference",
-           lock=None) -> Decisions:
+           lock=None, verify: bool = True) -> Decisions:
     """Everything `bind` would do to `model`, checked; raises before anything changes."""
     mode = parse_mode(mode)
     registry = get_registry()
     device, dtype = _device_and_dtype(model, device, dtype)
     lock = _read_lock(lock)
     with hub_budget():  # one Hub deadline for the whole bind, however many refs it names
-        entries, site_actions = _attention_decisions(model, attn_implementation, registry, device, dtype, mode, lock)
-        layer_entries, layer_actions = layer_decisions(model, kernels, registry, device, dtype, mode, lock)
-    request = BindRequest(attn_implementation, kernels, mode, lock)
+        entries, site_actions = _attention_decisions(model, attn_implementation, registry, device, dtype, mode, lock,
+                                                     verify)
+        layer_entries, layer_actions = layer_decisions(model, kernels, registry, device, dtype, mode, lock, verify)
+    request = BindRequest(attn_implementation, kernels, mode, lock, verify)
     tp = getattr(model, "tensor_parallel", None)  # the plan records each module's shard on this rank
     all_entries = tuple(entries) + tuple(layer_entries)
     if tp is not None:
         all_entries = tuple(dataclasses.replace(e, sharding=tp.describe(e.path)) for e in all_entries)
     plan = BindingPlan(all_entries, device=str(device),
                        dtype=str(dtype).removeprefix("torch."), mode=mode, request=request,
-                       watch=tuple((len(entries) + i, module, forward) for i, (module, forward)
-                                   in enumerate(layer_actions)),
                        tensor_parallel=tp.to_dict() if tp is not None else None)
     return Decisions(plan, tuple(site_actions), tuple(layer_actions))
 
 
 def apply(model, decisions: Decisions) -> BindingPlan:
-    """Install what `decide` chose: cannot fail half-way."""
+    """Install what `decide` chose: cannot fail half-way. The model's record is published last, in
+    one statement, so a forward running meanwhile sees the old binding or the new one, whole."""
+    with changing(model):  # a compiled generate call running on the model finishes first
+        return _apply(model, decisions)
+
+
+def _apply(model, decisions: Decisions) -> BindingPlan:
     for site, record in decisions.sites:
         site.set_binding(record)
     for module, forward in decisions.layers:
-        reset_layer_forward(module)  # also drops what a previous kernel cached on the module
-        if forward is not None:
-            set_layer_forward(module, forward)
-    model.binding = decisions.plan
+        if own_forward(module) is not forward:
+            drop_kernel_caches(module)  # what the previous kernel cached on the module
+        set_own_forward(module, forward)
+    publish(model, ModelBinding({id(site): record for site, record in decisions.sites},
+                                {id(module): forward for module, forward in decisions.layers}))
+    model.binding = decisions.plan.watching(decisions.layers)
     model.binding_request = _serialisable_request(decisions.plan.request)
     watch_moves(model, rebind, apply)
     _log_binding(model, decisions.plan)
-    return decisions.plan
+    return model.binding
 
 
 def bind(model: torch.nn.Module, attn_implementation=None, kernels=None, *, device=None, dtype=None,
-         mode="inference", lock=None) -> BindingPlan:
+         mode="inference", lock=None, verify: bool = True) -> BindingPlan:
     """Bind every attention site and declared layer of `model`; returns the `BindingPlan`.
 
     Also sets `model.binding` (the plan) and `model.binding_request` (what was asked,
     saved by `save_pretrained` so a reload binds the same way). `mode` is a `Mode` (or
     'inference', 'training', 'compile', a `kernels.Mode`); `lock` (a path or `KernelLock`;
-    default $KERNELHUB_LOCK) pins and verifies every Hub and local kernel.
+    default $KERNELHUB_LOCK) pins and verifies every Hub and local kernel. Every layer kernel and Hub
+    attention kernel first runs a conformance probe against the reference it replaces
+    (`kernelhub.registry.conformance`); `verify=False` skips that, to bind a wrong kernel on purpose.
     """
     return apply(model, decide(model, attn_implementation, kernels, device=device, dtype=dtype, mode=mode,
-                               lock=lock))
+                               lock=lock, verify=verify))
 
 
-def rebind(model, *, device=None, dtype=None, kernels=None) -> Decisions:
+def rebind(model, *, device=None, dtype=None, kernels=None, verify=None) -> Decisions:
     """The decisions that re-create `model`'s binding with one thing changed (device, dtype, or
     extra kernels); mode, lock and in-process kernels are kept."""
     request: BindRequest = model.binding.request
     merged = {**(request.kernels or {}), **kernels} if kernels else request.kernels
     return decide(model, request.attn_implementation, merged, device=device or model.binding.device,
-                  dtype=dtype or getattr(torch, model.binding.dtype), mode=request.mode, lock=request.lock)
+                  dtype=dtype or getattr(torch, model.binding.dtype), mode=request.mode, lock=request.lock,
+                  verify=request.verify if verify is None else verify)
 
 
 def unbind(model: torch.nn.Module) -> None:
     """Return every site and layer of `model` to its eager reference."""
+    with changing(model):
+        _unbind(model)
+
+
+def _unbind(model) -> None:
+    sites, layers = {}, {}
     for module in model.modules():
         if isinstance(module, AttentionSite):
             module.unbind()
+            sites[id(module)] = module.binding
         elif layer_name(module):
-            reset_layer_forward(module)
+            drop_kernel_caches(module)
+            set_own_forward(module, None)
+            layers[id(module)] = None
+    publish(model, ModelBinding(sites, layers))
     model.binding = None
     model.binding_request = None
 

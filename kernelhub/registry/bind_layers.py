@@ -22,6 +22,7 @@ from pathlib import Path
 from kernelhub.declare.errors import KernelhubError, closest_first, suggestion
 from kernelhub.declare.layer import declared_layer_names, layer_name
 from kernelhub.registry.choose import Option, choose
+from kernelhub.registry.conformance import check_layer
 from kernelhub.registry.hub.layers import load_hub_layer
 from kernelhub.registry.hub.ref import looks_like_kernel_ref, parse_kernel_ref
 from kernelhub.registry.layer_contract import contract_problems, layer_capabilities, layer_reasons
@@ -100,11 +101,11 @@ def _load(value, layer, declared_cls, origin, registry, device, lock) -> Option:
     if value == REFERENCE:
         return Option(REFERENCE, "model")
     if looks_like_kernel_ref(value):
-        name, impl, source, problems = load_hub_layer(value, layer, declared_cls, device, lock, origin)
+        name, impl, source, problems, note = load_hub_layer(value, layer, declared_cls, device, lock, origin)
         symbol = parse_kernel_ref(value, origin).symbol
         problems = [*problems, *_names_another_layer(symbol if symbol in declared_layer_names() else None, layer)]
         caps = layer_capabilities(impl, hub=True) if impl is not None else None
-        return Option(name, source, impl, tuple(problems), caps)
+        return Option(name, source, impl, tuple(problems), caps, note)
     if isinstance(value, str):
         known = registry.layer_kernels.get(layer, {})
         if value not in known and Path(value).is_dir():  # local or Hub is never guessed
@@ -135,8 +136,22 @@ def _names_another_layer(named: str | None, layer: str) -> list[str]:
             "(their semantics differ)"]
 
 
-def layer_decisions(model, kernels, registry, device, dtype, mode, lock):
-    """([PlanEntry], [(module, forward or None)]) for every declared layer of `model`."""
+def _reasons(option, module, path, device, dtype, mode, verify) -> list[str]:
+    """Why `option` cannot serve `module`: its capabilities first; then, if it could, its conformance
+    probe against the layer's reference (never run for a kernel refused before it)."""
+    if option.payload is None:
+        return []
+    why = layer_reasons(option.caps, device, dtype, mode, module, path)
+    if not why and verify:
+        verdict = check_layer(option.payload.forward, module, dtype, device)
+        if not verdict.ok:
+            why.append(verdict.reason())
+    return why
+
+
+def layer_decisions(model, kernels, registry, device, dtype, mode, lock, verify: bool = True):
+    """([PlanEntry], [(module, forward or None)]) for every declared layer of `model`; with `verify`,
+    every kernel passes its conformance probe before it is chosen."""
     layers = {path: m for path, m in model.named_modules() if layer_name(m)}
     names = {layer_name(m) for m in layers.values()}
     request = parse_kernels(kernels, names)
@@ -153,20 +168,26 @@ def layer_decisions(model, kernels, registry, device, dtype, mode, lock):
             chain, served_by[glob], name) is not None)
         if key in served_by:
             chain = _for_layer(chain, served_by[key], name)
-        if chain is None and name in registry.layer_defaults:  # set by the pytest plugin's swap_kernel
-            impl = registry.layer_defaults[name]
-            key, chain = name, Chain((impl,), True, "swap_kernel")
+        default = registry.layer_defaults.get(name) if chain is None else None
+        if default is not None:  # the registry's default kernel for this layer (swap_kernel sets one)
+            key, chain = name, Chain((default.impl,), True, default.source)
+        own = getattr(module, "kernel_plan_note", None)  # what the module says of itself (a GGUF type)
+        own = own() if callable(own) else None
         if chain is None:
-            entries.append(PlanEntry(path, "layer", REFERENCE, f"model ({name})", "default"))
+            entries.append(PlanEntry(path, "layer", REFERENCE, f"model ({name})", "default", note=own or ""))
             actions.append((module, None))
             continue
+        checked = verify and (default is None or default.verify)
         entry, option = choose("layer", path, key, chain, load_for(name, type(module), f"kernels[{key!r}]"),
-                               lambda o, module=module, path=path: layer_reasons(o.caps, device, dtype, mode,
-                                                                                 module, path)
-                               if o.payload is not None else [],
+                               lambda o, module=module, path=path, checked=checked: _reasons(
+                                   o, module, path, device, dtype, mode, checked),
                                device=device, dtype=dtype, mode=mode)
-        source = "swap_kernel" if chain.origin == "swap_kernel" else entry.source
+        source = default.source if default is not None else entry.source
+        note = "; ".join(n for n in (own, entry.note) if n)
+        if option.payload is not None:
+            verdict = check_layer(option.payload.forward, module, dtype, device) if checked else None
+            note = "; ".join(n for n in (note, verdict.note() if verdict else "not verified (verify=False)") if n)
         entries.append(PlanEntry(entry.path, "layer", entry.chosen, f"{source} ({name})", entry.request,
-                                 entry.rejected))
+                                 entry.rejected, note))
         actions.append((module, option.payload.forward if option.payload is not None else None))
     return entries, actions

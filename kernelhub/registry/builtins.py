@@ -1,5 +1,6 @@
-"""kernelhub's built-in plugin: eager, sdpa, flex and flash attention, the oneDNN Linear kernel,
-the Experts kernels (eager, grouped_mm, batched_mm), and the model families.
+"""kernelhub's built-in plugin: eager, sdpa, flex and flash attention, the oneDNN Linear kernel, the
+packed GGUF QuantizedLinear kernel, the Experts kernels (eager, grouped_mm, batched_mm), and the model
+families.
 
 Registered through the same hooks as any third-party plugin.
 """
@@ -71,16 +72,19 @@ def kernelhub_attention_backends():
 def kernelhub_layer_kernels():
     from kernelhub.backends.experts import EXPERTS_KERNELS
     from kernelhub.backends.gemv_linear import GemvLinear
+    from kernelhub.backends.gguf_linear import GgufLinear
     from kernelhub.backends.onednn_linear import OneDNNLinear, onednn_available
 
     linear = {"onednn": OneDNNLinear} if onednn_available() else {}
-    return {"Experts": dict(EXPERTS_KERNELS), "Linear": {**linear, "gemv": GemvLinear}}
+    return {"Experts": dict(EXPERTS_KERNELS), "Linear": {**linear, "gemv": GemvLinear},
+            "QuantizedLinear": {"gguf": GgufLinear}}
 
 
 @hookimpl
 def kernelhub_model_architectures():
     from kernelhub.models.bert import BertModel
     from kernelhub.models.gemma2 import Gemma2ForCausalLM
+    from kernelhub.models.gemma3 import Gemma3ForCausalLM
     from kernelhub.models.gpt_oss import GptOssForCausalLM
     from kernelhub.models.llama import LlamaForCausalLM
     from kernelhub.models.qwen3 import Qwen3ForCausalLM
@@ -88,4 +92,4 @@ def kernelhub_model_architectures():
 
     return {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2": LlamaForCausalLM, "bert": BertModel,
             "qwen3": Qwen3ForCausalLM, "qwen3_moe": Qwen3MoeForCausalLM, "gemma2": Gemma2ForCausalLM,
-            "gpt_oss": GptOssForCausalLM}
+            "gpt_oss": GptOssForCausalLM, "gemma3_text": Gemma3ForCausalLM}

@@ -18,11 +18,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from kernelhub.declare.errors import BindError, LockError, UnsafeKernelError, UntrustedKernelError
+from kernelhub.declare.errors import BindError
 from kernelhub.registry.plan import PlanEntry
 from kernelhub.registry.request import Chain
-
-REFUSALS = (UntrustedKernelError, LockError, UnsafeKernelError)
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +34,13 @@ class Option:
     payload: object = None          # a Registered backend, or a layer kernel class (None: the reference)
     problems: tuple = ()            # found while loading: it cannot serve anywhere
     caps: object = None             # LayerCapabilities for layer kernels
+    note: str = ""                  # for the plan entry (how long verifying a Hub kernel took, say)
 
 
 def choose(kind: str, path: str, key, chain: Chain, load, reasons, *, device, dtype, mode, pick=None, valid=""):
     """(PlanEntry, Option) for one site or layer from `chain`, or `BindError` listing every reason.
 
-    `load(value) -> Option` raises only for bad input or a refusal (see `REFUSALS`); a kernel
+    `load(value) -> Option` raises only for bad input or a refusal (`kernelhub.declare.errors.REFUSALS`); a kernel
 that failed to load comes back with `problems`. `reasons(option) -> [str]`.
 `pick(fitting) -> Option`: choose among all that fit (default: the first, and stop there).
     """
@@ -59,7 +58,7 @@ that failed to load comes back with `problems`. `reasons(option) -> [str]`.
     if not fitting:
         raise no_fit(kind, path, key, chain, rejected, device, dtype, mode, valid)
     chosen = pick(fitting) if pick else fitting[0]
-    note = "selected by policy hook" if chosen is not fitting[0] else ""
+    note = "; ".join(n for n in ("selected by policy hook" if chosen is not fitting[0] else "", chosen.note) if n)
     logger.debug("%s %s: %s (%s)%s", kind, path, chosen.name, chosen.source, f", {note}" if note else "")
     return PlanEntry(path, kind, chosen.name, chosen.source, chain.origin, tuple(rejected), note), chosen
 

@@ -50,6 +50,7 @@ class BindRequest:
     kernels: dict | None = None
     mode: object = "inference"
     lock: object = None
+    verify: bool = True
 
 
 class BindingPlan:
@@ -65,6 +66,25 @@ class BindingPlan:
         # (entry index, module, forward installed or None): what to compare with what runs now
         self._watch = tuple((i, weakref.ref(m), f) for i, m, f in watch)
 
+    notes: tuple = ()  # lines shown under the table (what a load held back, say)
+
+    def noting(self, line: str) -> "BindingPlan":
+        """This plan with one more note."""
+        plan = BindingPlan(self._entries, device=self.device, dtype=self.dtype, mode=self.mode, request=self.request,
+                           tensor_parallel=self.tensor_parallel)
+        plan._watch, plan.notes = self._watch, (*self.notes, line)
+        return plan
+
+    def watching(self, layers) -> "BindingPlan":
+        """This plan, keeping what binding left in each layer's `forward` attribute ((module, _) pairs in
+        entry order), so a forward replaced afterwards shows as replaced."""
+        first = sum(1 for e in self._entries if e.kind == "attention")
+        watch = tuple((first + i, m, m.__dict__.get("forward")) for i, (m, _) in enumerate(layers))
+        plan = BindingPlan(self._entries, device=self.device, dtype=self.dtype, mode=self.mode, request=self.request,
+                           watch=watch, tensor_parallel=self.tensor_parallel)
+        plan.notes = self.notes
+        return plan
+
     @property
     def entries(self) -> tuple[PlanEntry, ...]:
         """The entries, with any layer whose forward was replaced outside kernelhub shown as such."""
@@ -72,7 +92,7 @@ class BindingPlan:
         for index, ref, installed in self._watch:
             module = ref()
             running = module.__dict__.get("forward") if module is not None else None
-            if module is None or _same(running, installed):
+            if module is None or running is installed:
                 continue
             func = getattr(running, "__func__", running)
             what = f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', repr(func))}" \
@@ -114,7 +134,7 @@ class BindingPlan:
             lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
             if i == 0:
                 lines.append("  ".join("-" * w for w in widths) + "  --------")
-        return "\n".join(lines + self._sharding_lines())
+        return "\n".join(lines + self._sharding_lines() + [f"note: {n}" for n in self.notes])
 
     def _sharding_lines(self) -> list[str]:
         """Per module (layers collapsed), how it is split on this rank: every sharded module, declared
@@ -129,12 +149,6 @@ class BindingPlan:
         return ["", "sharding:"] + [f"  {e.path.ljust(width)}  {e.note}" for e in collapsed]
 
     __repr__ = __str__
-
-
-def _same(running, installed) -> bool:
-    if installed is None:
-        return running is None
-    return getattr(running, "__func__", None) is installed
 
 
 def _collapse(entries):

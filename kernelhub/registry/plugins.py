@@ -65,7 +65,8 @@ class Registry:
         self._aliases: dict[str, str] = {}
         self.layer_kernels: dict[str, dict[str, object]] = {}
         self.layer_kernel_sources: dict[tuple[str, str], str] = {}
-        self.layer_defaults: dict[str, type] = {}  # layer name -> kernel used when kernels= is silent
+        # layer name -> LayerDefault: the kernel every bind in this registry uses when kernels= is silent
+        self.layer_defaults: dict[str, LayerDefault] = {}
         self.architectures: dict[str, type] = {}
         self.plugins: list[str] = []
         self.failures: list[PluginFailure] = []
@@ -182,6 +183,12 @@ class Registry:
     def backend_names(self) -> list[str]:
         return list(self._backends)
 
+    def set_layer_default(self, layer: str, impl, *, source: str, verify: bool = True) -> None:
+        """Make `impl` the kernel of every `layer` module a bind in this registry is not told about
+        (`kernels=` silent on it). `verify=False` skips its conformance probe (a test's deliberate
+        wrong kernel); `source` is what the plan shows."""
+        self.layer_defaults[layer] = LayerDefault(impl, source, verify)
+
     def names(self) -> list[str]:
         """Backend names and aliases."""
         return [*self._backends, *self._aliases]
@@ -206,6 +213,15 @@ class Registry:
         new.architectures = dict(self.architectures)
         new.plugins, new.failures = list(self.plugins), list(self.failures)
         return new
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerDefault:
+    """A registry's default kernel for one declared layer (`Registry.set_layer_default`)."""
+
+    impl: object
+    source: str
+    verify: bool = True
 
 
 def backend_problems(backend) -> list[str]:

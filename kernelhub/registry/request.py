@@ -102,7 +102,8 @@ def _attention_name(text, origin: str) -> tuple[str, bool]:
     if "|" in name:
         raise _bad(f"{origin} {text!r} has an unknown prefix; only 'paged|' is understood")
     if looks_like_kernel_ref(name):
-        parse_kernel_ref(name, f"attn_implementation {origin}")  # shape only; loaded at bind time
+        where = origin if origin.startswith("attn_implementation") else f"attn_implementation {origin}"
+        parse_kernel_ref(name, where)  # shape only; loaded at bind time
     return name, paged
 
 

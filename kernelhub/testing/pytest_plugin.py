@@ -5,6 +5,7 @@ Fixtures:
     kernelhub_registry          an isolated registry for this test (built-ins only)
     swap_kernel(name, impl)     replace an attention backend or a layer kernel for this test
     assert_bound(model, path, impl)   assert what the binding plan chose for one site
+    tiny_model                  a small random Llama, bound to eager, loaded anew per test
     hub_kernel_repo(name, layers=[Cls], functions=[fn])   a built Hub-layout kernel repo in tmp_path
     offline_hub_cache(repo_id, repo_dir)   a pre-populated HF cache with HF_HUB_OFFLINE on
     assert_matches_reference(model, inputs, kernels=..., attn_implementation="eager")
@@ -24,6 +25,7 @@ Marker:
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -70,8 +72,10 @@ def swap_kernel(kernelhub_registry):
     `name` is an attention backend ("sdpa") or a declared layer ("RMSNorm"). For a backend,
     `impl` is an `AttentionBackend` or a function with the backend signature (it inherits
     the replaced backend's mask format and capabilities, and always receives a mask). For a
-    layer, `impl` is a class with `forward(self, x)`; every `bind` in the test uses it unless
-    `kernels=` says otherwise. Models bound before the swap keep their binding.
+    layer, `impl` is a class with `forward(self, x)` or a local kernel directory in the Hub layout
+    (a path, or "./dir:Symbol"; built, locked and verified at bind like any local kernel); every
+    `bind` in the test uses it unless `kernels=` says otherwise, without a conformance probe (a test
+    swaps in what it means to test). Models bound before the swap keep their binding.
     """
 
     def swap(name: str, impl):
@@ -96,28 +100,70 @@ def swap_kernel(kernelhub_registry):
             raise KernelhubError(f"swap_kernel: {name!r} is neither a registered attention backend nor a declared "
                                  f"layer.{suggestion(name, [*names, *layers])} Backends: {', '.join(names)}; "
                                  f"layers: {', '.join(sorted(layers))}")
+        if isinstance(impl, (str, os.PathLike)):
+            impl = _local_kernel(name, impl)
         is_module = isinstance(impl, type) and issubclass(impl, torch.nn.Module)
-        if not is_module or impl.forward is torch.nn.Module.forward:
+        if isinstance(impl, str):
+            pass  # a local kernel directory, loaded by the bind
+        elif not is_module or impl.forward is torch.nn.Module.forward:
             raise KernelhubError(f"swap_kernel({name!r}, ...): {impl!r} breaks the layer contract: expected an "
                                  "nn.Module subclass with its own forward(self, ...) (checked against the layer "
                                  "at bind)")
-        kernelhub_registry.layer_defaults[name] = impl
+        # a test swaps in what it means to test, wrong numbers included: no conformance probe
+        kernelhub_registry.set_layer_default(name, impl, source="swap_kernel", verify=False)
 
     return swap
 
 
+def _local_kernel(layer: str, value) -> str:
+    """A local kernel directory as the absolute ref a bind loads ("/abs/dir:Symbol")."""
+    from kernelhub.declare.errors import KernelhubError
+
+    text = os.fspath(value)
+    directory, _, symbol = text.partition(":") if not os.path.isdir(text) else (text, "", "")
+    if not os.path.isdir(directory):
+        raise KernelhubError(f"swap_kernel({layer!r}, {text!r}): no such kernel directory; pass a folder in the Hub "
+                             "kernel layout (build.toml, torch-ext/ or build/), as a path or './dir:Symbol'")
+    return f"{os.path.abspath(directory)}:{symbol or layer}"
+
+
 @pytest.fixture
 def assert_bound():
-    """`assert_bound(model, path, impl)`: the plan chose `impl` (a name or class) at `path`."""
+    """`assert_bound(model, path, impl)`: the plan chose `impl` (a name or class) at `path`; a path not in
+    the plan fails naming the closest ones."""
 
     def check(model: torch.nn.Module, path: str, impl):
+        from kernelhub.declare.errors import closest_first
+
         plan = getattr(model, "binding", None)
         assert plan is not None, "model is not bound (model.binding is None)"
+        paths = [e.path for e in plan.entries]
+        if path not in paths:
+            raise AssertionError(f"{path!r} is not a bound site or layer of {type(model).__name__}; closest: "
+                                 f"{', '.join(closest_first(path, paths)[:3])}")
         entry = plan[path]
         want = impl if isinstance(impl, str) else getattr(impl, "__name__", repr(impl))
         assert entry.chosen == want, f"{path} is bound to {entry.chosen!r}, not {want!r}\n{plan}"
 
     return check
+
+
+@pytest.fixture(scope="session")
+def _tiny_checkpoint_dir(tmp_path_factory):
+    from kernelhub.testing.samples import write_random_checkpoint
+
+    path = tmp_path_factory.mktemp("kernelhub-tiny-model")
+    write_random_checkpoint(path)
+    return path
+
+
+@pytest.fixture
+def tiny_model(_tiny_checkpoint_dir):
+    """A small random Llama (4 layers, hidden 64), loaded anew for each test and bound to eager attention:
+    `assert_bound(tiny_model, "model.norm", "reference")`."""
+    import kernelhub
+
+    return kernelhub.from_pretrained(_tiny_checkpoint_dir, attn_implementation="eager")
 
 
 @pytest.fixture
@@ -183,7 +229,7 @@ def assert_matches_reference():
         try:
             unbind(model)
             reference = trace(model, inputs, keep_tensors=True)
-            bind(model, attn_implementation, kernels)
+            bind(model, attn_implementation, kernels, verify=False)  # it exists to find a wrong kernel
             bound = trace(model, inputs, keep_tensors=True)
         finally:
             unbind(model)

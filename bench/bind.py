@@ -10,10 +10,9 @@ model and kernels (median of runs; one run on this machine, noisy within ±10%).
 bind is reported twice: with kernelhub's verified store empty (every file hashed and copied)
 and as a new process finds it (the copies re-read and compared before reuse). Every bind runs
 conformance (each kernel probed against its layer's reference, verdicts cached): the probe
-cost of each kernel is reported, and warm binds with and without it. Last, the cost of one
-binding per forward: a decode-shaped forward of the model bound through kernelhub (the
-published record looked up by every site and layer) against the same model with sdpa set on
-each site directly (no record, no look-up).
+cost of each kernel is reported, and warm binds with and without it. The cost of one binding
+per forward (every site and layer looking itself up in the published record) is measured by
+bench/forward.py, against the same model with sdpa hard-wired into every site.
 """
 
 from __future__ import annotations
@@ -92,9 +91,6 @@ def main():
     for name, ms in probes.items():
         print(f"  cold conformance probe, {name:<14}{ms:8.2f} ms   (once per kernel, dtype and device)")
     print(f"kernels.kernelize, same model/kernels:  {hf:8.1f} ms   ratio kernelhub/kernelize {warm / hf:.2f}")
-    bound, direct = forward_overhead()
-    print(f"decode forward, bound (record looked up): {bound:6.3f} ms; sdpa set on each site directly: "
-          f"{direct:6.3f} ms; overhead {100 * (bound / direct - 1):+.1f}% (target within 2%)")
 
 
 def probe_costs(plan) -> dict:
@@ -116,32 +112,6 @@ def probe_costs(plan) -> dict:
         conformance.check_layer(forward, module, torch.float32, torch.device("cpu"))
         costs[layer] = (time.perf_counter() - start) * 1e3
     return costs
-
-
-def forward_overhead(repeat: int = 7, calls: int = 200):
-    """(ms per decode-shaped forward bound through kernelhub, ms with sdpa set on each site directly):
-    the fastest of `repeat` rounds of `calls` forwards each, the two interleaved."""
-    from kernelhub.declare.site import AttentionSite
-
-    torch.manual_seed(0)
-    bound = LlamaForCausalLM(CONFIG).eval()
-    kernelhub.bind(bound, "sdpa")
-    direct = LlamaForCausalLM(CONFIG).eval()
-    direct.load_state_dict(bound.state_dict())
-    record = next(m for m in bound.modules() if isinstance(m, AttentionSite)).binding
-    for site in (m for m in direct.modules() if isinstance(m, AttentionSite)):
-        site.set_binding(record)  # hard-wired: the site's own record, nothing published, no hooks
-    ids = torch.tensor([[5]])
-    best = {id(bound): float("inf"), id(direct): float("inf")}
-    with torch.inference_mode():
-        torch.testing.assert_close(bound(ids).logits, direct(ids).logits)
-        for _ in range(repeat):
-            for model in (bound, direct):
-                start = time.perf_counter()
-                for _ in range(calls):
-                    model(ids)
-                best[id(model)] = min(best[id(model)], (time.perf_counter() - start) / calls * 1e3)
-    return best[id(bound)], best[id(direct)]
 
 
 if __name__ == "__main__":

@@ -394,10 +394,11 @@ def test_cuda_on_a_cpu_only_build_is_one_error_naming_the_device(tiny_checkpoint
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only torch build refuses CUDA")
-@pytest.mark.xfail(strict=True, reason="model.to() is checked in kernelhub/registry/watch.py (not changed here)")
 def test_moving_to_cuda_on_a_cpu_only_build_is_one_error(model):
-    with pytest.raises(kernelhub.KernelhubError, match=r"cuda.*available: cpu"):
+    plan = model.binding
+    with pytest.raises(kernelhub.KernelhubError, match=r"(?i)cuda.*available: cpu"):
         model.to("cuda")
+    assert model.device.type == "cpu" and model.binding is plan  # nothing moved, the plan unchanged
 
 
 # -- 7. flex: no eager-mode warning where kernelhub runs it eagerly; one line before the first compile ----

@@ -20,12 +20,21 @@ from __future__ import annotations
 
 import torch
 
+from kernelhub.declare.devices import available_devices
+from kernelhub.declare.errors import BindError
+
 _WATCHED = "_kernelhub_apply"
 
 
 def _target(fn, param: torch.Tensor):
-    """(device, dtype) the conversion `fn` would give a parameter like `param`."""
-    probe = fn(torch.empty(0, dtype=param.dtype, device=param.device))
+    """(device, dtype) the conversion `fn` would give a parameter like `param`; a device this torch cannot
+    use (cuda on a CPU-only build: torch's bare AssertionError) is one `BindError`, before anything moves."""
+    try:
+        probe = fn(torch.empty(0, dtype=param.dtype, device=param.device))
+    except (AssertionError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise BindError(f"cannot move the model there: {first}; available: {', '.join(available_devices())}. "
+                        "The model was not moved") from None
     return probe.device, probe.dtype
 
 

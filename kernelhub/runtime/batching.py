@@ -2,16 +2,15 @@
 
 Every step the scheduler packs work into one row of at most `max_batch_tokens` tokens:
 
-1. **decode first**: each running request that has finished its prompt brings its one
-   newest token;
+1. **decode first**: each running request past its prompt brings its one newest token;
 2. **chunked prefill** fills the rest of the budget with prompt chunks, oldest request first,
    admitting waiting requests while blocks last;
 3. **preemption**: when a decode needs a block and none is free, the most recently admitted
    request gives back all its blocks and is requeued at the front with the tokens it has
    (prompt and generated). It later recomputes them, so nothing is lost or duplicated.
 
-The forward is packed (varlen): no padding and no [tokens x tokens] mask; each attention
-backend reads keys through the block tables (see `backends.paged_attention`).
+The forward is packed (varlen): no padding and no [tokens x tokens] mask; each attention backend
+reads keys through the block tables (see `backends.paged_attention`).
 
 >>> from kernelhub.models.llama import LlamaForCausalLM
 >>> model = LlamaForCausalLM({"vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
@@ -146,8 +145,7 @@ class ContinuousBatcher:
         make_generator(self.sampling, self.device, generator)  # refuses a seed together with a generator
         self.generator = generator
         self.max_batch_tokens = max_batch_tokens
-        # Under tensor parallelism every rank must schedule alike: the ranks agree on one budget (the
-        # smallest; free GPU memory differs per rank), so their pools hold the same number of blocks.
+        # Under tensor parallelism the ranks schedule alike: one budget, the smallest (free memory differs).
         memory = agreed_min(model, kv_memory or default_kv_memory(self.device))
         self.cache_spec = PagedKVCache.spec_for_model(model, memory_bytes=memory, block_size=block_size,
                                                       max_blocks=max_blocks)

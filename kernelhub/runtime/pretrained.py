@@ -16,14 +16,14 @@ import torch
 
 from kernelhub.checkpoint.hf_layout import (check_weight_names, config_path, load_weights, materialize, read_config,
                                          read_state_dict, resolve_dtype, weight_shapes)
-from kernelhub.declare.config_schema import found
 from kernelhub.checkpoint.generation_config import GenerationConfig
 from kernelhub.runtime.tensor_parallel import install_boundaries, plan_shards, shard_model
 from kernelhub.runtime.tensor_parallel_load import device_mesh_for, read_local_state
+from kernelhub.declare.devices import available_devices
 from kernelhub.registry.bind import bind
-from kernelhub.registry.hub.ref import looks_like_kernel_ref
+from kernelhub.runtime.recorded_request import hold_back, requested
 from kernelhub.registry.modes import parse_mode
-from kernelhub.declare.errors import CheckpointError, ConfigError, KernelhubError, TensorParallelError, suggestion
+from kernelhub.declare.errors import CheckpointError, KernelhubError, TensorParallelError, suggestion
 from kernelhub.declare.layer import layer_name
 from kernelhub.registry.plugins import get_registry
 from kernelhub.registry.plan import BindingPlan
@@ -98,66 +98,6 @@ def load_tokenizer(path, model=None, **kwargs):
     return tokenizer
 
 
-FROM_CONFIG = "from_config"
-
-
-def _names_code(value) -> bool:
-    """Whether a request value names kernel code (a Hub repo or a directory), not a registered name."""
-    if isinstance(value, dict):
-        return any(_names_code(v) for v in value.values())
-    if isinstance(value, list):
-        return any(_names_code(v) for v in value)
-    return isinstance(value, str) and looks_like_kernel_ref(value.split("|")[-1])
-
-
-def _anchored(value, base: Path):
-    """`value` with each local kernel directory ("./kern[:Symbol]") made absolute under `base`."""
-    if isinstance(value, dict):
-        return {k: _anchored(v, base) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_anchored(v, base) for v in value]
-    if isinstance(value, str) and value.startswith(("./", "../")):
-        return str(base / value)
-    return value
-
-
-def _requested(config, attn_implementation, kernels, source):
-    """(attn_implementation, kernels, recorded request held back) for a load.
-
-    A checkpoint never chooses code: what `save_pretrained` recorded under "kernelhub" is applied
-    only when the caller says `kernels="from_config"`. Without it, recorded kernels are left out, and
-    so is a recorded attn_implementation that names a Hub repo or a directory (registered names such
-    as "sdpa" run no code from anywhere and still apply); the plan shows what was held back."""
-    recorded = config.get("kernelhub") or {}
-    if not isinstance(recorded, dict):
-        raise ConfigError(f"{source}: 'kernelhub' is {found(recorded)}; allowed: an object (the binding request "
-                          "save_pretrained records)")
-    rec_attn, rec_kernels = recorded.get("attn_implementation"), recorded.get("kernels")
-    if kernels == FROM_CONFIG:  # the user opted in; recorded directories are the checkpoint's, never the CWD's
-        base = Path(source).parent
-        return (attn_implementation if attn_implementation is not None else _anchored(rec_attn, base),
-                _anchored(rec_kernels, base), {})
-    if isinstance(kernels, str):
-        raise KernelhubError(f"kernels={kernels!r}: pass a dict such as {{'RMSNorm': 'org/rmsnorm@v1'}}, or "
-                             f"{FROM_CONFIG!r} to apply the request {source} recorded")
-    held = {"kernels": rec_kernels} if rec_kernels and kernels is None else {}
-    attn = attn_implementation
-    if attn is None and rec_attn is not None:
-        if _names_code(rec_attn):
-            held["attn_implementation"] = rec_attn
-        else:
-            attn = rec_attn
-    return attn, kernels, held
-
-
-def _hold_back(model, held: dict, source: str) -> None:
-    """Show in the plan what the checkpoint recorded and this load did not apply."""
-    if held and model.binding is not None:
-        model.binding = model.binding.noting(
-            f"recorded in {source}, not applied: {held}; pass kernels={FROM_CONFIG!r} (CLI: --kernels "
-            f"{FROM_CONFIG}) to apply it")
-
-
 DEFAULT_EXPERTS = ("grouped_mm", "eager")
 
 
@@ -198,23 +138,6 @@ def with_experts_implementation(model, asked, kernels, experts_implementation):
 
 
 SINGLE_DEVICE_MAPS = '"auto", "cpu", "cuda", "cuda:N", a torch.device, or {"": device}'
-
-
-def available_devices() -> list[str]:
-    """The devices this process can put a model on: "cpu", then each GPU torch sees.
-
-    >>> available_devices()[0]
-    'cpu'
-    """
-    names = ["cpu"]
-    if torch.cuda.is_available():
-        names += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    xpu = getattr(torch, "xpu", None)
-    if xpu is not None and xpu.is_available():
-        names += [f"xpu:{i}" for i in range(xpu.device_count())]
-    if torch.backends.mps.is_available():
-        names.append("mps")
-    return names
 
 
 def usable_device(device, what: str = "device", *, probe: bool = True) -> torch.device:
@@ -333,7 +256,7 @@ def from_pretrained(path, attn_implementation=None, kernels=None, *, dtype=None,
     config = read_config(path)
     source = str(config_path(path))
     arch, parsed = parse_config(config, source=source, output_attentions=output_attentions)
-    attn, kern, held = _requested(config, attn_implementation, kernels, source)
+    attn, kern, held = requested(config, attn_implementation, kernels, source)
     dtype = resolve_dtype(dtype, config)
     check = getattr(parsed, "check_weights", None)
     if check is not None and mesh is None:  # sizes against the weights' headers, before anything is built
@@ -360,7 +283,7 @@ def from_pretrained(path, attn_implementation=None, kernels=None, *, dtype=None,
         kern = with_packed_kernels(kern, kernels)
     # Bind before loading weights: a bad request fails fast, before any tensor is read.
     bind(model, attn, kern, device=device, dtype=dtype, mode=mode, lock=lock, verify=verify)
-    _hold_back(model, held, source)
+    hold_back(model, held, source)
     if mesh is not None:
         materialize(model, read_local_state(model, path, model.tensor_parallel), dtype=dtype, device=device)
         install_boundaries(model, mesh)
@@ -411,8 +334,8 @@ def explain(path, attn_implementation=None, kernels=None, *, dtype=None, device=
             raise TensorParallelError(f"tp_rank={tp_rank!r} is not a rank of tp_size={tp_size}; "
                                       f"valid: 0..{tp_size - 1}")
         shard_model(model, planned, rank=tp_rank)
-    attn, kern, held = _requested(config, attn_implementation, kernels, source)
+    attn, kern, held = requested(config, attn_implementation, kernels, source)
     kern = with_experts_implementation(model, kernels, kern, experts_implementation)
     bind(model, attn, kern, device=device, dtype=resolve_dtype(dtype, config), mode=mode, lock=lock)
-    _hold_back(model, held, source)
+    hold_back(model, held, source)
     return model.binding

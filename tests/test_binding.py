@@ -173,3 +173,24 @@ def test_capabilities_can_differ_per_device(mistral_checkpoint):
     assert kernelhub.explain(mistral_checkpoint, "flex", device="cuda", mode="training").chosen() == {"flex"}
     with pytest.raises(kernelhub.BindError, match="flex: forward-only on cpu"):
         kernelhub.explain(mistral_checkpoint, "flex", device="cpu", mode="training")
+
+
+def test_backends_and_layer_kernels_share_one_capabilities_record():
+    """One type, one field per concept: a layer kernel's `has_backward` is read as `backward`."""
+    from kernelhub.registry.layer_contract import layer_capabilities, layer_reasons
+
+    class ForwardOnly(torch.nn.Module):
+        has_backward, can_torch_compile, dtypes = False, True, (torch.float32,)
+
+        def forward(self, x):
+            return x
+
+    caps = layer_capabilities(ForwardOnly, hub=False)
+    assert kernelhub.LayerCapabilities is kernelhub.Capabilities and type(caps) is kernelhub.Capabilities
+    assert (caps.backward, caps.compile, caps.devices, caps.features()) == (False, True, None, ["compile"])
+    assert layer_reasons(caps, torch.device("cpu"), torch.float64, kernelhub.Mode.TRAINING) == [
+        "supports float32, not float64", "has_backward=False, cannot train"]
+    with pytest.warns(DeprecationWarning, match="read .backward"):
+        assert caps.has_backward is False
+    with pytest.warns(DeprecationWarning, match="read .compile"):
+        assert kernelhub.Capabilities().can_torch_compile is True

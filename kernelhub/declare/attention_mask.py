@@ -14,17 +14,26 @@ xxx
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from kernelhub.declare import masks as M
+from kernelhub.declare.masks import MaskMod
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from kernelhub.declare.varlen import VarlenMask
 
 
 class AttentionMask:
     """Which key positions each query position may see, for one forward."""
 
-    def __init__(self, mask_mod, *, batch, q_len, kv_len, q_offset=0, kv_offset=0,
-                 device="cpu", batch_dependent=False, shortcut=None, description=""):
+    def __init__(self, mask_mod: MaskMod, *, batch: int, q_len: int, kv_len: int, q_offset: int | torch.Tensor = 0,
+                 kv_offset: int = 0, device: torch.device | str = "cpu", batch_dependent: bool = False,
+                 shortcut: str | None = None, description: str = "") -> None:
         self.mask_mod = mask_mod
         self.batch, self.q_len, self.kv_len = batch, q_len, kv_len
         self.q_offset, self.kv_offset = q_offset, kv_offset
@@ -39,8 +48,10 @@ class AttentionMask:
         self._memo: dict = {}
 
     @classmethod
-    def build(cls, *, batch, q_len, kv_len=None, q_offset=0, kv_offset=0, causal=True,
-              sliding_window=None, chunk_size=None, padding=None, mask_mod=None, device="cpu"):
+    def build(cls, *, batch: int, q_len: int, kv_len: int | None = None, q_offset: int | torch.Tensor = 0,
+              kv_offset: int = 0, causal: bool = True, sliding_window: int | None = None,
+              chunk_size: int | None = None, padding: torch.Tensor | None = None, mask_mod: MaskMod | None = None,
+              device: torch.device | str = "cpu") -> AttentionMask:
         """Compose the usual pieces into one mask.
 
         `padding` is a [batch, positions] tensor (1/True = real token) over absolute key
@@ -86,7 +97,7 @@ class AttentionMask:
 
     # -- materialisers ---------------------------------------------------------------
 
-    def materialize(self, fmt: str):
+    def materialize(self, fmt: str) -> torch.Tensor | BlockMask | VarlenMask:
         """The mask in `fmt` ("bool", "additive", "block_mask", "varlen"), built once per forward."""
         out = self._memo.get(fmt)
         if out is None:
@@ -107,12 +118,12 @@ class AttentionMask:
         out = self.mask_mod(b, h, q, kv)
         return out.expand(b.shape[0], 1, self.q_len, self.kv_len)
 
-    def to_additive(self, dtype=torch.float32) -> torch.Tensor:
+    def to_additive(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """0 where allowed, -inf where masked; same shape as `to_bool()`."""
         allowed = self.materialize("bool")
         return torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill(~allowed, float("-inf"))
 
-    def to_block_mask(self):
+    def to_block_mask(self) -> BlockMask:
         """A flex attention BlockMask over relative indices (offsets folded into the mask)."""
         from torch.nn.attention.flex_attention import create_block_mask
 
@@ -126,7 +137,7 @@ class AttentionMask:
             return _every_block(shifted, self.q_len, self.kv_len, self.device)
         return create_block_mask(shifted, batch, None, self.q_len, self.kv_len, device=self.device)
 
-    def to_varlen(self):
+    def to_varlen(self) -> VarlenMask:
         """Packed-sequence form (`cu_seqlens`, gather indices) for flash-style kernels."""
         from kernelhub.declare.varlen import varlen_from_mask
         return varlen_from_mask(self)
@@ -136,7 +147,7 @@ class AttentionMask:
         grid = self.materialize("bool")[min(batch_idx, self.materialize("bool").shape[0] - 1), 0]
         return "\n".join("".join("x" if v else "." for v in row) for row in grid.tolist())
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"AttentionMask({self.description}, batch={self.batch}, q={self.q_offset}+{self.q_len}, "
                 f"kv={self.kv_offset}+{self.kv_len})")
 

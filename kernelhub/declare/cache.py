@@ -24,13 +24,15 @@ Which layers slide comes from the model config's `layer_types`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 import torch
 
 
 class DynamicCache:
     """A cache that grows with each step; sliding layers drop keys outside the window."""
 
-    def __init__(self, layer_types, sliding_window: int | None = None):
+    def __init__(self, layer_types: Iterable[str], sliding_window: int | None = None) -> None:
         self.layer_types = list(layer_types)
         if "sliding_attention" in self.layer_types and not sliding_window:
             raise ValueError("sliding_attention layers need a sliding_window")
@@ -39,7 +41,7 @@ class DynamicCache:
         self.values: list[torch.Tensor | None] = [None] * len(self.layer_types)
         self.seen = [0] * len(self.layer_types)
 
-    def _keep(self, layer_idx):
+    def _keep(self, layer_idx: int) -> int | None:
         """How many keys a layer keeps between steps (None = all)."""
         return self.sliding_window - 1 if self.layer_types[layer_idx] == "sliding_attention" else None
 
@@ -53,7 +55,7 @@ class DynamicCache:
         held = seen if keep is None else min(seen, keep)
         return held + q_len, seen - held
 
-    def update(self, k, v, layer_idx: int):
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Append k/v ([B, H_kv, S, D]) and return the keys/values to attend over."""
         self.seen[layer_idx] += k.shape[-2]
         if self.keys[layer_idx] is not None:
@@ -68,8 +70,8 @@ class DynamicCache:
 class StaticCache:
     """A preallocated cache of `max_len` positions per layer, written in place."""
 
-    def __init__(self, layer_types, *, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
-                 dtype=torch.float32, device="cpu"):
+    def __init__(self, layer_types: Iterable[str], *, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
         self.layer_types = list(layer_types)
         self.max_len = max_len
         shape = (batch, num_kv_heads, max_len, head_dim)
@@ -110,7 +112,7 @@ class StaticCache:
         self.position.fill_(self.seen)
         return StaticCacheStep(self.layer_types, self.keys, self.values, self.position)
 
-    def _check_room(self, q_len: int):
+    def _check_room(self, q_len: int) -> None:
         if self.seen + q_len > self.max_len:
             raise ValueError(f"StaticCache holds {self.max_len} positions; cannot add {q_len} after {self.seen}")
 
@@ -118,7 +120,7 @@ class StaticCache:
         """Always the whole buffer; the causal mask hides positions not yet written."""
         return self.max_len, 0
 
-    def update(self, k, v, layer_idx: int):
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v at the current position; the last layer advances the position."""
         q_len = k.shape[-2]
         self._check_room(q_len)
@@ -140,7 +142,8 @@ class StaticCacheStep:
     caller's to check: a graph cannot raise on a value it never reads on the host.
     """
 
-    def __init__(self, layer_types, keys, values, position: torch.Tensor):
+    def __init__(self, layer_types: list[str], keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
+                 position: torch.Tensor) -> None:
         self.layer_types, self.keys, self.values, self.position = layer_types, keys, values, position
         self.max_len = keys[0].shape[2]
 
@@ -152,7 +155,7 @@ class StaticCacheStep:
         """Always the whole buffer, as for `StaticCache`."""
         return self.max_len, 0
 
-    def update(self, k, v, layer_idx: int):
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v ([B, H_kv, S, D]) at `position`; return the layer's whole buffers."""
         index = self.position + torch.arange(k.shape[-2], device=k.device)
         self.keys[layer_idx].index_copy_(2, index, k.to(self.keys[layer_idx].dtype))

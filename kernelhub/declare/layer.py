@@ -18,17 +18,21 @@ the host module's state by those names.
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
+from typing import TypeVar
 
+import torch
 
+_Layer = TypeVar("_Layer", bound=type)
 
 _DECLARED: dict[str, type] = {}  # name -> the first class declared under it
 
 
-def _ours(cls) -> bool:
+def _ours(cls: type) -> bool:
     return cls.__module__.split(".")[0] == "kernelhub"
 
 
-def layer(name: str):
+def layer(name: str) -> Callable[[_Layer], _Layer]:
     """Class decorator declaring a swappable layer called `name`.
 
     A name is one contract: inside kernelhub, a second class under a name already declared is an
@@ -39,7 +43,7 @@ def layer(name: str):
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"layer name must be an identifier like 'RMSNorm', got {name!r}")
 
-    def mark(cls):
+    def mark(cls: _Layer) -> _Layer:
         first = _DECLARED.setdefault(name, cls)
         if first is not cls and _ours(cls) and _ours(first) and first.__qualname__ != cls.__qualname__:
             raise TypeError(f"layer {name!r} is already declared by {first.__module__}.{first.__qualname__}; "
@@ -56,12 +60,12 @@ def declared_layer_names() -> set[str]:
     return set(_DECLARED)
 
 
-def layer_name(module) -> str | None:
+def layer_name(module: torch.nn.Module) -> str | None:
     """The declared layer name of a module instance, or None for ordinary modules."""
     return getattr(type(module), "kernel_layer_name", None)
 
 
-def set_layer_forward(module, forward) -> None:
+def set_layer_forward(module: torch.nn.Module, forward: Callable[..., object]) -> None:
     """Make `module` run `forward` (an unbound function taking self) instead of its own."""
     module.forward = types.MethodType(forward, module)
 
@@ -71,7 +75,7 @@ def set_layer_forward(module, forward) -> None:
 KERNEL_CACHE_PREFIX = "_kernelhub_cache_"
 
 
-def drop_kernel_caches(module) -> None:
+def drop_kernel_caches(module: torch.nn.Module) -> None:
     """Forget what a kernel cached on `module` (memory returns with the binding that made it)."""
     for name in [n for n in module.__dict__ if n.startswith(KERNEL_CACHE_PREFIX)]:
         del module.__dict__[name]

@@ -17,9 +17,12 @@ does no registry look-up: it reads one attribute and calls a function.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
+from kernelhub.declare.attention_mask import AttentionMask
 from kernelhub.declare.binding import site_record
 from kernelhub.declare.eager import eager_attention
 from kernelhub.declare.forward_only import needs_autograd, run_forward_only
@@ -51,7 +54,7 @@ class AttentionSite(torch.nn.Module):
                  causal: bool = True, sliding_window: int | None = None, chunk_size: int | None = None,
                  softcap: float | None = None, sinks: bool = False, dropout: float = 0.0,
                  scaling: float | None = None, layer_type: str | None = None, layer_idx: int | None = None,
-                 needs_weights: bool = False, reference=eager_attention):
+                 needs_weights: bool = False, reference: Callable[..., Any] = eager_attention) -> None:
         super().__init__()
         self.head_dim, self.num_heads = head_dim, num_heads
         self.num_kv_heads = num_kv_heads or num_heads
@@ -73,8 +76,8 @@ class AttentionSite(torch.nn.Module):
         a forward of a bound model the site runs the model's published record (`declare.binding`)."""
         self._binding = binding
 
-    def set_implementation(self, name: str, fn, mask_format: str, accepts_is_causal: bool = False,
-                           returns_weights: bool = False, paged_fn=None):
+    def set_implementation(self, name: str, fn: Callable[..., Any], mask_format: str, accepts_is_causal: bool = False,
+                           returns_weights: bool = False, paged_fn: Callable[..., Any] | None = None) -> None:
         """`set_binding` from its fields (for tests and tools that build one by hand)."""
         self.set_binding(SiteBinding(name, fn, mask_format, accepts_is_causal, returns_weights, paged_fn))
 
@@ -92,15 +95,16 @@ class AttentionSite(torch.nn.Module):
         return site_record(self).returns_weights
 
     @property
-    def paged_fn(self):
+    def paged_fn(self) -> Callable[..., Any] | None:
         return site_record(self).paged_fn
 
-    def unbind(self):
+    def unbind(self) -> None:
         """Return to the eager reference."""
         self.set_binding(SiteBinding("eager", self.reference, "bool", returns_weights=True,
                                      paged_fn=paged_dense(self.reference, "bool")))
 
-    def forward(self, q, k, v, mask, sinks=None):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask | PagedMask,
+                sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """q: [B, H, Q, D], k/v: [B, H_kv, KV, D], mask: AttentionMask -> (out [B, Q, H, D], weights|None).
 
         With a `PagedMask`, q is one packed row [1, H, T, D] and k/v are block pools. A site declared
@@ -118,7 +122,8 @@ class AttentionSite(torch.nn.Module):
                                     b.forward_only)
         return self._call(b, q, k, v, mask, dropout, kw)
 
-    def _call(self, b: SiteBinding, q, k, v, mask, dropout: float, kw: dict):
+    def _call(self, b: SiteBinding, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              mask: AttentionMask | PagedMask, dropout: float, kw: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         if isinstance(mask, PagedMask):  # k/v are block pools; see backends.paged_attention
             if b.paged_fn is None:
                 raise RuntimeError(f"attention backend {b.name!r} cannot read a paged KV cache; "
@@ -133,7 +138,7 @@ class AttentionSite(torch.nn.Module):
         return b.fn(self, q, k, v, materialized, scaling=self.scaling, dropout=dropout, **kw)
 
     @staticmethod
-    def _check_sinks(sinks, heads: int):
+    def _check_sinks(sinks: torch.Tensor | None, heads: int) -> torch.Tensor:
         if sinks is None:
             raise ValueError("this attention site declares sinks=True but was called without them; "
                              "pass the module's sink logits: site(q, k, v, mask, sinks=self.sinks)")
@@ -142,6 +147,6 @@ class AttentionSite(torch.nn.Module):
                              f"got {tuple(sinks.shape)}")
         return sinks
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return (f"implementation={self.implementation!r}, heads={self.num_heads}/{self.num_kv_heads}, "
                 f"head_dim={self.head_dim}, type={self.layer_type}" + (", sinks" if self.sinks else ""))

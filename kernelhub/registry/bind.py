@@ -37,11 +37,12 @@ from kernelhub.declare.forward_only import no_backward_reason
 from kernelhub.registry.hub.attention import hub_backend
 from kernelhub.registry.hub.fetch import hub_budget
 from kernelhub.registry.hub.lockfile import KernelLock
-from kernelhub.registry.hub.ref import looks_like_kernel_ref
-from kernelhub.registry.modes import Mode, parse_mode
+from kernelhub.registry.hub.ref import is_local_ref, looks_like_kernel_ref
+from kernelhub.registry.modes import Mode, ModeLike, parse_mode
 from kernelhub.registry.plan import BindingPlan, BindRequest, _collapse
 from kernelhub.registry.plugins import get_registry
-from kernelhub.registry.request import KNOWN_LAYER_TYPES, glob_matches, parse_attn_implementation
+from kernelhub.registry.request import (KNOWN_LAYER_TYPES, AttnImplementation, Kernels, glob_matches,
+                                       parse_attn_implementation)
 from kernelhub.registry.watch import watch_moves
 
 logger = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def _attention_loader(registry, device, lock):
                 except REFUSALS:
                     raise
                 except KernelhubError as e:  # a kernel that failed to load: a reason, like any other
-                    memo[name] = Option(name, "hub", problems=(str(e),))
+                    memo[name] = Option(name, "local" if is_local_ref(name) else "hub", problems=(str(e),))
                     return memo[name]
             else:
                 registered = registry.get(name)
@@ -195,8 +196,10 @@ class RunnableBackends:
         return f"Valid backends: {', '.join(usable) or 'none'} (those that run on {kind})"
 
 
-def decide(model, attn_implementation=None, kernels=None, *, device=None, dtype=None, mode="inference",
-           lock=None, verify: bool = True) -> Decisions:
+def decide(model: torch.nn.Module, attn_implementation: AttnImplementation | None = None,
+           kernels: Kernels | None = None, *, device: torch.device | str | None = None,
+           dtype: torch.dtype | str | None = None, mode: ModeLike = "inference",
+           lock: KernelLock | str | os.PathLike | None = None, verify: bool = True) -> Decisions:
     """Everything `bind` would do to `model`, checked; raises before anything changes."""
     mode = parse_mode(mode)
     registry = get_registry()
@@ -217,7 +220,7 @@ def decide(model, attn_implementation=None, kernels=None, *, device=None, dtype=
     return Decisions(plan, tuple(site_actions), tuple(layer_actions))
 
 
-def apply(model, decisions: Decisions) -> BindingPlan:
+def apply(model: torch.nn.Module, decisions: Decisions) -> BindingPlan:
     """Install what `decide` chose: cannot fail half-way. The model's record is published last, in
     one statement, so a forward running meanwhile sees the old binding or the new one, whole."""
     with changing(model):  # a compiled generate call running on the model finishes first
@@ -240,8 +243,10 @@ def _apply(model, decisions: Decisions) -> BindingPlan:
     return model.binding
 
 
-def bind(model: torch.nn.Module, attn_implementation=None, kernels=None, *, device=None, dtype=None,
-         mode="inference", lock=None, verify: bool = True) -> BindingPlan:
+def bind(model: torch.nn.Module, attn_implementation: AttnImplementation | None = None,
+         kernels: Kernels | None = None, *, device: torch.device | str | None = None,
+         dtype: torch.dtype | str | None = None, mode: ModeLike = "inference",
+         lock: KernelLock | str | os.PathLike | None = None, verify: bool = True) -> BindingPlan:
     """Bind every attention site and declared layer of `model`; returns the `BindingPlan`.
 
     Also sets `model.binding` (the plan) and `model.binding_request` (what was asked,
@@ -255,7 +260,8 @@ def bind(model: torch.nn.Module, attn_implementation=None, kernels=None, *, devi
                                lock=lock, verify=verify))
 
 
-def rebind(model, *, device=None, dtype=None, kernels=None, verify=None) -> Decisions:
+def rebind(model: torch.nn.Module, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+           kernels: Kernels | None = None, verify: bool | None = None) -> Decisions:
     """The decisions that re-create `model`'s binding with one thing changed (device, dtype, or
     extra kernels); mode, lock and in-process kernels are kept."""
     request: BindRequest = model.binding.request

@@ -1,8 +1,11 @@
-"""What an attention backend can do, as data, and the check that turns a site into reasons.
+"""What a kernel can do, as data, and the check that turns an attention site into reasons.
 
-`Capabilities` is plain data so that docs tables and `kernelhub backends` are generated
-from it. `unsupported()` is the only place that compares a site's needs with a backend's
-capabilities; it returns human reasons, never a bare bool.
+`Capabilities` is the one capabilities record of every kernel: attention backends and layer
+kernels (in-process, local, Hub) alike, one field per concept (`devices`, `dtypes`, `backward`,
+`compile`, ...). It is plain data so that docs tables and `kernelhub backends` are generated
+from it. `unsupported()` is the only place that compares an attention site's needs with a
+backend's capabilities (`layer_contract.layer_reasons` does it for layers); both return human
+reasons, never a bare bool.
 """
 
 from __future__ import annotations
@@ -10,28 +13,41 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.metadata
+import warnings
+from collections.abc import Callable, Iterable
 
 import torch
 from packaging.requirements import InvalidRequirement, Requirement
 
 from kernelhub.backends.paged_attention import paged_adapter
 from kernelhub.backends.resolution import Resolution
-from kernelhub.registry.modes import parse_mode
+from kernelhub.declare.site import AttentionSite
+from kernelhub.registry.modes import Mode, ModeLike, parse_mode
 
 MASK_FORMATS = ("additive", "bool", "block_mask", "varlen", "none")
 _ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# What an attention site may need; a layer kernel serves no attention site, so it has none of them.
+SITE_FEATURES = ("gqa", "sliding_window", "softcap", "sinks", "dropout", "returns_weights", "varlen", "paged",
+                 "arbitrary_mask")
 
 
 @dataclasses.dataclass(frozen=True)
 class Capabilities:
-    """What a backend supports. Defaults describe a conservative dense backend.
+    """What a kernel supports. Defaults describe a conservative dense attention backend;
+    `Capabilities.for_layer` gives a layer kernel's defaults (any device and dtype).
+
+    `devices`/`dtypes` None: any. `head_dim` .. `arbitrary_mask`: the attention-site features.
+    `supports`: optional features a declared layer may need (e.g. "bias"). `unsupported(device,
+    dtype) -> [reasons]`: what data cannot say (the CPU lacks an instruction set, say).
 
     >>> Capabilities(devices=("cpu", "cuda"), returns_weights=True).returns_weights
     True
+    >>> Capabilities.for_layer(supports=("bias",), compile=False).features()
+    ['bias', 'backward']
     """
 
-    devices: tuple[str, ...] = ("cpu", "cuda")
-    dtypes: tuple[torch.dtype, ...] = _ALL_DTYPES
+    devices: tuple[str, ...] | None = ("cpu", "cuda")
+    dtypes: tuple[torch.dtype, ...] | None = _ALL_DTYPES
     head_dim: tuple[int, int] = (1, 512)
     gqa: bool = True
     sliding_window: bool = True
@@ -47,8 +63,21 @@ class Capabilities:
     backward: bool | tuple[str, ...] = True
     # Device type -> fields that differ there, e.g. {"cuda": {"head_dim": (16, 256)}}.
     per_device: dict = dataclasses.field(default_factory=dict, hash=False, compare=False)
+    # Optional features a kernel implements, checked against what a declared layer instance needs.
+    supports: tuple[str, ...] = ()
+    # In-process kernels only: `unsupported(device, dtype) -> [reasons]`; the docs keep showing the declared dtypes.
+    unsupported: Callable[[torch.device, torch.dtype], list[str]] | None = dataclasses.field(default=None,
+                                                                                             compare=False)
 
-    def __post_init__(self):
+    @classmethod
+    def for_layer(cls, *, devices: tuple[str, ...] | None = None, dtypes: tuple[torch.dtype, ...] | None = None,
+                  backward: bool | tuple[str, ...] = True, compile: bool = True, supports: tuple[str, ...] = (),
+                  unsupported: Callable[[torch.device, torch.dtype], list[str]] | None = None) -> Capabilities:
+        """A layer kernel's capabilities: any device and dtype unless given, no attention-site features."""
+        return cls(devices=devices, dtypes=dtypes, backward=backward, compile=compile, supports=supports,
+                   unsupported=unsupported, **dict.fromkeys(SITE_FEATURES, False))
+
+    def __post_init__(self) -> None:
         fields = {f.name for f in dataclasses.fields(self)} - {"per_device"}
         for device, overrides in self.per_device.items():
             unknown = set(overrides) - fields
@@ -56,7 +85,7 @@ class Capabilities:
                 raise ValueError(f"Capabilities.per_device[{device!r}] sets unknown fields {sorted(unknown)}; "
                                  f"valid: {', '.join(sorted(fields))}")
 
-    def on(self, device_type: str) -> "Capabilities":
+    def on(self, device_type: str) -> Capabilities:
         """The capabilities that hold on `device_type` (per-device overrides applied).
 
         >>> caps = Capabilities(head_dim=(1, 512), per_device={"cuda": {"head_dim": (16, 256)}})
@@ -67,8 +96,22 @@ class Capabilities:
         return dataclasses.replace(self, per_device={}, **overrides) if overrides else self
 
     def features(self) -> list[str]:
-        """Names of the features this backend has (on at least one device), for tables."""
-        return [f.name for f in dataclasses.fields(self) if f.type.startswith("bool") and getattr(self, f.name)]
+        """What tables show: optional features, attention-site features, then backward and compile."""
+        return [*self.supports, *(f for f in SITE_FEATURES if getattr(self, f)),
+                *(["backward"] if self.backward else []), *(["compile"] if self.compile else [])]
+
+    @property
+    def has_backward(self) -> bool | tuple[str, ...]:
+        """Deprecated: `backward` (the `kernels` class attribute's name, not a field)."""
+        warnings.warn("Capabilities.has_backward is deprecated; read .backward", DeprecationWarning, stacklevel=2)
+        return self.backward
+
+    @property
+    def can_torch_compile(self) -> bool:
+        """Deprecated: `compile` (the `kernels` class attribute's name, not a field)."""
+        warnings.warn("Capabilities.can_torch_compile is deprecated; read .compile", DeprecationWarning,
+                      stacklevel=2)
+        return self.compile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +128,7 @@ class AttentionBackend:
     """
 
     name: str
-    fn: object
+    fn: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
     mask_format: str | None = None
     aliases: tuple[str, ...] = ()
     capabilities: Capabilities = Capabilities()
@@ -96,9 +139,9 @@ class AttentionBackend:
     accepts_is_causal: bool = False
     # Optional `resolve(device, dtype) -> Resolution`, for backends whose implementation depends
     # on the machine (flash: flash-attn on CUDA, a Triton kernel elsewhere). None: `fn` everywhere.
-    resolve: object = None
+    resolve: Callable[[torch.device, torch.dtype | None], Resolution] | None = None
 
-    def resolution(self, device, dtype) -> Resolution:
+    def resolution(self, device: torch.device | str, dtype: torch.dtype) -> Resolution:
         """The functions serving this backend on `device`/`dtype`, with paged support composed
         from `fn` and `mask_format` unless the backend reads block tables itself."""
         res = self.resolve(torch.device(device), dtype) if self.resolve else Resolution(self.fn)
@@ -107,7 +150,8 @@ class AttentionBackend:
         return dataclasses.replace(res, paged_fn=paged_adapter(res.fn, self.mask_format))
 
 
-def unsupported(backend: AttentionBackend, site, device, dtype, mode="inference") -> list[str]:
+def unsupported(backend: AttentionBackend, site: AttentionSite, device: torch.device | str, dtype: torch.dtype,
+                mode: ModeLike = "inference") -> list[str]:
     """Every reason `backend` cannot serve `site` on `device`/`dtype` in `mode`; [] if it can.
 
     >>> from kernelhub.declare.site import AttentionSite
@@ -121,7 +165,9 @@ def unsupported(backend: AttentionBackend, site, device, dtype, mode="inference"
     reasons = machine_problems(backend, device_type)
     if backend.resolve and not reasons:  # problems that depend on the dtype
         reasons += backend.resolve(torch.device(device), dtype).problems
-    if dtype not in caps.dtypes:
+    if caps.unsupported is not None and not reasons:  # what data cannot say
+        reasons += caps.unsupported(torch.device(device), dtype)
+    if caps.dtypes is not None and dtype not in caps.dtypes:
         names = ", ".join(str(d).removeprefix("torch.") for d in caps.dtypes)
         reasons.append(f"supports dtypes {names}, not {str(dtype).removeprefix('torch.')}")
     lo, hi = caps.head_dim
@@ -151,7 +197,8 @@ def unsupported(backend: AttentionBackend, site, device, dtype, mode="inference"
     return reasons
 
 
-def sink_problems(backend: AttentionBackend, caps: Capabilities, site, device, dtype, mode) -> list[str]:
+def sink_problems(backend: AttentionBackend, caps: Capabilities, site: AttentionSite, device: torch.device | str,
+                  dtype: torch.dtype, mode: Mode) -> list[str]:
     """Why `backend` cannot give `site` its attention sinks here ([] if it can)."""
     where = f"layer {site.layer_idx} ({site.layer_type})" if site.layer_idx is not None else site.layer_type
     needs = f"the {where} attention site has learned sinks"
@@ -165,24 +212,27 @@ def sink_problems(backend: AttentionBackend, caps: Capabilities, site, device, d
 def machine_problems(backend: AttentionBackend, device_type: str) -> list[str]:
     """Reasons `backend` cannot run on this machine's `device_type` at all, whatever the model."""
     reasons = requirement_problems(backend.requires)
-    if device_type not in backend.capabilities.on(device_type).devices:
-        reasons.append(f"runs on {', '.join(backend.capabilities.devices)}, not {device_type}")
+    devices = backend.capabilities.on(device_type).devices
+    if devices is not None and device_type not in devices:
+        reasons.append(f"runs on {', '.join(backend.capabilities.devices or devices)}, not {device_type}")
     elif backend.resolve is not None:
         reasons += backend.resolve(torch.device(device_type), None).problems
     return reasons
 
 
 def backward_devices(caps: Capabilities) -> tuple[str, ...]:
-    """The device types where a backend has a backward pass."""
-    return tuple(d for d in caps.devices if on_device(caps.on(d).backward, d))
+    """The device types where a backend has a backward pass (among those it names, when it runs anywhere)."""
+    named = caps.devices if caps.devices is not None else \
+        (*(caps.backward if isinstance(caps.backward, tuple) else ()), *caps.per_device)
+    return tuple(d for d in dict.fromkeys(named) if on_device(caps.on(d).backward, d))
 
 
-def on_device(flag, device_type: str) -> bool:
+def on_device(flag: bool | tuple[str, ...], device_type: str) -> bool:
     """A capability that is a bool, or a tuple of the device types that have it."""
     return device_type in flag if isinstance(flag, tuple) else bool(flag)
 
 
-def requirement_problems(requires) -> list[str]:
+def requirement_problems(requires: Iterable[str]) -> list[str]:
     """Reasons why requirement strings like 'torch>=2.5' are not met in this environment."""
     return list(_requirement_problems(tuple(requires)))
 

@@ -33,7 +33,7 @@ class Option:
     source: str
     payload: object = None          # a Registered backend, or a layer kernel class (None: the reference)
     problems: tuple = ()            # found while loading: it cannot serve anywhere
-    caps: object = None             # LayerCapabilities for layer kernels
+    caps: object = None             # Capabilities, for layer kernels
     note: str = ""                  # for the plan entry (how long verifying a Hub kernel took, say)
 
 

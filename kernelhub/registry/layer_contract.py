@@ -2,9 +2,10 @@
 
 Every layer kernel, in-process, local or from the Hub, is an `nn.Module` subclass (not
 `nn.Module` itself) whose `forward` takes what the declared layer's reference `forward`
-takes. Its capabilities are read once into `LayerCapabilities`, from the attributes Hugging
-Face `kernels` layers declare (`has_backward`, `can_torch_compile`) plus kernelhub's
-`devices`, `dtypes` and `supports`:
+takes. Its capabilities are read once into `Capabilities` (the one record attention backends
+use too), from the attributes Hugging Face `kernels` layers declare (`has_backward` ->
+`backward`, `can_torch_compile` -> `compile`) plus kernelhub's `devices`, `dtypes` and
+`supports`:
 
     class MyExperts(torch.nn.Module):
         devices = ("cpu", "cuda")           # default: any device
@@ -27,70 +28,58 @@ False
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 
 import torch
 
+from kernelhub.registry.capabilities import Capabilities, on_device
 from kernelhub.registry.modes import Mode
 
-
-@dataclasses.dataclass(frozen=True)
-class LayerCapabilities:
-    """A layer kernel's capabilities (None: any)."""
-
-    devices: tuple[str, ...] | None = None
-    dtypes: tuple[torch.dtype, ...] | None = None
-    backward: bool = True
-    compile: bool = True
-    supports: tuple[str, ...] = ()
-    # in-process kernels only: `unsupported(device, dtype) -> [reasons]` for what data cannot say
-    # (the CPU lacks an instruction set, say); the docs keep showing the declared dtypes
-    unsupported: object = dataclasses.field(default=None, compare=False)
-
-    def features(self) -> tuple[str, ...]:
-        """What the docs matrix and `kernelhub backends` show: optional features, then backward/compile."""
-        return (*self.supports, *(("backward",) if self.backward else ()), *(("compile",) if self.compile else ()))
+LayerCapabilities = Capabilities
+"""The former name of a layer kernel's capabilities, kept for plugins: layer kernels and attention
+backends share `Capabilities` (build a layer kernel's with `Capabilities.for_layer`)."""
 
 
-def layer_capabilities(impl, *, hub: bool) -> LayerCapabilities:
+def layer_capabilities(impl: type, *, hub: bool) -> Capabilities:
     """Read `impl`'s declared capabilities once; Hub kernels follow `kernels`' defaults."""
     devices = _items(getattr(impl, "devices", None), str)
     dtypes = _items(getattr(impl, "dtypes", None), torch.dtype)
-    return LayerCapabilities(tuple(devices) if devices else None, tuple(dtypes) if dtypes else None,
-                             bool(getattr(impl, "has_backward", True)),
-                             bool(getattr(impl, "can_torch_compile", not hub)),
-                             _supports(getattr(impl, "supports", ())),
-                             None if hub else getattr(impl, "unsupported", None))
+    return Capabilities.for_layer(devices=tuple(devices) if devices else None,
+                                  dtypes=tuple(dtypes) if dtypes else None,
+                                  backward=bool(getattr(impl, "has_backward", True)),
+                                  compile=bool(getattr(impl, "can_torch_compile", not hub)),
+                                  supports=_supports(getattr(impl, "supports", ())),
+                                  unsupported=None if hub else getattr(impl, "unsupported", None))
 
 
-def _items(value, kind) -> tuple | None:
+def _items(value: object, kind: type) -> tuple | None:
     """A well-formed `devices`/`dtypes` as a tuple; anything else counts as none (`contract_problems` reports it)."""
     ok = isinstance(value, (tuple, list)) and all(isinstance(v, kind) for v in value)
     return tuple(value) if ok else None
 
 
-def _supports(value) -> tuple[str, ...]:
+def _supports(value: object) -> tuple[str, ...]:
     """A well-formed `supports` as a tuple; anything else counts as none (`contract_problems` reports it)."""
     ok = isinstance(value, (tuple, list)) and all(isinstance(f, str) for f in value)
     return tuple(value) if ok else ()
 
 
-def requirements(module) -> tuple[str, ...]:
+def requirements(module: torch.nn.Module | None) -> tuple[str, ...]:
     """The optional features `module` (a declared layer instance) needs from a kernel; () for most layers."""
     needs = getattr(module, "kernel_requirements", None)
     return tuple(needs()) if needs is not None else ()
 
 
-def layer_reasons(caps: LayerCapabilities, device: torch.device, dtype, mode: Mode, module=None,
-                  path: str = "") -> list[str]:
+def layer_reasons(caps: Capabilities, device: torch.device, dtype: torch.dtype, mode: Mode,
+                  module: torch.nn.Module | None = None, path: str = "") -> list[str]:
     """Every reason a kernel with `caps` cannot serve `module` (at `path`) on `device`/`dtype` in `mode`.
 
     >>> from kernelhub.declare.experts import Experts
-    >>> layer_reasons(LayerCapabilities(), torch.device("cpu"), torch.float32, Mode.INFERENCE,
+    >>> layer_reasons(Capabilities.for_layer(), torch.device("cpu"), torch.float32, Mode.INFERENCE,
     ...               Experts(2, 4, 4, bias=True), "mlp.experts")
     ['lacks bias support; mlp.experts has expert biases']
     """
+    caps = caps.on(device.type)
     notes = getattr(module, "requirement_notes", {})
     reasons = [f"lacks {need} support; {path or 'the layer'} {notes.get(need, f'needs {need}')}"
                for need in requirements(module) if need not in caps.supports]
@@ -101,18 +90,18 @@ def layer_reasons(caps: LayerCapabilities, device: torch.device, dtype, mode: Mo
                        f"not {str(dtype).removeprefix('torch.')}")
     if caps.unsupported is not None and not reasons:
         reasons.extend(caps.unsupported(device, dtype))
-    if mode.training and not caps.backward:
+    if mode.training and not on_device(caps.backward, device.type):
         reasons.append("has_backward=False, cannot train")
     if mode.compile and not caps.compile:
         reasons.append("can_torch_compile=False, cannot run under torch.compile")
     return reasons
 
 
-def _params(fn):
+def _params(fn: object) -> list[inspect.Parameter]:
     return [p for p in inspect.signature(fn).parameters.values()]
 
 
-def contract_problems(impl, declared_cls, *, hub: bool) -> list[str]:
+def contract_problems(impl: object, declared_cls: type, *, hub: bool) -> list[str]:
     """Why `impl` cannot replace the forward of `declared_cls`; [] if it can.
 
     Hub and local kernels also follow the `kernels` layer contract: stateless (no

@@ -44,11 +44,14 @@ class Mode(enum.Flag):
                                        ("compile", Mode.TORCH_COMPILE)) if m in self)
 
 
+ModeLike = Mode | str | object
+"""What a `mode=` argument accepts: a `Mode`, a string such as 'training|compile', or a `kernels.Mode`."""
+
 VALID = ("inference, training, compile (combined with '|', e.g. 'training|compile'), a kernelhub.Mode "
          "(Mode.TRAINING | Mode.TORCH_COMPILE) or a kernels.Mode")
 
 
-def parse_mode(value) -> Mode:
+def parse_mode(value: ModeLike) -> Mode:
     """A `Mode` from a Mode, a `kernels.Mode` or a string; a clear error for anything else."""
     if isinstance(value, Mode):
         mode = value

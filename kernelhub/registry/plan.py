@@ -16,6 +16,12 @@ from __future__ import annotations
 import dataclasses
 import re
 import weakref
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from kernelhub.registry.modes import ModeLike
+from kernelhub.registry.request import AttnImplementation, Kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,18 +52,20 @@ class PlanEntry:
 class BindRequest:
     """Everything a bind was asked, kept so a re-check (a move, `use_kernels`) asks the same."""
 
-    attn_implementation: object = None
-    kernels: dict | None = None
-    mode: object = "inference"
-    lock: object = None
+    attn_implementation: AttnImplementation | None = None
+    kernels: Kernels | None = None
+    mode: ModeLike = "inference"
+    lock: object = None  # a KernelLock, a path, or None
     verify: bool = True
 
 
 class BindingPlan:
     """The binding of one model: an entry per attention site and per declared layer."""
 
-    def __init__(self, entries, *, device: str, dtype: str, mode, request: BindRequest | None = None,
-                 watch=(), tensor_parallel: dict | None = None):
+    def __init__(self, entries: Iterable[PlanEntry], *, device: str, dtype: str, mode: ModeLike,
+                 request: BindRequest | None = None,
+                 watch: Iterable[tuple[int, torch.nn.Module, object]] = (), tensor_parallel: dict | None = None
+                 ) -> None:
         self._entries = tuple(entries)
         self.device, self.dtype, self.mode = device, dtype, str(mode)
         # {tp_size, rank, plan, modules: {path: {style, params}}, attention: {path: heads}} or None
@@ -75,7 +83,7 @@ class BindingPlan:
         plan._watch, plan.notes = self._watch, (*self.notes, line)
         return plan
 
-    def watching(self, layers) -> "BindingPlan":
+    def watching(self, layers: Iterable[tuple[torch.nn.Module, object]]) -> "BindingPlan":
         """This plan, keeping what binding left in each layer's `forward` attribute ((module, _) pairs in
         entry order), so a forward replaced afterwards shows as replaced."""
         first = sum(1 for e in self._entries if e.kind == "attention")
@@ -108,10 +116,10 @@ class BindingPlan:
                 return e
         raise KeyError(f"no site {path!r} in this plan; paths: {', '.join(e.path for e in self.entries[:6])}, ...")
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[PlanEntry]:
         return iter(self.entries)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.entries)
 
     def chosen(self, kind: str = "attention") -> set[str]:

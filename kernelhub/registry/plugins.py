@@ -21,6 +21,7 @@ import importlib.metadata
 import logging
 import os
 import threading
+from collections.abc import Iterator
 
 import pluggy
 
@@ -57,7 +58,7 @@ class Registered:
 class Registry:
     """Backends, layer kernels and model architectures, fed by pluggy hooks."""
 
-    def __init__(self, *, autoload: bool | None = None):
+    def __init__(self, *, autoload: bool | None = None) -> None:
         self.pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
         self.pm.add_hookspecs(hookspecs)
         self._lock = threading.RLock()
@@ -90,7 +91,7 @@ class Registry:
                 continue
             self.add_plugin(plugin, name)
 
-    def add_plugin(self, plugin, name: str) -> None:
+    def add_plugin(self, plugin: object, name: str) -> None:
         """Register a plugin object or module and collect what its hooks provide."""
         with self._lock:
             try:
@@ -183,7 +184,7 @@ class Registry:
     def backend_names(self) -> list[str]:
         return list(self._backends)
 
-    def set_layer_default(self, layer: str, impl, *, source: str, verify: bool = True) -> None:
+    def set_layer_default(self, layer: str, impl: type, *, source: str, verify: bool = True) -> None:
         """Make `impl` the kernel of every `layer` module a bind in this registry is not told about
         (`kernels=` silent on it). `verify=False` skips its conformance probe (a test's deliberate
         wrong kernel); `source` is what the plan shows."""
@@ -224,7 +225,7 @@ class LayerDefault:
     verify: bool = True
 
 
-def backend_problems(backend) -> list[str]:
+def backend_problems(backend: object) -> list[str]:
     """What is wrong with a backend definition, before it can be registered."""
     if not isinstance(backend, AttentionBackend):
         return [f"expected an AttentionBackend, got {type(backend).__name__}"]
@@ -262,7 +263,7 @@ def get_registry() -> Registry:
 
 
 @contextlib.contextmanager
-def scoped_registry(*, fresh: bool = False, autoload: bool | None = None):
+def scoped_registry(*, fresh: bool = False, autoload: bool | None = None) -> Iterator[Registry]:
     """Use an isolated registry inside the block: registrations there do not leak out.
 
     By default the scope starts as a copy of the current registry; `fresh=True` starts

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from kernelhub.declare.errors import KernelhubError, suggestion
 from kernelhub.registry.hub.ref import looks_like_kernel_ref, parse_kernel_ref
@@ -34,6 +35,13 @@ REFERENCE = "reference"
 # Layer types of transformers configs; valid dict keys even for models without such layers,
 # so one request can serve many models.
 KNOWN_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+AttnImplementation = str | Sequence[str] | Mapping[str, str | Sequence[str]]
+"""What `attn_implementation=` accepts: a name or Hub ref, a preference list, or a dict of either."""
+KernelValue = str | os.PathLike | type | None
+"""One `kernels=` value: a registered name, a Hub ref, './dir', a class, or 'reference' (None)."""
+Kernels = Mapping[str, KernelValue | Sequence[KernelValue]]
+"""What `kernels=` accepts: layer name or module-path glob -> a kernel or a fallback chain."""
+
 FORMS = ("a backend name such as 'sdpa'", "'paged|NAME'", "a Hub kernel 'org/repo@rev:symbol'",
          "a preference list such as ['flex', 'sdpa']", "a dict such as {'sliding_attention': 'flex', '*': 'sdpa'}")
 
@@ -56,7 +64,8 @@ class Request:
     by_name: dict
     by_glob: tuple  # ((glob, Chain), ...) in the user's order
 
-    def lookup(self, path: str, name: str, applies=None) -> tuple[str | None, Chain | None]:
+    def lookup(self, path: str, name: str, applies: Callable[[str, Chain], bool] | None = None
+               ) -> tuple[str | None, Chain | None]:
         """(key, chain) for the module at `path` declared as `name`; (None, None) if nothing asks.
 
         `applies(key, chain)` may veto a glob's chain for this module (a kernel for another layer).
@@ -90,7 +99,7 @@ def _bad(what: str) -> KernelhubError:
     return KernelhubError(f"invalid attn_implementation: {what}. Accepted forms: {'; '.join(FORMS)}")
 
 
-def _attention_name(text, origin: str) -> tuple[str, bool]:
+def _attention_name(text: object, origin: str) -> tuple[str, bool]:
     """('name', paged) from one string, checking its shape (not whether it is registered)."""
     if not isinstance(text, str):
         raise _bad(f"{origin} must be a string, got {type(text).__name__} {text!r}")
@@ -107,7 +116,7 @@ def _attention_name(text, origin: str) -> tuple[str, bool]:
     return name, paged
 
 
-def _attention_chain(value, origin: str) -> Chain:
+def _attention_chain(value: object, origin: str) -> Chain:
     if isinstance(value, str):
         name, paged = _attention_name(value, origin)
         return Chain((name,), True, repr(value), paged)
@@ -122,7 +131,7 @@ def _attention_chain(value, origin: str) -> Chain:
     raise _bad(f"{origin} must be a string or a list of strings, got {type(value).__name__}")
 
 
-def parse_attn_implementation(value, layer_types=()) -> Request:
+def parse_attn_implementation(value: AttnImplementation | None, layer_types: Iterable[str] = ()) -> Request:
     """Parse any accepted form; `layer_types` tells dict keys that are layer types from path globs."""
     if value is None:
         return Request(Chain(DEFAULT_PREFERENCE, False, "default"), {}, ())
@@ -145,11 +154,11 @@ def parse_attn_implementation(value, layer_types=()) -> Request:
     return Request(default, by_name, tuple(by_glob))
 
 
-def _kernel_value_ok(value) -> bool:
+def _kernel_value_ok(value: object) -> bool:
     return isinstance(value, (str, os.PathLike)) or value is None or callable(value)
 
 
-def parse_kernels(value, layer_names) -> Request:
+def parse_kernels(value: Kernels | None, layer_names: Iterable[str]) -> Request:
     """Parse `kernels=`: keys are declared layer names or module-path globs; values a kernel or a chain."""
     if value is None:
         return Request(None, {}, ())

@@ -8,15 +8,19 @@ layer forwards come back exactly.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
+
+import torch
 
 from kernelhub.declare.binding import changing, own_forward, publish, published, set_own_forward
 from kernelhub.declare.layer import layer_name
 from kernelhub.declare.site import AttentionSite
 from kernelhub.registry.bind import apply, decide, rebind
+from kernelhub.registry.request import Kernels
 
 
 @contextlib.contextmanager
-def use_kernels(kernels: dict, *models, verify: bool = True):
+def use_kernels(kernels: Kernels, *models: torch.nn.Module, verify: bool = True) -> Iterator[None]:
     """Swap layer kernels on `models` inside the block, restoring their previous binding after.
 
     The rest of each model's binding is kept: its attention request, mode, dtype, device,
@@ -48,7 +52,7 @@ def use_kernels(kernels: dict, *models, verify: bool = True):
             _restore(snapshot)
 
 
-def _snapshot(model):
+def _snapshot(model: torch.nn.Module) -> tuple:
     """Everything binding changes on `model`, so it can be put back exactly."""
     sites = [(m, m._binding) for m in model.modules() if isinstance(m, AttentionSite)]
     layers = [(m, own_forward(m), m.__dict__.get("forward")) for m in model.modules() if layer_name(m)]
@@ -56,7 +60,7 @@ def _snapshot(model):
             sites, layers)
 
 
-def _restore(snapshot):
+def _restore(snapshot: tuple) -> None:
     model = snapshot[0]
     with changing(model):
         _put_back(*snapshot)

@@ -108,7 +108,7 @@ class SamplingParams:
 
     @classmethod
     def from_kwargs(cls, base: SamplingParams | None = None, /, *, also: tuple = (), caller: str = "sampling",
-                    **kwargs) -> SamplingParams:
+                    **kwargs: object) -> SamplingParams:
         """`base` (default: all defaults) with the given fields replaced; unknown keywords are an error.
 
         `also` names the caller's own keywords, listed with the fields when a keyword is unknown

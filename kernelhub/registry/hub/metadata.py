@@ -161,7 +161,8 @@ def _str_tuple(value, file, field, choices) -> tuple:
 def _capabilities(raw, file: str, field: str) -> Capabilities:
     if not isinstance(raw, dict):
         raise _bad(file, field, raw, "an object of capability -> value")
-    known = {f.name for f in dataclasses.fields(Capabilities)}
+    # a Hub file declares data only: per-device records and refusal functions are for in-process kernels
+    known = {f.name for f in dataclasses.fields(Capabilities)} - {"per_device", "supports", "unsupported"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise _bad(file, field, unknown, f"capabilities among {', '.join(sorted(known))}")

@@ -33,8 +33,12 @@ lint: $(STAMP)
 	$(PY) -m pip install -q --no-deps --no-build-isolation --target build/lint . 2>/dev/null
 	cd build && PYTHONPATH=lint $(CURDIR)/$(VENV)/bin/lint-imports $(CURDIR)/pyproject.toml
 
+# Test files run on TEST_WORKERS processes, each running torch on one thread (conftest.py): two keep a
+# 2-core machine busy where one process leaves a core idle on Python overhead, subprocesses and servers.
+# TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(PY) bench/forward.py
@@ -42,6 +46,7 @@ bench: $(STAMP)
 	$(PY) bench/bind.py
 	$(PY) bench/kernel_speed.py
 	$(PY) bench/batching.py --plot build/batching.png
+	$(PY) bench/gguf_models.py
 
 docs: $(STAMP)
 	$(PY) -m kernelhub.cli.docs_gen docs/attention.md

@@ -17,3 +17,11 @@ os.environ["KERNELHUB_CACHE"] = os.path.join(os.environ["HF_HOME"], "kernelhub")
 os.environ.pop("KERNELHUB_HUB_TIMEOUT", None)
 os.environ["KERNELHUB_CONFIG"] = os.path.join(os.environ["HF_HOME"], "no-kernelhub-config.toml")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# CLI tables wrap to $COLUMNS; tests read them as a pipe does (pytest-xdist's workers set COLUMNS=80)
+os.environ.pop("COLUMNS", None)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one worker per core: two threads each would oversubscribe the cores, and torch's
+    # threads spin while they wait. Subprocesses a test starts keep torch's default.
+    import torch
+
+    torch.set_num_threads(1)

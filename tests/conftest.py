@@ -2,6 +2,7 @@
 
 import os
 import tempfile
+from pathlib import Path
 
 os.environ.setdefault("KERNELHUB_DISABLE_PLUGIN_AUTOLOAD", "1")
 os.environ.setdefault("KERNELHUB_FLEX_COMPILE", "0")
@@ -34,12 +35,23 @@ def tiny_checkpoint(tmp_path_factory):
 def hub_kernels_built():
     """Every kernel in hub_kernels/ built in place once, as `kernelhub kernel build DIR` leaves it
     (build/ folders are not committed): tests bind them as local kernels in any order."""
+    from filelock import FileLock
+
     from kernelhub.kernel.build import build_kernel
     from tests.hub_test_kernels import HUB_KERNELS
 
-    for kernel in sorted(HUB_KERNELS.iterdir()):
-        if (kernel / "build.toml").is_file():
-            build_kernel(kernel)
+    # Under pytest-xdist the workers share the tree: the first builds while the others wait, and a
+    # worker never rebuilds (deletes) what another is already using.
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    done = Path(tempfile.gettempdir()) / f"kernelhub-hub-kernels-{run}.built"
+    with FileLock(str(Path(tempfile.gettempdir()) / "kernelhub-hub-kernels.lock")):
+        if run and done.exists():
+            return
+        for kernel in sorted(HUB_KERNELS.iterdir()):
+            if (kernel / "build.toml").is_file():
+                build_kernel(kernel)
+        if run:
+            done.touch()
 
 
 @pytest.fixture(scope="session")

@@ -249,6 +249,9 @@ def test_the_decode_step_graph_is_capturable_one_graph_for_every_position(two_la
     for every position), and in-place writes only into tensors with fixed addresses (the cache's)."""
     model = kernelhub.from_pretrained(two_layer_checkpoint, attn_implementation="sdpa")
     graphs_seen = []
+    # dynamo keeps graphs per code object: steps earlier tests compiled in this process would count
+    # against this wrapper's recompile limit
+    torch._dynamo.reset()
     step_fn = torch.compile(decode_step, backend=record_graphs(graphs_seen), fullgraph=True, dynamic=False)
     prompt = torch.tensor([[0, 0, 5, 17, 3], [8, 1, 4, 1, 5]])
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])

@@ -2,6 +2,7 @@
 
 import doctest
 import importlib
+import os
 import pkgutil
 
 import pytest
@@ -18,7 +19,13 @@ MODULES = sorted(
 
 
 @pytest.mark.parametrize("name", MODULES)
-def test_docstring_examples(name):
+def test_docstring_examples(name, monkeypatch):
+    for key, value in os.environ.items():  # an example may set a variable (KERNELHUB_TRUSTED): undone after
+        monkeypatch.setenv(key, value)
+    for key in ("KERNELHUB_TRUSTED", "KERNELHUB_CACHE"):  # the ones examples set; absent again after
+        if key not in os.environ:
+            monkeypatch.setenv(key, "")  # records "absent" for the undo
+            monkeypatch.delenv(key)
     module = importlib.import_module(name)
     result = doctest.testmod(module, extraglobs={"kernelhub": kernelhub}, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0

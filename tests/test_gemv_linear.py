@@ -44,12 +44,15 @@ def test_few_rows_linear_matches_f_linear(dtype, bias, batch):
 
 @pytest.mark.parametrize("shape", [(1, 1, 96), (1, 96), (96,), "strided", (8, 1, 96), (2, 3, 96)])
 @pytest.mark.parametrize("dtype,bias", [(torch.float32, True), (torch.bfloat16, True), (torch.float32, False)])
-def test_inductor_streams_the_weight_in_passes_without_a_matmul(monkeypatch, dtype, bias, shape):
+def test_inductor_streams_the_weight_in_passes_without_a_matmul(monkeypatch, request, dtype, bias, shape):
     from torch._inductor.utils import run_and_get_code
 
     from kernelhub.backends import gemv_linear
 
     monkeypatch.setattr(gemv_linear, "ROWS_PER_PASS", 16)  # 40 rows: passes of 16, 16 and 8
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))  # inductor writes OpenMP loops only for more than one thread
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     torch.manual_seed(0)
     w, b = torch.randn(40, 96, dtype=dtype), torch.randn(40, dtype=dtype) if bias else None
     x = torch.randn(1, 1, 192, dtype=dtype)[..., ::2] if shape == "strided" else torch.randn(shape, dtype=dtype)

@@ -60,10 +60,8 @@ def test_versions_branches_and_commit_pins_resolve_through_the_server(hub, tiny_
 
 
 def test_local_directory_binds_without_any_server(tiny_checkpoint):
-    from tests.hub_test_kernels import HUB_KERNELS
-    from kernelhub.kernel.build import build_kernel
+    from tests.hub_test_kernels import HUB_KERNELS  # built once per run (conftest)
 
-    build_kernel(HUB_KERNELS / "rmsnorm")
     model = kernelhub.from_pretrained(tiny_checkpoint)
     ids = torch.randint(0, 100, (1, 5))
     reference = _logits(model, ids)
@@ -75,10 +73,8 @@ def test_local_directory_binds_without_any_server(tiny_checkpoint):
 def test_hugging_face_kernelize_binds_our_decorated_layers(tiny_checkpoint):
     from kernels import LocalLayerRepository, Mode, kernelize, use_kernel_mapping
 
-    from tests.hub_test_kernels import HUB_KERNELS
-    from kernelhub.kernel.build import build_kernel
+    from tests.hub_test_kernels import HUB_KERNELS  # built once per run (conftest)
 
-    build_kernel(HUB_KERNELS / "rmsnorm")
     model = kernelhub.from_pretrained(tiny_checkpoint)
     ids = torch.randint(0, 100, (1, 5))
     reference = _logits(model, ids)

@@ -82,10 +82,8 @@ def test_download_refuses_a_tampered_cache(hub, tmp_path, capsys):
 
 
 def test_offline_mode_uses_a_prepopulated_cache(tiny_checkpoint, offline_hub_cache, no_network):
-    from kernelhub.kernel.build import build_kernel
-    from tests.hub_test_kernels import HUB_KERNELS
+    from tests.hub_test_kernels import HUB_KERNELS  # built once per run (conftest)
 
-    build_kernel(HUB_KERNELS / "rmsnorm")
     commit = offline_hub_cache(f"{ORG}/rmsnorm", HUB_KERNELS / "rmsnorm")
     model = kernelhub.from_pretrained(tiny_checkpoint)
     plan = kernelhub.bind(model, "sdpa", kernels={"RMSNorm": f"{ORG}/rmsnorm@v1"})

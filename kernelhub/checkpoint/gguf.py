@@ -13,6 +13,7 @@ No transformers at run time.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -48,12 +49,21 @@ GEMMA3_BLOCK_NAMES = {
 
 
 def open_gguf(path: Path):
-    import gguf
-
+    """The GGUF file at `path` (`gguf_reader.GgufFile`); the last two files read are kept open (a load
+    reads the index for its config and again for the packed blocks)."""
+    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"GGUF file {str(path)!r} does not exist")
+    stat = path.stat()
+    return _reader(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _reader(path: Path, size: int, mtime_ns: int):
+    from kernelhub.checkpoint.gguf_reader import GgufFile
+
     try:
-        return gguf.GGUFReader(path)
+        return GgufFile(path)
     except Exception as e:  # noqa: BLE001 - the reader raises assorted errors on damaged files
         raise CheckpointError(f"cannot read GGUF file {path}: {type(e).__name__}: {e} "
                               "(truncated download or not a GGUF file?)") from None

@@ -98,8 +98,10 @@ def cpu_rows(args):
     with tempfile.TemporaryDirectory() as tmp:
         write_random_checkpoint(tmp)
         for name, path in [("tiny Llama", tmp), ("SmolLM2-135M", smollm2_gguf())]:
-            ours = kernelhub.from_pretrained(path, attn_implementation="paged|sdpa")
-            onednn = kernelhub.from_pretrained(path, attn_implementation="paged|sdpa", kernels={"Linear": "onednn"})
+            # float weights, as transformers loads them: the same work on both sides (bench/gguf_models.py: packed)
+            ours = kernelhub.from_pretrained(path, attn_implementation="paged|sdpa", dequantize=True)
+            onednn = kernelhub.from_pretrained(path, attn_implementation="paged|sdpa", kernels={"Linear": "onednn"},
+                                               dequantize=True)
             theirs = transformers_model(name, path)
             for n, new in WORKLOADS:
                 prompts = workload(ours.config.vocab_size, n)

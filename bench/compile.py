@@ -103,7 +103,9 @@ def load(path, dtype, with_transformers, device):
     import transformers
 
     kernels = {"Linear": ["gemv", "reference"]} if device == "cpu" else None
-    ours = kernelhub.from_pretrained(path, attn_implementation="sdpa", dtype=dtype, kernels=kernels, device=device)
+    # float weights, as transformers loads them: the same work on both sides (bench/gguf_models.py: packed)
+    ours = kernelhub.from_pretrained(path, attn_implementation="sdpa", dtype=dtype, kernels=kernels, device=device,
+                                     dequantize=True)
     theirs = None
     if with_transformers:
         theirs = transformers.AutoModelForCausalLM.from_pretrained(

@@ -54,8 +54,10 @@ def main():
     parser.add_argument("--attn", default="sdpa")
     args = parser.parse_args()
     path = smollm2_gguf()
-    ours = kernelhub.from_pretrained(path, attn_implementation=args.attn)
-    fast = kernelhub.from_pretrained(path, attn_implementation=args.attn, kernels={"Linear": "onednn"})
+    # float weights, as transformers loads them: the same work on both sides (bench/gguf_models.py: packed)
+    ours = kernelhub.from_pretrained(path, attn_implementation=args.attn, dequantize=True)
+    fast = kernelhub.from_pretrained(path, attn_implementation=args.attn, kernels={"Linear": "onednn"},
+                                     dequantize=True)
     tokenizer = kernelhub.load_tokenizer(path, model=ours)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32, attn_implementation=args.attn).eval()

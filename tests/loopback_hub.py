@@ -1,9 +1,10 @@
 """A Hub-compatible server on loopback: `olah` serving git repositories as a Hub mirror.
 
-Each kernel repo is a real git repository under `mirrors/kernels/<org>/<name>` with real
-branches (`main`, `v1`, ...); olah answers the Hub API (refs, revision info, file
-resolve) from them, so the real `kernels` / `huggingface_hub` code resolves versions,
-branches and commit pins against it exactly as against huggingface.co.
+Each repo is a real git repository under `mirrors/<type>/<org>/<name>` (`kernels` for kernel
+repos, `models` for model checkpoints) with real branches (`main`, `v1`, ...); olah answers
+the Hub API (refs, revision info, tree listings, file resolve) from them, so the real
+`kernels` / `huggingface_hub` code resolves versions, branches and commit pins against it
+exactly as against huggingface.co.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ class LoopbackHub:
         self.process = None
 
     def start(self, timeout: float = 60.0) -> "LoopbackHub":
-        (self.mirrors / "kernels").mkdir(parents=True, exist_ok=True)
+        for repo_type in ("kernels", "models"):
+            (self.mirrors / repo_type).mkdir(parents=True, exist_ok=True)
         config = self.root / "olah.toml"
         config.write_text(
             f'[basic]\nhost = "127.0.0.1"\nport = {self.port}\nrepos-path = "{self.root / "repos"}"\n'
@@ -67,12 +69,13 @@ class LoopbackHub:
             self.process.wait(timeout=10)
             self.log.close()
 
-    def git_dir(self, repo_id: str) -> Path:
-        return self.mirrors / "kernels" / repo_id
+    def git_dir(self, repo_id: str, repo_type: str = "kernels") -> Path:
+        return self.mirrors / repo_type / repo_id
 
-    def publish(self, repo_id: str, source: Path, *, branches=("main", "v1")) -> str:
-        """Commit the contents of `source` (a built kernel repo) and point `branches` at it."""
-        repo = self.git_dir(repo_id)
+    def publish(self, repo_id: str, source: Path, *, branches=("main", "v1"), repo_type: str = "kernels") -> str:
+        """Commit the contents of `source` (a built kernel repo, or a model checkpoint with
+        `repo_type="models"`) on `main` and point `branches` at that commit."""
+        repo = self.git_dir(repo_id, repo_type)
         if not (repo / ".git").exists():
             repo.mkdir(parents=True)
             git(repo, "init", "-q")
@@ -89,3 +92,12 @@ class LoopbackHub:
             if branch != "main":
                 git(repo, "branch", "-f", branch, commit)
         return commit
+
+    def publish_model(self, repo_id: str, revisions: dict) -> dict:
+        """A model repo whose branches hold different checkpoints: `{"v1": dir_a, "main": dir_b}`
+        commits each directory in order (each on `main`, then its branch points there); returns
+        {branch: commit}."""
+        commits = {}
+        for branch, source in revisions.items():
+            commits[branch] = self.publish(repo_id, source, branches=("main", branch), repo_type="models")
+        return commits

@@ -32,9 +32,9 @@ def tiny_expected(tiny_checkpoint):
     return batch, one_by_one(model, batch, 10)
 
 
-# flash runs under the Triton interpreter here, seconds per step: it is checked on the first 8 prompts
-# (the 40-token one among them), the others on all 16.
-FEWER_FOR_FLASH = {"flash": 8}
+# flash runs under the Triton interpreter here, seconds per step: it is checked on the first 5 prompts
+# (the 40-token one, which chunked prefill splits, among them), the others on all 16.
+FEWER_FOR_FLASH = {"flash": 5}
 
 
 @pytest.mark.parametrize("backend", PAGED_BACKENDS)
@@ -78,16 +78,18 @@ def test_sliding_window_layers_use_their_own_block_group(tmp_path, model_type, b
 def smollm2(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("KERNELHUB_CACHE", str(tmp_path_factory.mktemp("kernelhub-cache")))
-    model = kernelhub.from_pretrained(smollm2_gguf(), attn_implementation="sdpa")
+    # float weights: batched and one-by-one steps multiply different row counts, which packed kernels
+    # round differently (test_gguf_compile batches packed weights)
+    model = kernelhub.from_pretrained(smollm2_gguf(), attn_implementation="sdpa", dequantize=True)
     batch = prompts(model.config.vocab_size, [n + 2 for n in LENGTHS])
     yield model, batch, one_by_one(model, batch, 8)
     mp.undo()
 
 
 # flash runs under the Triton interpreter here, where each program costs seconds for SmolLM2's 30 layers:
-# it generates 2 tokens (a prefill and a decode) for the first 4 prompts.
+# it generates 2 tokens (a prefill and a decode) for the first 2 prompts, batched together.
 @pytest.mark.parametrize("backend, new_tokens, prompts", [("eager", 8, 16), ("sdpa", 8, 16), ("flex", 8, 16),
-                                                          ("flash", 2, 4)])
+                                                          ("flash", 2, 2)])
 def test_smollm2_batch_equals_per_prompt_generate(smollm2, backend, new_tokens, prompts):
     model, batch, expected = smollm2
     kernelhub.bind(model, f"paged|{backend}")

@@ -49,8 +49,9 @@ def bf16_choices(model, prompt, tokens):
 
 def test_smollm2_bf16_decode_chooses_as_fp32_except_at_near_ties_on_the_demo_prompts():
     path = smollm2_gguf()
-    fp32 = kernelhub.from_pretrained(path, attn_implementation="sdpa")
-    bf16 = kernelhub.from_pretrained(path, attn_implementation="sdpa", dtype=torch.bfloat16,
+    # float weights (dequantize=True): the bf16 Linear kernels are under test, not the packed GGUF ones
+    fp32 = kernelhub.from_pretrained(path, attn_implementation="sdpa", dequantize=True)
+    bf16 = kernelhub.from_pretrained(path, attn_implementation="sdpa", dtype=torch.bfloat16, dequantize=True,
                                      kernels={"Linear": ["onednn", "reference"]})
     assert bf16.dtype == torch.bfloat16 and bf16.binding.dtype == "bfloat16"
     # oneDNN's packed bf16 Linear where the CPU runs it; the chain falls back to the reference elsewhere

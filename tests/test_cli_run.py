@@ -24,7 +24,7 @@ def test_run_answers_with_smollm2(tmp_path):
 
 def test_run_with_a_layer_kernel(tmp_path):
     out = kernelhub_cli("run", str(smollm2_gguf()), "--prompt", "What is the capital of France?",
-                        "--max-new-tokens", "12", "--kernels", '{"Linear": "onednn"}', cache=tmp_path)
+                        "--max-new-tokens", "12", "--kernels", '{"QuantizedLinear": "gguf"}', cache=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
 

@@ -1,6 +1,7 @@
 """Gemma 3 (text) against transformers 5.22.2: a random checkpoint it wrote (sliding and full layers, local and
 global rope, q/k norms) under eager and sdpa, and the real Gemma 3 270M Q4_K_M GGUF file, dequantised, against
-transformers' own GGUF load of the same file (config, tokenizer, logits, greedy tokens)."""
+transformers' own GGUF load of the same file (config, tokenizer, logits, greedy tokens); loaded packed (the
+default), its plan shows the Q4_K, Q5_0, Q6_K and Q8_0 kernels and it gives the dequantised greedy tokens."""
 
 import copy
 
@@ -165,14 +166,20 @@ STRINGS = [
 
 
 @pytest.fixture(scope="module")
-def gguf(tmp_path_factory):
-    """Ours, converted into a private cache (the conversion itself is under test), and transformers'."""
+def private_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("kernelhub-cache"))
+
+
+@pytest.fixture(scope="module")
+def gguf(private_cache):
+    """Ours, dequantised and converted into a private cache (the conversion itself is under test), and
+    transformers'."""
     import transformers
 
     path = gemma3_gguf()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KERNELHUB_CACHE", str(tmp_path_factory.mktemp("kernelhub-cache")))
-        model = kernelhub.from_pretrained(path, dtype=torch.float32)
+        mp.setenv("KERNELHUB_CACHE", private_cache)
+        model = kernelhub.from_pretrained(path, dtype=torch.float32, dequantize=True)
         tok = kernelhub.load_tokenizer(path, model)
     reference = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                                   dtype=torch.float32)
@@ -219,6 +226,7 @@ def test_gguf_logits_and_greedy_tokens_match_transformers(gguf):
                                                return_dict=True, return_tensors="pt")
     ids, mask = batch["input_ids"], batch["attention_mask"]
     assert ids.tolist() == theirs_batch["input_ids"].tolist()
+    assert not [e for e in model.binding if "Quantized" in e.source] and not model.binding.notes
     assert mask.tolist() == theirs_batch["attention_mask"].tolist()
     assert not mask.all() and mask[:, -1].all()  # the shorter prompt is padded on the left
     with torch.no_grad():
@@ -229,3 +237,39 @@ def test_gguf_logits_and_greedy_tokens_match_transformers(gguf):
                                   eos_token_id=None, pad_token_id=tok.pad_token_id)
     generated = model.generate(ids, attention_mask=mask, max_new_tokens=16, eos_token_id=None)
     assert generated.tolist() == expected.tolist()
+
+
+@pytest.fixture(scope="module")
+def packed(gguf, private_cache):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KERNELHUB_CACHE", private_cache)  # the conversion the dequantised load made
+        return kernelhub.from_pretrained(gemma3_gguf())
+
+
+def test_packed_plan_shows_each_ggml_type_and_what_stays_dequantised(packed):
+    plan = packed.binding
+    kernels = {e.note.split(";")[0] for e in plan if e.chosen == "gguf" and "QuantizedLinear" in e.source}
+    assert kernels == {"Q4_K", "Q5_0", "Q6_K", "Q8_0"}  # o / down, q-k-v / gate-up, down, the tied head
+    assert plan["model.embed_tokens"].note.startswith("Q8_0") and plan["lm_head"].note.startswith("Q8_0")
+    assert packed.lm_head.qweight is packed.model.embed_tokens.qweight  # the 262k-row table, held once
+    # half the layers store v in Q8_0 beside Q5_0 q/k: their fused q/k/v keeps one packed part per type
+    assert [plan[f"model.layers.0.self_attn.qkv_proj.parts.{i}"].note.split(";")[0] for i in range(3)] == [
+        "Q5_0", "Q5_0", "Q8_0"]
+    assert not plan.notes and not [e for e in plan if e.kind == "layer" and e.source == "model (Linear)"]
+    assert str(kernelhub.explain(gemma3_gguf())) == str(plan)
+
+
+def test_packed_greedy_tokens_equal_dequantised(gguf, packed):
+    """The scaled embedding (sqrt(hidden_size) times the packed rows), the packed head and the mixed
+    layers: the same 16 greedy tokens on both chat prompts as the float weights."""
+    model, tok, _, _ = gguf
+    chats = [[{"role": "user", "content": question}] for question in QUESTIONS]
+    batch = tok.apply_chat_template(chats, add_generation_prompt=True, chat_template=TURNS, padding=True,
+                                    return_tensors="pt")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        ours, theirs = packed(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits
+    valid = mask.bool()
+    assert (ours[valid] - theirs[valid]).abs().max() <= 1e-4 * theirs[valid].abs().max()
+    generated = packed.generate(ids, attention_mask=mask, max_new_tokens=16, eos_token_id=None)
+    assert generated.tolist() == model.generate(ids, attention_mask=mask, max_new_tokens=16, eos_token_id=None).tolist()

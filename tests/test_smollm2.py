@@ -1,4 +1,5 @@
-"""The real SmolLM2-135M-Instruct GGUF: tokenizer, logits and greedy tokens equal transformers'."""
+"""The real SmolLM2-135M-Instruct GGUF: tokenizer, logits and greedy tokens equal transformers' (dequantised:
+transformers computes with float weights; the packed default differs by float rounding, see test_gguf_packed)."""
 
 import pytest
 import torch
@@ -32,7 +33,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model():
-    return kernelhub.from_pretrained(smollm2_gguf(), attn_implementation="sdpa")
+    return kernelhub.from_pretrained(smollm2_gguf(), attn_implementation="sdpa", dequantize=True)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """The `gguf` kernel of the declared `QuantizedLinear` layer: weights kept in packed GGUF blocks (CPU).
 
-A GGUF checkpoint loaded with `dequantize=False` keeps each quantised Linear's weight as the
+A GGUF checkpoint (packed by default, on the CPU) keeps each quantised Linear's weight as the
 file stores it: `qweight`, a uint8 `[out_features, bytes_per_row]` tensor of ggml blocks, and
 `ggml_type` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K). This kernel multiplies by those
 blocks directly through `kernelhub::gguf_mul_mat` (`gguf_quant.py`): decode-sized inputs (1 to 8

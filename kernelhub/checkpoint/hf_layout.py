@@ -243,6 +243,10 @@ def save_pretrained(model, path) -> None:
     if getattr(model, "tensor_parallel", None) is not None:
         raise CheckpointError("save_pretrained of a tensor-parallel model would write one rank's shards; save the "
                               "checkpoint from a model loaded without tp_plan")
+    packed = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "qweight")})
+    if packed:  # safetensors of float weights is the format; packed blocks would not load back
+        raise CheckpointError(f"save_pretrained writes float weights, and this model keeps GGUF blocks packed "
+                              f"({', '.join(packed)}); load it with dequantize=True to save it, or keep the .gguf file")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = dict(model.config.raw)

@@ -8,7 +8,10 @@
     (sliding and global layers, q/k norms, Gemma's `(1 + weight)` norms: one model file,
     `kernelhub/models/gemma3.py`).
 
-The GGUF conversion is cached in the user cache directory, so the second run starts fast.
+Both GGUF models keep their quantised weights packed (the default: the `gguf` kernels multiply by
+the ggml blocks and read embedding rows from them); the demo prints the weights' size in memory.
+The GGUF conversion of the other tensors is cached in the user cache directory, so the second run
+starts fast.
 """
 
 from __future__ import annotations
@@ -65,14 +68,12 @@ def chat_demo(attn: str, max_new_tokens: int) -> None:
     path = smollm2_gguf()
     print(f"\n== SmolLM2-135M-Instruct chat (attn_implementation={attn!r}) ==\n")
     start = time.perf_counter()
-    # On CPU, prefer the oneDNN packed-weight Linear kernel; the chain falls back to the reference.
-    model = kernelhub.from_pretrained(path, attn_implementation=attn, kernels={"Linear": ["onednn", "reference"]})
+    # The GGUF file's Q4_1/Q8_0 blocks stay packed: the gguf kernels serve them on the CPU.
+    model = kernelhub.from_pretrained(path, attn_implementation=attn)
     tokenizer = kernelhub.load_tokenizer(path, model=model)
-    with torch.no_grad():
-        model(torch.tensor([[tokenizer.eos_token_id]]))  # the oneDNN kernel packs its weights on first use
-    linear = sorted(model.binding.chosen("layer") - {"reference"})
     print(f"  loaded in {time.perf_counter() - start:.1f} s (GGUF conversion is cached after the first run); "
-          f"attention {sorted(model.binding.chosen())}, Linear {linear}\n")
+          f"attention {sorted(model.binding.chosen())}, layer kernels {kernels_of(model)}; "
+          f"weights {weight_mb(model):.0f} MB\n")
     answers = []
     for question in QUESTIONS:
         ids = torch.tensor([chat_ids(tokenizer, question)])
@@ -84,6 +85,16 @@ def chat_demo(attn: str, max_new_tokens: int) -> None:
         answer = tokenizer.decode(answers[-1], skip_special_tokens=True).strip().replace("\n", "\n      ")
         print(f"  Q: {question}\n  A: {answer}\n     ({new} tokens, {new / seconds:.1f} tokens/s)\n")
     batch_demo(model, tokenizer, max_new_tokens, answers)
+
+
+def kernels_of(model) -> list[str]:
+    """The layer kernels the model's plan chose, other than the declared references."""
+    return sorted(model.binding.chosen("layer") - {"reference"})
+
+
+def weight_mb(model) -> float:
+    """Parameters and buffers in memory, in MB (packed GGUF blocks count as stored)."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 1e6
 
 
 def chat_ids(tokenizer, question: str) -> list[int]:
@@ -121,7 +132,8 @@ def gemma_demo(attn: str, max_new_tokens: int) -> None:
     start = time.perf_counter()
     model = kernelhub.from_pretrained(path, attn_implementation=attn)
     tokenizer = kernelhub.load_tokenizer(path, model=model)
-    print(f"  loaded in {time.perf_counter() - start:.1f} s (the conversion is cached after the first run)\n")
+    print(f"  loaded in {time.perf_counter() - start:.1f} s (the conversion is cached after the first run); "
+          f"layer kernels {kernels_of(model)}; weights {weight_mb(model):.0f} MB\n")
     for prompt in GEMMA_PROMPTS:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         start = time.perf_counter()

@@ -27,6 +27,9 @@ from kernelhub.declare.ggml_blocks import random_blocks, row_bytes, torch_dequan
 from kernelhub.declare.layer import layer
 from kernelhub.declare.probe import HIDDEN, TOKENS, TOLERANCE, randn, with_weights
 
+# what a probe returns: the reference module with seeded weights, and the inputs to call it with
+Probe = tuple[nn.Module, tuple[torch.Tensor, ...]]
+
 @layer("RMSNorm")
 class RMSNorm(nn.Module):
     """Root-mean-square norm, normalised in float32 and cast back before the scale (transformers'
@@ -46,7 +49,7 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
     @classmethod
-    def probe(cls, like, dtype, device):
+    def probe(cls, like: nn.Module, dtype: torch.dtype, device: torch.device | str) -> Probe:
         module = with_weights(cls(HIDDEN, like.variance_epsilon), dtype, device)
         return module, (randn(TOKENS, HIDDEN, dtype=dtype, device=device, scale=3.0),)
 
@@ -86,7 +89,7 @@ class GemmaRMSNorm(nn.Module):
         return (out * (1.0 + self.weight.float())).type_as(x)
 
     @classmethod
-    def probe(cls, like, dtype, device):
+    def probe(cls, like: nn.Module, dtype: torch.dtype, device: torch.device | str) -> Probe:
         module = with_weights(cls(HIDDEN, like.eps), dtype, device)
         return module, (randn(TOKENS, HIDDEN, dtype=dtype, device=device, scale=3.0),)
 
@@ -95,7 +98,7 @@ class _GatedActivation(nn.Module):
     tolerance = TOLERANCE
 
     @classmethod
-    def probe(cls, like, dtype, device):
+    def probe(cls, like: nn.Module, dtype: torch.dtype, device: torch.device | str) -> Probe:
         return cls().to(device), (randn(TOKENS, 2 * HIDDEN, dtype=dtype, device=device, scale=2.0),)
 
 
@@ -139,7 +142,7 @@ class ApplyRotary(nn.Module):
         return apply_rope(q, k, cos, sin)
 
     @classmethod
-    def probe(cls, like, dtype, device):
+    def probe(cls, like: nn.Module, dtype: torch.dtype, device: torch.device | str) -> Probe:
         heads, kv_heads, dim = 4, 2, 16
         angles = torch.arange(TOKENS)[:, None] * torch.linspace(0.1, 1.0, dim // 2)[None]
         angles = torch.cat((angles, angles), dim=-1)[None]
@@ -159,7 +162,7 @@ class LayerNorm(nn.LayerNorm):
         return self.eps
 
     @classmethod
-    def probe(cls, like, dtype, device):
+    def probe(cls, like: nn.Module, dtype: torch.dtype, device: torch.device | str) -> Probe:
         module = with_weights(cls(HIDDEN, eps=like.eps, elementwise_affine=like.elementwise_affine,
                                    bias=like.bias is not None), dtype, device)
         return module, (randn(TOKENS, HIDDEN, dtype=dtype, device=device, scale=3.0),)
@@ -172,7 +175,7 @@ class Linear(nn.Linear):
     tolerance = TOLERANCE
 
     @classmethod
-    def probe(cls, like, dtype, device):
+    def probe(cls, like: nn.Module, dtype: torch.dtype, device: torch.device | str) -> Probe:
         # scaled like a trained layer's weights: outputs of order one
         module = with_weights(cls(HIDDEN, 48, bias=like.bias is not None), dtype, device, mean=0.0, std=HIDDEN ** -0.5)
         return module, (randn(TOKENS, HIDDEN, dtype=dtype, device=device),)
@@ -212,7 +215,7 @@ class QuantizedLinear(nn.Module):
                 f"ggml_type={type_name(self.ggml_type)}, bias={self.bias is not None}")
 
     @classmethod
-    def probe(cls, like, dtype, device):
+    def probe(cls, like: nn.Module, dtype: torch.dtype, device: torch.device | str) -> Probe:
         in_features = 512 if like.in_features % 512 == 0 else 256
         module = cls(in_features, 48, like.ggml_type, bias=like.bias is not None)
         with torch.no_grad():
@@ -221,6 +224,54 @@ class QuantizedLinear(nn.Module):
         return module, (randn(TOKENS, in_features, dtype=dtype, device=device),)
 
 
+@layer("QuantizedEmbedding")
+class QuantizedEmbedding(nn.Module):
+    """An embedding whose table stays in packed GGUF blocks: `qweight` (uint8 `[num_embeddings,
+    bytes_per_row]`) of ggml type `ggml_type`. The reference unpacks the rows the ids name to float32
+    (gguf-py's values) and casts them to the model's float dtype, which the layer keeps as the dtype
+    of `dtype_anchor` (an empty float buffer that `model.to(dtype)` converts); kernels (the `gguf`
+    one) read the rows straight from the blocks. A tied output projection is a `QuantizedLinear`
+    sharing this `qweight`, so the table is held once.
+
+    >>> emb = QuantizedEmbedding(4, 32, 8)                    # 4 rows of 32 values, Q8_0
+    >>> tuple(emb(torch.tensor([[0, 3]])).shape)
+    (1, 2, 32)
+    """
+
+    tolerance = TOLERANCE
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, ggml_type: int):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.ggml_type = num_embeddings, embedding_dim, int(ggml_type)
+        self.register_buffer("qweight", torch.zeros(num_embeddings, row_bytes(self.ggml_type, embedding_dim),
+                                                    dtype=torch.uint8))
+        self.register_buffer("dtype_anchor", torch.empty(0), persistent=False)
+
+    def forward(self, input_ids):
+        ids = input_ids.reshape(-1)
+        rows = torch_dequantize(self.qweight.index_select(0, ids), self.ggml_type, (ids.numel(), self.embedding_dim))
+        return rows.to(self.dtype_anchor.dtype).reshape(*input_ids.shape, self.embedding_dim)
+
+    def kernel_plan_note(self) -> str:
+        """What the binding plan shows next to this layer's kernel: its ggml type."""
+        return type_name(self.ggml_type)
+
+    def probe_variant(self) -> tuple:
+        return (self.ggml_type,)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, ggml_type={type_name(self.ggml_type)}"
+
+    @classmethod
+    def probe(cls, like: nn.Module, dtype: torch.dtype, device: torch.device | str) -> Probe:
+        dim = 512 if like.embedding_dim % 512 == 0 else 256
+        module = cls(48, dim, like.ggml_type)
+        with torch.no_grad():
+            module.qweight.copy_(random_blocks(like.ggml_type, 48, dim, seed=1))
+        ids = torch.tensor([[0, 47, 5], [5, 11, 0]], device=device)
+        return module.to(device=device, dtype=dtype).eval(), (ids,)
+
+
 CATALOGUE = {cls.kernel_layer_name: cls for cls in (RMSNorm, GptOssRMSNorm, GemmaRMSNorm, SiLUAndMul,
                                                      GeluTanhAndMul, ApplyRotary, LayerNorm, Linear, QuantizedLinear,
-                                                     Experts)}
+                                                     QuantizedEmbedding, Experts)}

@@ -74,7 +74,9 @@ class CausalLMAPI(ModelAPI):
         if kind == "dynamic":
             return DynamicCache(cfg.layer_types, cfg.sliding_window)
         if kind == "static":
-            p = self.lm_head.weight
+            # the model's float dtype and device (a GGUF output projection may hold packed blocks instead)
+            p = getattr(self.lm_head, "weight", None)
+            p = self.model.norm.weight if p is None else p
             kv_heads = self.model.layers[0].self_attn.attn.num_kv_heads  # this rank's, under tensor parallelism
             return StaticCache(cfg.layer_types, batch=batch, max_len=max_len, num_kv_heads=kv_heads,
                                head_dim=cfg.head_dim, dtype=p.dtype, device=p.device)

@@ -72,12 +72,13 @@ def kernelhub_attention_backends():
 def kernelhub_layer_kernels():
     from kernelhub.backends.experts import EXPERTS_KERNELS
     from kernelhub.backends.gemv_linear import GemvLinear
+    from kernelhub.backends.gguf_embedding import GgufEmbedding
     from kernelhub.backends.gguf_linear import GgufLinear
     from kernelhub.backends.onednn_linear import OneDNNLinear, onednn_available
 
     linear = {"onednn": OneDNNLinear} if onednn_available() else {}
     return {"Experts": dict(EXPERTS_KERNELS), "Linear": {**linear, "gemv": GemvLinear},
-            "QuantizedLinear": {"gguf": GgufLinear}}
+            "QuantizedLinear": {"gguf": GgufLinear}, "QuantizedEmbedding": {"gguf": GgufEmbedding}}
 
 
 @hookimpl

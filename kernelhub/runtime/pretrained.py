@@ -9,24 +9,34 @@ device, so `explain` costs no memory and `from_pretrained` allocates each weight
 from __future__ import annotations
 
 import inspect
+import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kernelhub.checkpoint.hf_layout import (check_weight_names, config_path, load_weights, materialize, read_config,
                                          read_state_dict, resolve_dtype, weight_shapes)
 from kernelhub.checkpoint.generation_config import GenerationConfig
+from kernelhub.checkpoint.hub_checkpoint import resolve_checkpoint
 from kernelhub.runtime.tensor_parallel import install_boundaries, plan_shards, shard_model
 from kernelhub.runtime.tensor_parallel_load import device_mesh_for, read_local_state
 from kernelhub.declare.devices import available_devices
 from kernelhub.registry.bind import bind
+from kernelhub.runtime.gguf_packing import pack, packing
 from kernelhub.runtime.recorded_request import hold_back, requested
 from kernelhub.registry.modes import parse_mode
 from kernelhub.declare.errors import CheckpointError, KernelhubError, TensorParallelError, suggestion
 from kernelhub.declare.layer import layer_name
 from kernelhub.registry.plugins import get_registry
 from kernelhub.registry.plan import BindingPlan
+from kernelhub.registry.hub.lockfile import KernelLock
+from kernelhub.registry.modes import ModeLike
+from kernelhub.registry.request import AttnImplementation, Kernels
+
+if TYPE_CHECKING:
+    from kernelhub.checkpoint.tokenizer import Tokenizer
 
 
 def architecture(config: dict) -> type:
@@ -78,17 +88,25 @@ def checkpoint_dir(path) -> Path:
     return path
 
 
-def load_tokenizer(path, model=None, **kwargs):
-    """The tokenizer of a checkpoint directory (tokenizer.json) or of a .gguf file.
+def load_tokenizer(path: str | os.PathLike, model: torch.nn.Module | None = None, *, revision: str | None = None,
+                   gguf_file: str | None = None, token: str | bool | None = None,
+                   cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+                   **kwargs: Any) -> Tokenizer:
+    """The tokenizer of a checkpoint directory (tokenizer.json), a .gguf file or a Hub model id.
 
-    With `model`, also checks that every token id the tokenizer can produce has an
-    embedding row, so a mismatched pair fails here rather than as an index error later.
+    A Hub id (`"org/name"`, `"org/name@revision"`) downloads the tokenizer files only, as
+    `from_pretrained` does (see there for `revision`, `gguf_file`, `token`, `cache_dir`,
+    `local_files_only`). With `model`, also checks that every token id the tokenizer can
+    produce has an embedding row, so a mismatched pair fails here rather than as an index error later.
 
     >>> tok = kernelhub.load_tokenizer("path/to/model.gguf")   # doctest: +SKIP
     >>> tok(["Hello", "Hi there"])["input_ids"]                # doctest: +SKIP
+    >>> tok = kernelhub.load_tokenizer("org/name@v1")          # doctest: +SKIP
     """
     from kernelhub.checkpoint.tokenizer import Tokenizer
 
+    path = resolve_checkpoint(path, revision=revision, gguf_file=gguf_file, token=token, cache_dir=cache_dir,
+                              local_files_only=local_files_only, files="tokenizer")
     tokenizer = Tokenizer.from_file(checkpoint_dir(path), **kwargs)
     if model is not None:
         rows = model.get_input_embeddings().num_embeddings
@@ -213,11 +231,25 @@ def _dtype_and_device(dtype, torch_dtype, device, device_map, default="cpu"):
     return dtype, usable_device(device, what, probe=default is not None) if device is not None else None
 
 
-def from_pretrained(path, attn_implementation=None, kernels=None, *, dtype=None, device=None,
-                    mode: str = "inference", output_attentions: bool = False, lock=None, torch_dtype=None,
-                    device_map=None, experts_implementation=None, tp_plan=None, tp_size=None, device_mesh=None,
-                    verify: bool = True, dequantize: bool = True):
-    """Load a Hugging Face-layout checkpoint directory (or a .gguf file) and bind it.
+def from_pretrained(path: str | os.PathLike, attn_implementation: AttnImplementation | None = None,
+                    kernels: Kernels | str | None = None, *, dtype: torch.dtype | str | None = None,
+                    device: torch.device | str | None = None, mode: ModeLike = "inference",
+                    output_attentions: bool = False, lock: KernelLock | str | os.PathLike | None = None,
+                    torch_dtype: torch.dtype | str | None = None,
+                    device_map: str | int | torch.device | dict[str, str | int | torch.device] | None = None,
+                    experts_implementation: str | None = None, tp_plan: str | dict[str, str] | None = None,
+                    tp_size: int | None = None, device_mesh: torch.distributed.device_mesh.DeviceMesh | None = None,
+                    verify: bool = True, dequantize: bool | None = None, revision: str | None = None,
+                    gguf_file: str | None = None, token: str | bool | None = None,
+                    cache_dir: str | os.PathLike | None = None, local_files_only: bool = False) -> torch.nn.Module:
+    """Load a Hugging Face-layout checkpoint directory, a .gguf file or a Hub model id, and bind it.
+
+    A local path that exists wins; otherwise `"org/name"` (or `"org/name@revision"`, or
+    `revision=`: a branch, tag or commit) is downloaded from the Hugging Face Hub into its cache,
+    as transformers does: `gguf_file` names a .gguf file in the repo, `token`, `cache_dir` and
+    `local_files_only` are huggingface_hub's, and `HF_HUB_OFFLINE=1` loads from the cache only.
+    Only config, weights (safetensors), generation config and tokenizer files are downloaded:
+    remote code (`*.py`, a config's `auto_map`) is never downloaded or run.
 
     `attn_implementation=None` uses what `save_pretrained` recorded, else sdpa (falling
     back to eager). `dtype=None` uses the checkpoint's dtype (`torch_dtype` is its deprecated
@@ -231,14 +263,17 @@ def from_pretrained(path, attn_implementation=None, kernels=None, *, dtype=None,
     `tp_plan="auto"` (or a plan dict), inside an initialised process group (torchrun), loads
     this rank's shards only (see `kernelhub.runtime.tensor_parallel`); `tp_size` and
     `device_mesh` (1-D, or with a "tp" dimension) say which ranks share the model.
-    `dequantize=False` (a .gguf file only) keeps the quantised projection weights packed in
-    `QuantizedLinear` layers bound to the `gguf` kernel (see `kernelhub.checkpoint.gguf_packed`);
-    the default, `True`, loads float weights. Packed becomes the default once compiled decode is
-    verified with it.
+    A .gguf file keeps its quantised projection and embedding weights packed by default, in
+    `QuantizedLinear`/`QuantizedEmbedding` layers bound to the `gguf` kernels (see
+    `kernelhub.checkpoint.gguf_packed`), where a packed kernel serves the device; training, `tp_plan`
+    or another device dequantise, and the plan says why. `dequantize=True` loads float weights (what
+    transformers computes, bit for bit); `dequantize=False` insists on packed blocks.
 
     >>> model = kernelhub.from_pretrained("path/to/checkpoint", attn_implementation="sdpa")  # doctest: +SKIP
     >>> print(model.binding)                                                                 # doctest: +SKIP
     >>> model = kernelhub.from_pretrained("path/to/checkpoint", tp_plan="auto")  # doctest: +SKIP
+    >>> model = kernelhub.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct@main")       # doctest: +SKIP
+    >>> model = kernelhub.from_pretrained("org/name", gguf_file="model-Q4_K_M.gguf")       # doctest: +SKIP
     """
     if tp_plan is None and (tp_size is not None or device_mesh is not None):
         raise TensorParallelError("tp_size= and device_mesh= shard a model only together with tp_plan='auto' "
@@ -251,7 +286,10 @@ def from_pretrained(path, attn_implementation=None, kernels=None, *, dtype=None,
             raise TensorParallelError(f"tp_plan loads for inference only (mode={mode!r}): the gradients of the "
                                       "split layers' inputs are not reduced across ranks; use mode='inference'")
         mesh, device = device_mesh_for(tp_size, device_mesh, device)
-    gguf_file = None if dequantize else _packed_source(path, mesh)
+    path = resolve_checkpoint(path, revision=revision, gguf_file=gguf_file, token=token, cache_dir=cache_dir,
+                              local_files_only=local_files_only)  # a Hub id: downloaded (weights only, no code)
+    packed_file, unpacked_note = packing(path, dequantize, mode=mode, tensor_parallel=mesh is not None,
+                                         device=device)
     path = checkpoint_dir(path)
     config = read_config(path)
     source = str(config_path(path))
@@ -276,51 +314,52 @@ def from_pretrained(path, attn_implementation=None, kernels=None, *, dtype=None,
     if generation_config is not None and hasattr(model, "generation_config"):
         model.generation_config = generation_config
     kern = with_experts_implementation(model, kernels, kern, experts_implementation)
-    if gguf_file is not None:
-        from kernelhub.checkpoint.gguf_packed import pack_model, with_packed_kernels
-
-        placed, packed_notes = pack_model(model, gguf_file, config)
-        kern = with_packed_kernels(kern, kernels)
+    if packed_file is not None:
+        placed, packed_notes, kern = pack(model, packed_file, config, kern, kernels)
     # Bind before loading weights: a bad request fails fast, before any tensor is read.
     bind(model, attn, kern, device=device, dtype=dtype, mode=mode, lock=lock, verify=verify)
     hold_back(model, held, source)
     if mesh is not None:
         materialize(model, read_local_state(model, path, model.tensor_parallel), dtype=dtype, device=device)
         install_boundaries(model, mesh)
-    elif gguf_file is not None:
+    elif packed_file is not None:
         from kernelhub.checkpoint.gguf_packed import load_packed
 
-        load_packed(model, path, placed, dtype=dtype, device=device, source=str(gguf_file))
+        load_packed(model, path, placed, dtype=dtype, device=device, source=str(packed_file))
         for line in packed_notes:
             model.binding = model.binding.noting(line)
     else:
         load_weights(model, read_state_dict(path), dtype=dtype, device=device, source=str(Path(path)))
+    if unpacked_note is not None:
+        model.binding = model.binding.noting(unpacked_note)
     model.train(parse_mode(mode).training)
     return model
 
 
-def _packed_source(path, mesh) -> Path:
-    """The .gguf file `dequantize=False` applies to; a clear error for anything else."""
-    if Path(path).suffix != ".gguf":
-        raise KernelhubError(f"dequantize=False keeps a GGUF file's quantised weights packed; {str(path)!r} is not "
-                             "a .gguf file (drop the argument)")
-    if mesh is not None:
-        raise TensorParallelError("dequantize=False does not combine with tp_plan: packed GGUF weights are not "
-                                  "sharded; pass dequantize=True")
-    return Path(path)
-
-
-def explain(path, attn_implementation=None, kernels=None, *, dtype=None, device="cpu",
-            mode: str = "inference", lock=None, experts_implementation=None, tp_size=None, tp_rank: int = 0,
-            tp_plan="auto") -> BindingPlan:
+def explain(path: str | os.PathLike, attn_implementation: AttnImplementation | None = None,
+            kernels: Kernels | str | None = None, *, dtype: torch.dtype | str | None = None,
+            device: torch.device | str = "cpu", mode: ModeLike = "inference",
+            lock: KernelLock | str | os.PathLike | None = None, experts_implementation: str | None = None,
+            tp_size: int | None = None, tp_rank: int = 0, tp_plan: str | dict[str, str] = "auto",
+            dequantize: bool | None = None, revision: str | None = None, gguf_file: str | None = None,
+            token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
+            local_files_only: bool = False) -> BindingPlan:
     """The BindingPlan `from_pretrained` would produce, without reading any weights.
+
+    A Hub model id downloads config.json only (a .gguf file in the repo with `gguf_file`);
+    `revision`, `token`, `cache_dir` and `local_files_only` are as in `from_pretrained`.
 
     The config is checked field by field (types and signs) but not against weights, which
     need not be present. With `tp_size`, the plan of rank `tp_rank` of a tensor-parallel load
-    (local shapes, local head counts, each module's sharding), without a process group.
+    (local shapes, local head counts, each module's sharding), without a process group. For a .gguf
+    file, `dequantize` decides as in `from_pretrained`: the plan shows each packed layer's ggml type
+    and kernel, and notes the tensors left dequantised with the reason (from the tensor index alone).
 
     >>> print(kernelhub.explain("path/to/checkpoint", attn_implementation="flex"))  # doctest: +SKIP
+    >>> print(kernelhub.explain("path/to/model.gguf", dequantize=True))             # doctest: +SKIP
     """
+    path = resolve_checkpoint(path, revision=revision, gguf_file=gguf_file, token=token, cache_dir=cache_dir,
+                              local_files_only=local_files_only, files="config")
     if Path(path).suffix == ".gguf":  # the metadata is enough: no dequantisation for a plan
         from kernelhub.checkpoint.gguf import read_gguf_config
 
@@ -336,6 +375,14 @@ def explain(path, attn_implementation=None, kernels=None, *, dtype=None, device=
         shard_model(model, planned, rank=tp_rank)
     attn, kern, held = requested(config, attn_implementation, kernels, source)
     kern = with_experts_implementation(model, kernels, kern, experts_implementation)
+    packed_file, unpacked_note = packing(path, dequantize, mode=mode, tensor_parallel=tp_size is not None,
+                                         device=device)
+    notes = [] if unpacked_note is None else [unpacked_note]
+    if packed_file is not None:
+        _, packed_notes, kern = pack(model, packed_file, config, kern, kernels, read=False)
+        notes = packed_notes + notes
     bind(model, attn, kern, device=device, dtype=resolve_dtype(dtype, config), mode=mode, lock=lock)
     hold_back(model, held, source)
+    for line in notes:
+        model.binding = model.binding.noting(line)
     return model.binding

@@ -1,0 +1,62 @@
+"""Whether a GGUF load keeps its quantised weights packed, and the plan's word on it.
+
+`from_pretrained(path.gguf)` keeps blocks packed (`kernelhub.checkpoint.gguf_packed`) where a packed
+kernel serves the target device, for inference; `dequantize=True` asks for float weights, and
+training, `tp_plan` or a device without a packed kernel dequantise on their own, with a plan note
+saying why. `explain` takes the same decision from the file's tensor index alone, so its plan is the
+one `from_pretrained` produces.
+
+>>> packing("model.gguf", None, mode="training", tensor_parallel=False, device="cpu")[1]
+"GGUF weights dequantised: mode='training' trains float weights (packed blocks have no gradient)..."
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kernelhub.declare.errors import KernelhubError, TensorParallelError
+from kernelhub.registry.modes import parse_mode
+
+PACKED_DEVICES = ("cpu",)  # where the built-in gguf kernels run (GgufLinear.devices; a test keeps them equal)
+
+
+def packing(path, dequantize: bool | None, *, mode, tensor_parallel: bool, device) -> tuple[Path | None, str | None]:
+    """(the .gguf file to keep packed, or None; why a GGUF file is dequantised when `dequantize=None` chose it)."""
+    if dequantize not in (None, True, False):
+        raise KernelhubError(f"dequantize={dequantize!r}; allowed: None (packed where a kernel serves), True, False")
+    gguf = Path(path).suffix == ".gguf"
+    if dequantize:
+        return None, None
+    if dequantize is False:
+        if not gguf:
+            raise KernelhubError(f"dequantize=False keeps a GGUF file's quantised weights packed; {str(path)!r} is "
+                                 "not a .gguf file (drop the argument)")
+        if tensor_parallel:
+            raise TensorParallelError("dequantize=False does not combine with tp_plan: packed GGUF weights are not "
+                                      "sharded; pass dequantize=True")
+        return Path(path), None
+    if not gguf:
+        return None, None
+    why = None
+    kind = torch.device(device).type if device is not None else None
+    if parse_mode(mode).training:
+        why = f"mode={mode!r} trains float weights (packed blocks have no gradient)"
+    elif tensor_parallel:
+        why = "tp_plan shards float weights (packed blocks are not sharded)"
+    elif kind not in PACKED_DEVICES:
+        why = (f"no packed GGUF kernel serves device {kind!r} (they serve {', '.join(PACKED_DEVICES)}); "
+               "dequantize=False keeps them packed on the reference layers")
+    if why is not None:
+        return None, f"GGUF weights dequantised: {why}; dequantize=True says so explicitly"
+    return Path(path), None
+
+
+def pack(model, gguf_file: Path, config: dict, kernels, asked, *, read: bool = True):
+    """Replace `model`'s (meta) layers that `gguf_file` keeps packed; return ({module path: blocks},
+    plan notes, `kernels` with the packed layers' default kernels)."""
+    from kernelhub.checkpoint.gguf_packed import pack_model, with_packed_kernels
+
+    placed, notes = pack_model(model, gguf_file, config, read=read)
+    return placed, notes, with_packed_kernels(kernels, asked, model)

@@ -12,7 +12,7 @@ from kernelhub.testing import write_kernel_repo
 
 ORG = "kernelhub-test"
 HUB_KERNELS = Path(__file__).resolve().parents[1] / "hub_kernels"
-OURS = ("rmsnorm", "silu-and-mul", "layernorm", "rotary", "flash-attention", "moe")
+OURS = ("rmsnorm", "silu-and-mul", "layernorm", "rotary", "flash-attention", "moe", "gguf")
 
 
 class RMSNorm(torch.nn.Module):  # the right name, with an extra forward argument

@@ -30,6 +30,7 @@ import torch
 from kernelhub.kernel.build import build_kernel, python_name, read_build_toml
 from kernelhub.declare.errors import KernelhubError, suggestion
 from kernelhub.registry.layer_contract import contract_problems
+from kernelhub.registry.hub.ggml_api import exposes_ggml_api, ggml_conformance
 from kernelhub.registry.hub.metadata import attention_specs, read_kernel_metadata, read_variant_metadata
 from kernelhub.registry.hub.snapshot import read_variant
 
@@ -230,6 +231,11 @@ def check_kernel(repo) -> CheckReport:
         for symbol, spec in sorted(specs.items()):
             _attention_numbers(module, symbol, spec, report)
         layers = getattr(module, "layers", None)
+        if layers is None and exposes_ggml_api(module):  # transformers' GGUF API: served as QuantizedLinear
+            lines, problems = ggml_conformance(module)
+            report.lines.extend(lines)
+            report.problems.extend(problems)
+            return report
         if layers is None:
             if not specs:
                 report.problems.append(f"{python_name(general['name'])} has no `layers` module and declares no "

@@ -1,7 +1,7 @@
 """A tokenizer over the `tokenizers` library with transformers' calling conventions.
 
 Built from a checkpoint's `tokenizer.json` (+ `tokenizer_config.json`) or from a GGUF file's
-vocabulary (see `models/gguf_tokenizer.py`); both give this class. As in transformers,
+vocabulary (see `checkpoint/gguf_tokenizer.py`); both give this class. As in transformers,
 `tok(text)` returns lists (a flat list for one string) without padding; ask for
 `padding=True, return_tensors="pt"` to get a padded batch of tensors.
 

@@ -1,1 +1,2 @@
-"""kernelhub.models: one model per file, checkpoint loading and generation."""
+"""kernelhub.models: the model architectures, one per file, and what they share (decoder skeleton,
+rope, outputs, loss). Checkpoint reading lives in `kernelhub.checkpoint`, generation in `kernelhub.runtime`."""

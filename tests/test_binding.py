@@ -190,7 +190,3 @@ def test_backends_and_layer_kernels_share_one_capabilities_record():
     assert (caps.backward, caps.compile, caps.devices, caps.features()) == (False, True, None, ["compile"])
     assert layer_reasons(caps, torch.device("cpu"), torch.float64, kernelhub.Mode.TRAINING) == [
         "supports float32, not float64", "has_backward=False, cannot train"]
-    with pytest.warns(DeprecationWarning, match="read .backward"):
-        assert caps.has_backward is False
-    with pytest.warns(DeprecationWarning, match="read .compile"):
-        assert kernelhub.Capabilities().can_torch_compile is True

@@ -280,7 +280,7 @@ def test_an_underscore_option_gets_a_did_you_mean(tiny_checkpoint):
 
 
 def test_the_transformers_bridge_docs_say_to_import_it_first(tmp_path):
-    pytest.importorskip("transformers")
+    pytest.importorskip("transformers", reason="the bridge is for transformers users: it is not installed")
     code = ("import transformers\n"
             "cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,"
             " num_attention_heads=2)\n"

@@ -3,8 +3,9 @@
 A GGUF checkpoint keeps its token embedding as the file stores it (`qweight`, uint8 `[vocab,
 bytes_per_row]` blocks of a served ggml type), so the table takes the file's size in memory; a tied
 output projection multiplies by the same blocks (`GgufLinear`). This kernel unpacks only the rows a
-forward's ids name, through `kernelhub::gguf_get_rows` (`gguf_quant.py`): the AVX2 unpacking in C,
-giving gguf-py's float32 values bit for bit, then cast to the model's dtype as the reference does.
+forward's ids name (`gguf_quant.py`: the AVX2 unpacking in C where it is built, torch's otherwise;
+`kernelhub::gguf_get_rows` inside graphs), giving gguf-py's float32 values bit for bit, then cast to
+the model's dtype as the reference does.
 
     >>> import torch
     >>> from kernelhub.declare.reference_layers import QuantizedEmbedding

@@ -16,7 +16,6 @@ type; parts of different types are dequantised instead, and the plan says so.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -71,7 +70,7 @@ def packed_weights(path, config: dict, *, read: bool = True) -> tuple[dict, list
     """({checkpoint name: (blocks, ggml type, in_features)} of the file's projection and token embedding
     weights of served types, notes naming those of other types). `read=False` reads the tensor index
     only: the blocks are meta tensors of the right shape (what `explain` needs)."""
-    reader = open_gguf(Path(path))
+    reader = open_gguf(path)
     out, notes = {}, []
     for t in reader.tensors:
         name = hf_name(t.name, config["model_type"])

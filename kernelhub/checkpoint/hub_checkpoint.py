@@ -22,6 +22,7 @@ import re
 from pathlib import Path, PurePosixPath
 
 from kernelhub.declare.errors import CheckpointError, KernelhubError, suggestion
+from kernelhub.declare.log import _TRUE, PROGRESS_ENV
 
 CONFIG_FILES = ("config.json",)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "generation_config.json")
@@ -32,7 +33,6 @@ PARTS = {"model": CONFIG_FILES + WEIGHT_FILES + TOKENIZER_FILES, "config": CONFI
          "tokenizer": CONFIG_FILES + TOKENIZER_FILES}
 REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 HUB_IDS = 'Hub ids look like "org/name" or "org/name@revision"'
-_TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 def resolve_checkpoint(path_or_id, *, revision: str | None = None, gguf_file: str | None = None,
@@ -161,7 +161,7 @@ def _quiet_bars():
 
     from kernelhub.declare.log import progress_disabled
 
-    turn_off = (progress_disabled() and "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ
+    turn_off = (progress_disabled() and PROGRESS_ENV not in os.environ
                 and not are_progress_bars_disabled("huggingface_hub"))
     if turn_off:
         disable_progress_bars("huggingface_hub")

@@ -30,6 +30,7 @@ from kernelhub.declare.probe import HIDDEN, TOKENS, TOLERANCE, randn, with_weigh
 # what a probe returns: the reference module with seeded weights, and the inputs to call it with
 Probe = tuple[nn.Module, tuple[torch.Tensor, ...]]
 
+
 @layer("RMSNorm")
 class RMSNorm(nn.Module):
     """Root-mean-square norm, normalised in float32 and cast back before the scale (transformers'

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.metadata
-import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -99,19 +98,6 @@ class Capabilities:
         """What tables show: optional features, attention-site features, then backward and compile."""
         return [*self.supports, *(f for f in SITE_FEATURES if getattr(self, f)),
                 *(["backward"] if self.backward else []), *(["compile"] if self.compile else [])]
-
-    @property
-    def has_backward(self) -> bool | tuple[str, ...]:
-        """Deprecated: `backward` (the `kernels` class attribute's name, not a field)."""
-        warnings.warn("Capabilities.has_backward is deprecated; read .backward", DeprecationWarning, stacklevel=2)
-        return self.backward
-
-    @property
-    def can_torch_compile(self) -> bool:
-        """Deprecated: `compile` (the `kernels` class attribute's name, not a field)."""
-        warnings.warn("Capabilities.can_torch_compile is deprecated; read .compile", DeprecationWarning,
-                      stacklevel=2)
-        return self.compile
 
 
 @dataclasses.dataclass(frozen=True)

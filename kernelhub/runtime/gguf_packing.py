@@ -19,8 +19,6 @@ import torch
 from kernelhub.declare.errors import KernelhubError, TensorParallelError
 from kernelhub.registry.modes import parse_mode
 
-PACKED_DEVICES = ("cpu",)  # where the built-in gguf kernels run (GgufLinear.devices; a test keeps them equal)
-
 
 def packing(path, dequantize: bool | None, *, mode, tensor_parallel: bool, device) -> tuple[Path | None, str | None]:
     """(the .gguf file to keep packed, or None; why a GGUF file is dequantised when `dequantize=None` chose it)."""
@@ -45,12 +43,20 @@ def packing(path, dequantize: bool | None, *, mode, tensor_parallel: bool, devic
         why = f"mode={mode!r} trains float weights (packed blocks have no gradient)"
     elif tensor_parallel:
         why = "tp_plan shards float weights (packed blocks are not sharded)"
-    elif kind not in PACKED_DEVICES:
-        why = (f"no packed GGUF kernel serves device {kind!r} (they serve {', '.join(PACKED_DEVICES)}); "
+    elif kind not in packed_devices():
+        why = (f"no packed GGUF kernel serves device {kind!r} (they serve {', '.join(packed_devices())}); "
                "dequantize=False keeps them packed on the reference layers")
     if why is not None:
         return None, f"GGUF weights dequantised: {why}; dequantize=True says so explicitly"
     return Path(path), None
+
+
+def packed_devices() -> tuple[str, ...]:
+    """Where the built-in gguf kernels run (imported here, not at `import kernelhub`: registering their
+    ops loads torch's compiler)."""
+    from kernelhub.backends.gguf_linear import GgufLinear
+
+    return GgufLinear.devices
 
 
 def pack(model, gguf_file: Path, config: dict, kernels, asked, *, read: bool = True):

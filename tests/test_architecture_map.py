@@ -1,4 +1,4 @@
-"""docs/architecture.md lists every .py and .c file under kernelhub/, and only files that exist.
+"""docs/architecture.md lists every .py, .c, .h and .cpp file under kernelhub/, and only files that exist.
 
 The file map is a fenced block in which a package header is an unindented line whose path ends
 in `/` (`kernelhub/runtime/`) and an entry is an indented line that starts with one or more file
@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "architecture.md"
 PACKAGE = "kernelhub"
-SUFFIXES = (".py", ".c")
+SUFFIXES = (".py", ".c", ".h", ".cpp")
 FENCE = re.compile(r"^\s*(```|~~~)")
 
 

@@ -1,7 +1,8 @@
-"""Products with packed GGUF blocks (`kernelhub.backends.gguf_quant`): the AVX2 kernel and the torch
-reference against gguf-py's own dequantisation followed by a float32 matmul, for every served type,
-1 to 16 input rows, float32 and bfloat16; clear errors for blocks that do not fit; the ops inside a
-compiled graph; and the same numbers where the C library cannot be built."""
+"""Products with packed GGUF blocks (`kernelhub.backends.gguf_quant`): the C kernel (each build this
+CPU runs: AVX-512 and AVX2) and the torch reference against gguf-py's own dequantisation followed by a
+float32 matmul, for every served type, 1 to 16 input rows, float32 and bfloat16; clear errors for
+blocks that do not fit; the ops inside a compiled graph; and the same numbers where the C library
+cannot be built."""
 
 import numpy as np
 import pytest
@@ -55,8 +56,17 @@ def assert_close(out, x, weight):
     assert ((out.float() - want).abs() <= slack).all(), (out.float() - want).abs().max() / want.abs().max()
 
 
+@pytest.fixture(params=gguf_quant.instruction_sets())
+def build(request, monkeypatch):
+    """Each build of the C kernel this CPU runs in turn: AVX-512 and AVX2 where it has AVX-512."""
+    if not gguf_kernel_available():
+        pytest.skip(f"the C kernel cannot be built here: {unavailable_reason()}")
+    monkeypatch.setattr(gguf_quant, "_built", (gguf_quant._build(request.param), ""))
+    return request.param
+
+
 @pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
-def test_both_unpackings_are_gguf_py_s_bit_for_bit(ggml_type):
+def test_both_unpackings_are_gguf_py_s_bit_for_bit(ggml_type, build):
     packed = blocks(ggml_type, 7, 3)
     want = oracle(packed, ggml_type)
     weight = torch.from_numpy(packed)
@@ -70,7 +80,7 @@ def test_both_unpackings_are_gguf_py_s_bit_for_bit(ggml_type):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
-def test_products_match_unpack_then_matmul(ggml_type, dtype):
+def test_products_match_unpack_then_matmul(ggml_type, dtype, build):
     """1, 3 and 8 rows run in the C kernel, 16 (prefill) tile by tile; odd and even output counts;
     one block and three blocks a row; and rows long enough that 8 input rows are taken a span of
     columns at a time."""
@@ -79,7 +89,7 @@ def test_products_match_unpack_then_matmul(ggml_type, dtype):
         packed = blocks(ggml_type, out_features, n_blocks, seed=out_features + n_blocks)
         weight, want = torch.from_numpy(packed), oracle(packed, ggml_type)
         reference = torch_dequantize(weight, int(ggml_type), want.shape)
-        for rows in (1, 3, 8, 16):
+        for rows in (1, 2, 3, 5, 8, 16):
             x = torch.randn(rows, want.shape[1], generator=torch.Generator().manual_seed(rows)).to(dtype)
             assert_close(mul_mat_vec(weight, x, int(ggml_type), out_features), x, want)
             assert_close((x.float() @ reference.T).to(dtype), x, want)  # the torch reference itself
@@ -183,17 +193,17 @@ def test_the_torch_fallback_gives_the_same_numbers(monkeypatch):
     x = [torch.randn(rows, 96) for rows in (1, 8, 16)]
     before = [mul_mat_vec(weight, rows, int(ggml_type), 7) for rows in x]
 
-    def no_compiler(source):
+    def no_compiler(source, *args, **kwargs):
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
 
-    monkeypatch.setattr(gguf_quant, "build_library", no_compiler)
+    monkeypatch.setattr(gguf_quant, "load_library", no_compiler)
     monkeypatch.setattr(gguf_quant, "_built", None)
     with captured_logs() as records:
         assert not gguf_quant.gguf_kernel_available()
         after = [mul_mat_vec(weight, rows, int(ggml_type), 7) for rows in x]
         assert torch.equal(dequantize(weight, int(ggml_type), 7, 96, torch.float32), want)
         assert torch.equal(get_rows(weight, torch.tensor([2]), int(ggml_type), 96, torch.float32), want[2:3])
-    (record,) = [r for r in records if r.name == "kernelhub.backends.gguf_quant"]
+    (record,) = [r for r in records if r.name == "kernelhub.backends.gguf_quant" and r.levelname == "WARNING"]
     assert "the AVX2 GGUF kernel is unavailable: no C compiler found" in record.getMessage()
     for rows, a, b in zip(x, before, after):
         assert_close(b, rows, want)

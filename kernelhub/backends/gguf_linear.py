@@ -15,8 +15,9 @@ once to `x`'s dtype) to float32 rounding: conformance compares against exactly t
 from __future__ import annotations
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from kernelhub.backends.gguf_quant import mul_mat_eager
+from kernelhub.backends.gguf_quant import MAX_GEMV_ROWS, mul_mat_eager, rows_op_available
 
 
 class GgufLinear(torch.nn.Module):
@@ -32,9 +33,23 @@ class GgufLinear(torch.nn.Module):
 
     def forward(self, x):
         bias = getattr(self, "bias", None)
-        # Graphs record the op (opaque, with a fake: no graph break); eager calls skip its dispatch
-        # unless autograd records, where the op says clearly that it has no backward.
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
-                x.requires_grad or (bias is not None and bias.requires_grad))):
+        if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+            # the Python op says clearly that it has no backward
+            return torch.ops.kernelhub.gguf_mul_mat(self.qweight, x, self.ggml_type, self.out_features, bias)
+        if _decode_sized(x, bias) and self.qweight.is_contiguous() and rows_op_available():
+            # the C++ operator: a few microseconds a call, from eager code and from graphs alike
+            return torch.ops.kernelhub.gguf_rows(self.qweight, x.contiguous(), self.ggml_type, self.out_features,
+                                                 None if bias is None else bias.contiguous())
+        # Graphs record the Python op (opaque, with a fake: no graph break); eager calls skip its dispatch.
+        if torch.compiler.is_compiling():
             return torch.ops.kernelhub.gguf_mul_mat(self.qweight, x, self.ggml_type, self.out_features, bias)
         return mul_mat_eager(self.qweight, x, self.ggml_type, self.out_features, bias)
+
+
+def _decode_sized(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether `kernelhub::gguf_rows` takes `x` (and `bias`): 1 to 8 rows of a known count (a graph
+    whose row count varies, continuous batching's, records the Python op), on the CPU, float32 or
+    bfloat16."""
+    rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+    return (statically_known_true(rows >= 1) and statically_known_true(rows <= MAX_GEMV_ROWS) and x.is_cpu
+            and x.dtype in GgufLinear.dtypes and (bias is None or (bias.is_cpu and bias.dtype in GgufLinear.dtypes)))

@@ -45,13 +45,18 @@ from pathlib import Path
 import torch
 from gguf import GGMLQuantizationType as GGML
 
-from kernelhub.backends.skinny_linear import build_library
+from kernelhub.backends.native_build import build_library, load_library, torch_link_flags
 from kernelhub.declare.errors import CheckpointError
 from kernelhub.declare.ggml_blocks import block_shape, row_bytes, torch_dequantize, type_name
 
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("gguf_quant.c")
+OPS_SOURCE = Path(__file__).with_name("gguf_ops.cpp")  # kernelhub::gguf_rows, linked to SOURCE's library
+HEADERS = (SOURCE.with_name("gguf_unpack_avx2.h"), SOURCE.with_name("gguf_unpack_avx512.h"))
+# The unpacking is compiled for the widest registers the CPU has: AVX-512 (F, BW, VL, DQ: what torch
+# calls AVX512) unpacks and multiplies 16 values an instruction, AVX2 8.
+ISA_FLAGS = {"avx512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"), "avx2": ()}
 TYPES = (GGML.Q4_0, GGML.Q4_1, GGML.Q5_0, GGML.Q5_1, GGML.Q8_0, GGML.Q4_K, GGML.Q5_K, GGML.Q6_K)
 GEMV_TYPES = frozenset(int(t) for t in TYPES)  # what transformers' `GgufKernel.supports` reads
 MAX_GEMV_ROWS = 8  # input rows the C kernel takes in one pass; more run tile by tile
@@ -59,6 +64,8 @@ TILE_VALUES = 1 << 20  # weights unpacked at once for a prefill: 256 rows of 409
 
 _lock = threading.Lock()
 _built: tuple[ctypes.CDLL | None, str] | None = None  # (library, why not), once per process
+_isa = ""  # which build _built holds
+_rows_op = ""  # "" until tried, then "yes" or why kernelhub::gguf_rows is not there
 
 
 # -- the types (layouts and the torch unpacking live in kernelhub.declare.ggml_blocks) -----------
@@ -81,8 +88,15 @@ def check_weight(weight: torch.Tensor, ggml_type: int, in_features: int, out_fea
 
 # -- the C library ---------------------------------------------------------------------------
 
-def _build() -> ctypes.CDLL:
-    library = build_library(SOURCE)
+def instruction_sets() -> list[str]:
+    """The builds of the C kernel this CPU runs, widest first: `"avx512"` where torch reports AVX-512,
+    then `"avx2"`."""
+    return ["avx512", "avx2"] if torch.backends.cpu.get_cpu_capability() == "AVX512" else ["avx2"]
+
+
+def _build(isa: str) -> ctypes.CDLL:
+    """The library compiled for `isa` (a key of ISA_FLAGS); RuntimeError saying why it cannot be."""
+    library = load_library(SOURCE, ISA_FLAGS[isa], HEADERS)
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     library.gguf_mul_mat.argtypes = [ptr, i64, ctypes.c_int, ptr, ptr, ptr, ctypes.c_int, i64, i64, i64, ctypes.c_int]
     library.gguf_dequantize.argtypes = [ptr, i64, ctypes.c_int, ptr, i64, i64, i64, ptr, ctypes.c_int]
@@ -91,17 +105,59 @@ def _build() -> ctypes.CDLL:
 
 
 def _library() -> tuple[ctypes.CDLL | None, str]:
-    global _built
+    global _built, _isa
     if _built is None:
         with _lock:
             if _built is None:
-                try:
-                    _built = (_build(), "")
-                except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-                    _built = (None, str(e))
+                why = ""
+                for isa in instruction_sets():
+                    try:
+                        _built, _isa = (_build(isa), ""), isa
+                        break
+                    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                        why = why or str(e)
+                        logger.debug("the %s build of the GGUF kernel failed: %s", isa, e)
+                else:
+                    _built = (None, why)
                     logger.warning("the AVX2 GGUF kernel is unavailable: %s; packed GGUF weights are unpacked "
-                                   "in torch instead (same results, slower)", e)
+                                   "in torch instead (same results, slower)", why)
     return _built
+
+
+def _load_rows_op(library: ctypes.CDLL) -> None:
+    """Build and register `kernelhub::gguf_rows` (gguf_ops.cpp, linked to `library`) and its fake."""
+    path = build_library(OPS_SOURCE, link=(library._name, *torch_link_flags()))
+    torch.ops.load_library(str(path))
+
+    @torch.library.register_fake("kernelhub::gguf_rows")
+    def _(weight, x, ggml_type, out_features, bias=None):
+        return x.new_empty(*x.shape[:-1], out_features)
+
+
+@torch.compiler.assume_constant_result
+def rows_op_available() -> bool:
+    """Whether `kernelhub::gguf_rows` (the C++ operator for 1 to 8 input rows) is registered here,
+    building it on the first call. Constant under torch.compile."""
+    global _rows_op
+    if not _rows_op:
+        library = _library()[0]
+        with _lock:
+            if not _rows_op:
+                try:
+                    if library is None:
+                        raise RuntimeError("the C kernel it calls is unavailable")
+                    _load_rows_op(library)
+                    _rows_op = "yes"
+                except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                    _rows_op = str(e) or type(e).__name__
+                    logger.info("kernelhub::gguf_rows is unavailable (%s); decode products go through the Python "
+                                "operator (same results, about 15 us more per call)", e)
+    return _rows_op == "yes"
+
+
+def instruction_set() -> str:
+    """Which build of the C kernel runs (`"avx512"` or `"avx2"`), or `""` where none does."""
+    return _isa if gguf_kernel_available() else ""
 
 
 @torch.compiler.assume_constant_result

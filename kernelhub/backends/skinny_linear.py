@@ -8,13 +8,10 @@ multiply-reduce keeps one dependent add chain per output, which caps 8 bf16 rows
 input row while it is in a register, with enough independent FMA chains in flight to keep both
 FMA units busy (`bench/gemv.py`).
 
-The C source ships with kernelhub and is compiled on first use with the system C compiler (`$CC`,
-else `cc`) into `cpu/` under kernelhub's cache directory (`$KERNELHUB_CACHE`, else
-`$XDG_CACHE_HOME/kernelhub` or `~/.cache/kernelhub`), keyed by a hash of the source, the compiler's
-name, the flags and torch's OpenMP runtime. The directory and the library must be private to the
-user (owned, not writable by others), or they are refused. The library links the OpenMP runtime
-torch loaded, and each call runs `torch.get_num_threads()` threads. The `gemv` Linear kernel
-calls it; on its own:
+The C source ships with kernelhub and is compiled on first use with the system C compiler
+(`native_build.build_library`: cached under kernelhub's cache directory, private to the user,
+linked to the OpenMP runtime torch loaded); each call runs `torch.get_num_threads()` threads. The
+`gemv` Linear kernel calls it; on its own:
 
     >>> x, w = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 4.0], [5.0, 6.0], [7.0, 8.0]])
     >>> torch.ops.kernelhub.skinny_linear(x, w, None) if skinny_available() else x @ w.T
@@ -26,109 +23,28 @@ Products are summed in float32 and rounded once to the input's dtype, as `F.line
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import platform
-import shutil
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
 
-from kernelhub.declare.cache_dir import cache_root
+from kernelhub.backends.native_build import load_library
 
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("skinny_linear.c")
 MAX_ROWS = 8
 DTYPES = (torch.float32, torch.bfloat16)
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fPIC", "-fopenmp", "-std=gnu11"]
 
 _lock = threading.Lock()
 _built: tuple[ctypes.CDLL | None, str] | None = None  # (library, why not), once per process
 
 
-def torch_openmp() -> str | None:
-    """The file of the OpenMP runtime torch loaded into this process (linking it, not the
-    toolchain's, keeps one thread pool: two runtimes would each spin threads on the same cores)."""
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split(maxsplit=5)[-1].strip() for line in maps if "libgomp" in line or "libiomp" in line}
-    except OSError:
-        return None
-    paths = {p for p in paths if os.path.isfile(p)}  # not "(deleted)" entries
-    torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
-    ours = sorted(p for p in paths if os.path.dirname(p) == torch_lib)  # before another package's copy
-    return (ours or sorted(paths) or [None])[0]
-
-
-def _private(path: Path) -> None:
-    """Refuse `path` unless this user owns it and no one else may write to it: a library loaded
-    from a cache another user can write to would run their code."""
-    info = path.stat()
-    if info.st_uid != os.getuid() or info.st_mode & 0o022:
-        raise RuntimeError(f"{str(path)!r} is not private to this user (owner uid {info.st_uid}, mode "
-                           f"{info.st_mode & 0o777:o}); remove it or point KERNELHUB_CACHE elsewhere")
-
-
-def _compile(compiler: str, openmp: str, target: Path, source: Path = SOURCE) -> None:
-    """Build the library of `source` into `target`, in a private temporary directory beside it."""
-    work = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
-    try:
-        obj, lib = work / f"{source.stem}.o", work / target.name
-        steps = [[compiler, *FLAGS, "-c", str(source), "-o", str(obj)],
-                 # link torch's runtime by file: its soname is what the loader finds already loaded
-                 [compiler, "-shared", str(obj), openmp, "-o", str(lib)]]
-        for step in steps:
-            done = subprocess.run(step, capture_output=True, text=True, timeout=120)
-            if done.returncode != 0:
-                raise RuntimeError(f"{' '.join(step[:2])} ... failed: {done.stderr.strip()[-500:]}")
-        os.chmod(lib, 0o755)
-        os.replace(lib, target)  # atomic: a process building the same key at once is harmless
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def build_library(source: Path) -> ctypes.CDLL:
-    """Compile (or reuse) the shared library of the C file `source`, cached as `cpu/<stem>-<key>.so`;
-    raises RuntimeError saying why it cannot. Other built-in CPU kernels build their C source here."""
-    if platform.machine().lower() not in ("x86_64", "amd64") or not os.path.exists("/proc/self/maps"):
-        raise RuntimeError(f"it is written for x86-64 Linux, not {platform.system()} {platform.machine()}")
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability not in ("AVX2", "AVX512"):
-        raise RuntimeError(f"it needs AVX2 and FMA; torch reports this CPU as {capability}")
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise RuntimeError("no C compiler found (set CC, or install gcc)")
-    openmp = torch_openmp()
-    if openmp is None:
-        raise RuntimeError("torch's OpenMP runtime (libgomp) is not loaded in this process")
-    text = source.read_bytes()
-    key = hashlib.sha256(b"\0".join([text, " ".join([compiler, *FLAGS]).encode(), openmp.encode()])).hexdigest()
-    folder = cache_root() / "cpu"
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _private(folder)
-    target = folder / f"{source.stem}-{key[:16]}.so"
-    for attempt in (1, 2):
-        if not target.exists():
-            _compile(compiler, openmp, target, source)
-        _private(target)
-        try:
-            library = ctypes.CDLL(str(target))
-            break
-        except OSError:  # a damaged file (a full disk, say): build it again, once
-            if attempt == 2:
-                raise
-            target.unlink(missing_ok=True)
-    return library
-
-
 def _build() -> ctypes.CDLL:
     """Compile (or reuse) this kernel's library; raises RuntimeError saying why it cannot."""
-    library = build_library(SOURCE)
+    library = load_library(SOURCE)
     library.skinny_linear.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                       ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                       ctypes.c_int]

@@ -35,6 +35,8 @@ the next replay overwrites it (`run_compiled` does).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 MIN_BUCKET = 64
@@ -95,12 +97,19 @@ def cuda_graph_options() -> dict:
     return options
 
 
-def run_compiled(ids, positions, padding, cache, model):
-    """One compiled decode step over the static `cache` (see the module docstring); advances the cache."""
+def run_compiled(ids, positions, padding, cache, model, repeat: bool = False):
+    """One compiled decode step over the static `cache` (see the module docstring); advances the cache.
+
+    `repeat=True` says that this `generate` call already ran a step with these shapes: nothing the
+    graph depends on has changed since (the call holds one binding, and rebinding from inside it is
+    refused), so dynamo's guards, about 6,000 checks of the model's modules and tensors that take
+    about a millisecond a step on a small model, are skipped but for those that tell its graphs
+    apart (`skip_guard_eval_unsafe`)."""
     step = cache.step_view(ids.shape[1])
     cuda_graphs = ids.device.type == "cuda"
+    stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) if repeat else nullcontext()
     try:
-        with torch._dynamo.config.patch(recompile_limit=MAX_GRAPHS):
+        with torch._dynamo.config.patch(recompile_limit=MAX_GRAPHS), stance:
             if cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are no longer read
             logits = compiled_decode_step(cuda_graphs)(model, ids, positions, padding, step)

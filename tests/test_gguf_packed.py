@@ -5,6 +5,8 @@ table held once; the plan (and `explain`'s) shows each packed layer's kernel and
 weights were dequantised where they were; the declared layers' references agree with the packed
 kernels for every served type; bad blocks fail clearly."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -96,9 +98,36 @@ def test_training_and_other_devices_dequantise_and_say_why():
     assert not kernelhub.explain(smollm2_gguf(), dequantize=True).notes
 
 
+def test_a_kernel_named_for_packed_layers_keeps_them_packed_on_any_device():
+    """A device no built-in packed kernel serves still keeps the blocks when the caller names a kernel for
+    them (a Hub GPU build, say): that kernel is asked to serve them, not silently bypassed."""
+    plan = kernelhub.explain(smollm2_gguf(), device="meta", kernels={"QuantizedLinear": "reference"})
+    linears = [e for e in plan if "QuantizedLinear" in e.source]
+    assert len(linears) == 121 and {e.chosen for e in linears} == {"reference"}
+    assert not [n for n in plan.notes if "dequantised" in n]
+
+
 def test_packed_weights_take_a_fraction_of_the_memory(packed, dequantised):
     # packed projections (~66 MB) and the Q8_0 embedding (~30 MB, shared with lm_head) in float32
     assert nbytes(packed) <= 150e6 and nbytes(packed) < 0.2 * nbytes(dequantised)
+
+
+def test_a_packed_load_dequantises_nothing_into_the_cache(packed, tmp_path, monkeypatch):
+    """The packed load (and the tokenizer) cache the config and tokenizer only, reading the few float
+    tensors from the file: no float copy of the weights is written. `dequantize=True` then adds it."""
+    import os
+
+    os.symlink(Path(os.environ["KERNELHUB_CACHE"]) / "cpu", tmp_path / "cpu")  # the built kernels, not rebuilt
+    monkeypatch.setenv("KERNELHUB_CACHE", str(tmp_path))
+    model = kernelhub.from_pretrained(smollm2_gguf())
+    kernelhub.load_tokenizer(smollm2_gguf(), model=model)
+    (converted,) = (tmp_path / "gguf").iterdir()
+    assert sorted(f.name for f in converted.iterdir()) == ["config.json", "tokenizer.json", "tokenizer_config.json"]
+    assert sum(f.stat().st_size for f in converted.iterdir()) < 4 << 20  # the float copy is 540 MB
+    for (name, a), b in zip(model.state_dict().items(), packed.state_dict().values()):
+        assert torch.equal(a, b), name
+    kernelhub.from_pretrained(smollm2_gguf(), dequantize=True)
+    assert (converted / "model.safetensors").stat().st_size > 500e6
 
 
 def test_user_kernels_choose_the_reference(packed, prompts):

@@ -7,7 +7,9 @@ norms), derives `config.json` from the metadata (every mapped key checked first,
 file and key; what llama.cpp keeps in code rather than in the file, such as Gemma 3's layer
 pattern, as llama.cpp and transformers' own GGUF loader do), and builds a `tokenizer.json`
 from the vocabulary (and merges). The result is an ordinary checkpoint directory in the user cache,
-so the second load reads safetensors and starts fast.
+so the second load reads safetensors and starts fast. `weights=False` writes the config and
+tokenizer files only: a load that keeps the weights packed reads the few float tensors it needs
+(norms) from the file itself (`read_tensors(..., names=...)`), and the tokenizer needs no weights.
 No transformers at run time.
 """
 
@@ -216,12 +218,13 @@ def unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def read_tensors(reader, config: dict) -> dict:
-    """All tensors, dequantised to float32, under transformers' names."""
+def read_tensors(reader, config: dict, names: set[str] | None = None) -> dict:
+    """All tensors (or those of `names`), dequantised to float32, under transformers' names."""
     from gguf.quants import dequantize
 
     state = {}
-    for t in progress(reader.tensors, desc="dequantising GGUF", unit="tensor"):
+    chosen = [t for t in reader.tensors if names is None or hf_name(t.name, config["model_type"]) in names]
+    for t in progress(chosen, desc="dequantising GGUF", unit="tensor", disable=len(chosen) < 32 or None):
         name = hf_name(t.name, config["model_type"])
         try:
             array = dequantize(t.data, t.tensor_type)
@@ -245,17 +248,24 @@ def tensor_shapes(reader) -> dict:
     return {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
 
 
+def checkpoint_shapes(path, config: dict) -> dict:
+    """Each tensor's shape under transformers' names (what `weight_shapes` reads from safetensors
+    headers), from the GGUF file's tensor index: nothing is read or dequantised."""
+    return {hf_name(name, config["model_type"]): shape for name, shape in tensor_shapes(open_gguf(Path(path))).items()}
+
+
 def read_gguf_config(path) -> dict:
     """The config.json dict of a GGUF file, from its metadata alone (no tensor is read)."""
     reader = open_gguf(Path(path))
     return hf_config(metadata(reader), tensor_shapes(reader), f"GGUF file {path}")
 
 
-def convert_gguf(path, cache_dir: Path | None = None, check_config=None) -> Path:
+def convert_gguf(path, cache_dir: Path | None = None, check_config=None, weights: bool = True) -> Path:
     """Convert a GGUF file to a checkpoint directory (cached by file identity); return the directory.
 
     `check_config(config, source)` is the architecture's own config check (the loader passes it),
-    run before anything is dequantised or written."""
+    run before anything is dequantised or written. `weights=False` writes config.json and the
+    tokenizer files only (a later call with `weights=True` adds model.safetensors)."""
     from kernelhub.checkpoint.gguf_tokenizer import tokenizer_files
 
     path = Path(path)
@@ -264,7 +274,7 @@ def convert_gguf(path, cache_dir: Path | None = None, check_config=None) -> Path
         raise CheckpointError(f"GGUF file {str(path)!r} does not exist")
     key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     out = (cache_dir or cache_root() / "gguf") / f"{path.stem}-{key}"
-    if (out / "model.safetensors").is_file():
+    if (out / "model.safetensors").is_file() or (not weights and (out / "tokenizer_config.json").is_file()):
         return out
     reader = open_gguf(path)
     meta = metadata(reader)
@@ -273,19 +283,21 @@ def convert_gguf(path, cache_dir: Path | None = None, check_config=None) -> Path
     if check_config is not None:
         check_config(config, f"config derived from GGUF file {path}")
     tokenizer_json, tokenizer_config = tokenizer_files(meta)
-    state = read_tensors(reader, config)
-    embed = state["model.embed_tokens.weight"]
-    if embed.shape[0] != config["vocab_size"]:
-        raise CheckpointError(f"{path}: embedding has {embed.shape[0]} rows but the vocabulary has "
+    rows = checkpoint_shapes(path, config).get("model.embed_tokens.weight", (config["vocab_size"],))[0]
+    if rows != config["vocab_size"]:
+        raise CheckpointError(f"{path}: embedding has {rows} rows but the vocabulary has "
                               f"{config['vocab_size']} tokens")
+    state = read_tensors(reader, config) if weights else None
     from safetensors.torch import save_file
 
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (tmp / "tokenizer.json").write_text(tokenizer_json)
+    if state is not None:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": path.name})
+    # last: its presence says the directory is whole (the check above)
     (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": path.name})
     shutil.rmtree(out, ignore_errors=True)  # a half-written directory from an interrupted run
     os.replace(tmp, out)
     return out

@@ -16,12 +16,13 @@ type; parts of different types are dequantised instead, and the plan says so.
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from kernelhub.checkpoint.gguf import hf_name, open_gguf
-from kernelhub.checkpoint.hf_layout import from_checkpoint, materialize, ties, to_checkpoint, weight_files
+from kernelhub.checkpoint.gguf import hf_name, open_gguf, read_tensors
+from kernelhub.checkpoint.hf_layout import from_checkpoint, materialize, ties, to_checkpoint
 from kernelhub.declare.errors import BindError, CheckpointError
 from kernelhub.declare.ggml_blocks import SERVED_TYPES, row_bytes, type_name
 from kernelhub.declare.layer import layer_name
@@ -211,21 +212,14 @@ def with_packed_kernels(kernels, asked, model=None):
     return {**(kernels or {}), **added} if added else kernels
 
 
-def load_packed(model, directory, placed: dict, *, dtype, device, source: str):
+def load_packed(model, gguf_file, placed: dict, config: dict, *, dtype, device, source: str):
     """Materialise `model`: packed blocks into its QuantizedLinear and QuantizedEmbedding modules (not
-    copied; tied ones share one tensor), every other tensor from the dequantised checkpoint `directory`
-    (only the tensors the model still needs are read)."""
-    from safetensors import safe_open
-
+    copied; tied ones share one tensor), every other tensor (norms, weights of types without a packed
+    kernel) dequantised from the GGUF file itself: only the tensors the model still needs are read."""
     tied = {alias for alias, _ in ties(model)}
     ours = {k: v for k, v in model.state_dict().items() if k not in tied and not k.endswith(".qweight")}
     expected = to_checkpoint(model, ours)
-    state = {}
-    for file in weight_files(directory):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                if name in expected:
-                    state[name] = f.get_tensor(name)
+    state = read_tensors(open_gguf(Path(gguf_file)), config, names=set(expected))
     missing = [n for n in expected if n not in state]
     if missing:
         raise CheckpointError(f"{source} lacks {len(missing)} weight(s) the model needs: {', '.join(missing[:8])}")

@@ -20,8 +20,13 @@ from kernelhub.declare.errors import KernelhubError, TensorParallelError
 from kernelhub.registry.modes import parse_mode
 
 
-def packing(path, dequantize: bool | None, *, mode, tensor_parallel: bool, device) -> tuple[Path | None, str | None]:
-    """(the .gguf file to keep packed, or None; why a GGUF file is dequantised when `dequantize=None` chose it)."""
+def packing(path, dequantize: bool | None, *, mode, tensor_parallel: bool, device,
+            kernels=None) -> tuple[Path | None, str | None]:
+    """(the .gguf file to keep packed, or None; why a GGUF file is dequantised when `dequantize=None` chose it).
+
+    A device no built-in packed kernel serves keeps the blocks packed all the same when `kernels`
+    (the caller's `kernels=`) names a kernel for a packed layer: that kernel (a Hub GPU build, say)
+    is the one asked to serve them, and binding checks it as any other."""
     if dequantize not in (None, True, False):
         raise KernelhubError(f"dequantize={dequantize!r}; allowed: None (packed where a kernel serves), True, False")
     gguf = Path(path).suffix == ".gguf"
@@ -43,12 +48,17 @@ def packing(path, dequantize: bool | None, *, mode, tensor_parallel: bool, devic
         why = f"mode={mode!r} trains float weights (packed blocks have no gradient)"
     elif tensor_parallel:
         why = "tp_plan shards float weights (packed blocks are not sharded)"
-    elif kind not in packed_devices():
+    elif kind not in packed_devices() and not names_packed_layer(kernels):
         why = (f"no packed GGUF kernel serves device {kind!r} (they serve {', '.join(packed_devices())}); "
                "dequantize=False keeps them packed on the reference layers")
     if why is not None:
         return None, f"GGUF weights dequantised: {why}; dequantize=True says so explicitly"
     return Path(path), None
+
+
+def names_packed_layer(kernels) -> bool:
+    """Whether a `kernels=` request names a kernel for QuantizedLinear or QuantizedEmbedding."""
+    return isinstance(kernels, dict) and any(name in kernels for name in ("QuantizedLinear", "QuantizedEmbedding"))
 
 
 def packed_devices() -> tuple[str, ...]:

@@ -77,15 +77,24 @@ def build_model(config: dict, *, output_attentions: bool = False, source: str = 
         return arch(parsed)
 
 
-def checkpoint_dir(path) -> Path:
-    """A checkpoint directory for `path`: itself, or the cached conversion of a .gguf file."""
+def checkpoint_dir(path, weights: bool = True) -> Path:
+    """A checkpoint directory for `path`: itself, or the cached conversion of a .gguf file (with its
+    weights dequantised, or `weights=False`: config and tokenizer files only)."""
     path = Path(path)
     if path.suffix == ".gguf":
         from kernelhub.checkpoint.gguf import convert_gguf
 
         # The architecture's own checks too (an odd head_dim, say), before anything is dequantised.
-        return convert_gguf(path, check_config=lambda config, source: parse_config(config, source=source))
+        return convert_gguf(path, check_config=lambda config, source: parse_config(config, source=source),
+                            weights=weights)
     return path
+
+
+def gguf_shapes(path, config: dict) -> dict:
+    """The tensor shapes of a .gguf file under transformers' names, from its index alone."""
+    from kernelhub.checkpoint.gguf import checkpoint_shapes
+
+    return checkpoint_shapes(path, config)
 
 
 def load_tokenizer(path: str | os.PathLike, model: torch.nn.Module | None = None, *, revision: str | None = None,
@@ -107,7 +116,7 @@ def load_tokenizer(path: str | os.PathLike, model: torch.nn.Module | None = None
 
     path = resolve_checkpoint(path, revision=revision, gguf_file=gguf_file, token=token, cache_dir=cache_dir,
                               local_files_only=local_files_only, files="tokenizer")
-    tokenizer = Tokenizer.from_file(checkpoint_dir(path), **kwargs)
+    tokenizer = Tokenizer.from_file(checkpoint_dir(path, weights=False), **kwargs)
     if model is not None:
         rows = model.get_input_embeddings().num_embeddings
         if tokenizer.vocab_size > rows:
@@ -289,8 +298,8 @@ def from_pretrained(path: str | os.PathLike, attn_implementation: AttnImplementa
     path = resolve_checkpoint(path, revision=revision, gguf_file=gguf_file, token=token, cache_dir=cache_dir,
                               local_files_only=local_files_only)  # a Hub id: downloaded (weights only, no code)
     packed_file, unpacked_note = packing(path, dequantize, mode=mode, tensor_parallel=mesh is not None,
-                                         device=device)
-    path = checkpoint_dir(path)
+                                         device=device, kernels=kernels)
+    path = checkpoint_dir(path, weights=packed_file is None)  # packed: the few float tensors come from the file
     config = read_config(path)
     source = str(config_path(path))
     arch, parsed = parse_config(config, source=source, output_attentions=output_attentions)
@@ -298,7 +307,8 @@ def from_pretrained(path: str | os.PathLike, attn_implementation: AttnImplementa
     dtype = resolve_dtype(dtype, config)
     check = getattr(parsed, "check_weights", None)
     if check is not None and mesh is None:  # sizes against the weights' headers, before anything is built
-        check(weight_shapes(path), source=source, weights=str(path))
+        check(weight_shapes(path) if packed_file is None else gguf_shapes(packed_file, config), source=source,
+              weights=str(packed_file or path))
     with torch.device("meta"):
         model = arch(parsed)
     # tensor-parallel sizes against the group first (from the config alone), then against the headers
@@ -325,7 +335,7 @@ def from_pretrained(path: str | os.PathLike, attn_implementation: AttnImplementa
     elif packed_file is not None:
         from kernelhub.checkpoint.gguf_packed import load_packed
 
-        load_packed(model, path, placed, dtype=dtype, device=device, source=str(packed_file))
+        load_packed(model, packed_file, placed, config, dtype=dtype, device=device, source=str(packed_file))
         for line in packed_notes:
             model.binding = model.binding.noting(line)
     else:
@@ -376,7 +386,7 @@ def explain(path: str | os.PathLike, attn_implementation: AttnImplementation | N
     attn, kern, held = requested(config, attn_implementation, kernels, source)
     kern = with_experts_implementation(model, kernels, kern, experts_implementation)
     packed_file, unpacked_note = packing(path, dequantize, mode=mode, tensor_parallel=tp_size is not None,
-                                         device=device)
+                                         device=device, kernels=kernels)
     notes = [] if unpacked_note is None else [unpacked_note]
     if packed_file is not None:
         _, packed_notes, kern = pack(model, packed_file, config, kern, kernels, read=False)

@@ -15,6 +15,8 @@ from gguf import GGMLQuantizationType as GGML
 from torch._dynamo.utils import counters
 
 import kernelhub
+from kernelhub.runtime import compiled_decode
+from kernelhub.runtime.compiled_decode import wants_cpp_wrapper
 from kernelhub.declare.reference_layers import QuantizedEmbedding, QuantizedLinear
 from tests.gguf_files import TOKENS, write_tiny_gguf
 
@@ -54,6 +56,9 @@ def test_compiled_generate_on_packed_weights_gives_eager_tokens_and_compiles_onc
         assert compiled.tolist() == model.generate(ids, max_new_tokens=24, eos_token_id=None).tolist()
     # 2 prompts x 23 decode steps under fullgraph=True (a graph break raises): one graph
     assert graphs() - before == 1
+    # built with inductor's C++ wrapper (no Python between the step's calls), as packed CPU models are
+    assert wants_cpp_wrapper(model, torch.device("cpu")) and (False, True) in compiled_decode._compiled
+    assert not wants_cpp_wrapper(kernelhub.from_pretrained(packed_gguf, dequantize=True), torch.device("cpu"))
 
 
 def test_compiled_batching_on_packed_weights_gives_eager_tokens(packed_gguf):

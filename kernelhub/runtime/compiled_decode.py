@@ -17,6 +17,11 @@ all are handled here:
 Shapes stay static otherwise (`dynamic=False`): each bucket gets code specialised to its sizes.
 The prefill runs eagerly (one call per prompt, of a length that varies).
 
+**Per-step overhead.** On a small model a step's kernels take a few milliseconds, so what runs
+between them counts: the steps after a call's first skip dynamo's guard checks (`run_compiled`'s
+`repeat`), and a CPU model whose weights stay in packed GGUF blocks runs inductor's C++ wrapper
+rather than its Python one (`wants_cpp_wrapper`).
+
 **A kept cache.** A finished call leaves its static cache with the model and the next call of
 the same shape takes it, cleared (`kernelhub.runtime.kept_cache`): its tensors keep their
 addresses from call to call, which CUDA-graph trees need to replay what they recorded.
@@ -38,6 +43,8 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
+
+from kernelhub.declare.layer import layer_name
 
 MIN_BUCKET = 64
 LINEAR_ABOVE = 1024  # powers of two up to here, then multiples of it (bounded padding, few buckets)
@@ -77,15 +84,26 @@ def decode_step(model, ids, positions, padding, cache):
 _compiled: dict = {}
 
 
-def compiled_decode_step(cuda_graphs: bool = False):
+def compiled_decode_step(cuda_graphs: bool = False, cpp_wrapper: bool = False):
     """`decode_step` under `torch.compile(fullgraph=True, dynamic=False)`, built once per process (and
-    once more with CUDA-graph capture, for steps on a CUDA device)."""
-    if cuda_graphs not in _compiled:
+    once more with CUDA-graph capture, for steps on a CUDA device, or with inductor's C++ wrapper)."""
+    key = (cuda_graphs, cpp_wrapper)
+    if key not in _compiled:
         # Shapes are static, so dynamo's guards already check every input's size and stride before
         # the graph runs; inductor's own per-call re-check of each of its ~300 inputs is dropped.
-        options = {"size_asserts": False, **(cuda_graph_options() if cuda_graphs else {})}
-        _compiled[cuda_graphs] = torch.compile(decode_step, fullgraph=True, dynamic=False, options=options)
-    return _compiled[cuda_graphs]
+        options = {"size_asserts": False, **(cuda_graph_options() if cuda_graphs else {}),
+                   **({"cpp_wrapper": True} if cpp_wrapper else {})}
+        _compiled[key] = torch.compile(decode_step, fullgraph=True, dynamic=False, options=options)
+    return _compiled[key]
+
+
+def wants_cpp_wrapper(model, device: torch.device) -> bool:
+    """Whether a CPU decode step of `model` is worth inductor's C++ wrapper: one whose weights stay in
+    packed GGUF blocks (`QuantizedLinear`). Its kernels are short (SmolLM2-135M Q4_1: about 10 ms a
+    token), so the Python that calls them, about 150 calls a step, is a tenth of the step; in C++ it
+    is gone, for about 30 s more the first time each shape bucket compiles (cached on disk after).
+    Other models keep the Python wrapper, which compiles faster."""
+    return device.type == "cpu" and any(layer_name(m) == "QuantizedLinear" for m in model.modules())
 
 
 def cuda_graph_options() -> dict:
@@ -97,14 +115,15 @@ def cuda_graph_options() -> dict:
     return options
 
 
-def run_compiled(ids, positions, padding, cache, model, repeat: bool = False):
+def run_compiled(ids, positions, padding, cache, model, repeat: bool = False, cpp_wrapper: bool = False):
     """One compiled decode step over the static `cache` (see the module docstring); advances the cache.
 
     `repeat=True` says that this `generate` call already ran a step with these shapes: nothing the
     graph depends on has changed since (the call holds one binding, and rebinding from inside it is
     refused), so dynamo's guards, about 6,000 checks of the model's modules and tensors that take
     about a millisecond a step on a small model, are skipped but for those that tell its graphs
-    apart (`skip_guard_eval_unsafe`)."""
+    apart (`skip_guard_eval_unsafe`). `cpp_wrapper` picks the graph built with inductor's C++ wrapper
+    (`wants_cpp_wrapper`)."""
     step = cache.step_view(ids.shape[1])
     cuda_graphs = ids.device.type == "cuda"
     stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) if repeat else nullcontext()
@@ -112,7 +131,7 @@ def run_compiled(ids, positions, padding, cache, model, repeat: bool = False):
         with torch._dynamo.config.patch(recompile_limit=MAX_GRAPHS), stance:
             if cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are no longer read
-            logits = compiled_decode_step(cuda_graphs)(model, ids, positions, padding, step)
+            logits = compiled_decode_step(cuda_graphs, cpp_wrapper)(model, ids, positions, padding, step)
     except torch._dynamo.exc.TorchDynamoException as e:
         raise compile_failure(e, "generate(compile=True)") from e
     cache.seen += ids.shape[1]

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES
 
-from kernelhub.backends.gguf_quant import TYPES, gguf_kernel_available, mul_mat_eager, unavailable_reason
+from kernelhub.backends.gguf_quant import (TYPES, gguf_kernel_available, instruction_set, mul_mat_eager,
+                                           unavailable_reason)
 
 SHAPES = {"4096x4096": (4096, 4096), "576x1536 (SmolLM2)": (576, 1536)}
 TOTAL_BYTES = 192 << 20
@@ -89,7 +90,8 @@ def main():
     if not gguf_kernel_available():
         print(f"the C kernel is unavailable here ({unavailable_reason()}); this measures the torch fallback")
     whole, copy = (rate / 1e9 for rate in copy_bandwidth())
-    print(f"{torch.get_num_threads()} threads; copy bandwidth (read + write) {copy:.1f} GB/s "
+    print(f"{torch.get_num_threads()} threads, the {instruction_set() or 'torch'} build; "
+          f"copy bandwidth (read + write) {copy:.1f} GB/s "
           f"(a whole 512 MiB clone: {whole:.1f} GB/s)\n")
     rng = np.random.default_rng(0)
     header = "".join(f"{f'{name}, {m} row' + 's' * (m > 1):>28}" for name in SHAPES for m in ROWS)

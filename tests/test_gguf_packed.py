@@ -105,6 +105,10 @@ def test_a_kernel_named_for_packed_layers_keeps_them_packed_on_any_device():
     linears = [e for e in plan if "QuantizedLinear" in e.source]
     assert len(linears) == 121 and {e.chosen for e in linears} == {"reference"}
     assert not [n for n in plan.notes if "dequantised" in n]
+    # an embedding kernel alone is refused: the Linears would unpack their whole weight at every call
+    with pytest.raises(KernelhubError, match="names a QuantizedEmbedding kernel but none for QuantizedLinear: no "
+                                             "built-in packed kernel serves device 'meta'.*dequantize=True"):
+        kernelhub.explain(smollm2_gguf(), device="meta", kernels={"QuantizedEmbedding": "reference"})
 
 
 def test_packed_weights_take_a_fraction_of_the_memory(packed, dequantised):
@@ -126,8 +130,11 @@ def test_a_packed_load_dequantises_nothing_into_the_cache(packed, tmp_path, monk
     assert sum(f.stat().st_size for f in converted.iterdir()) < 4 << 20  # the float copy is 540 MB
     for (name, a), b in zip(model.state_dict().items(), packed.state_dict().values()):
         assert torch.equal(a, b), name
+    kept = {f.name: f.stat().st_ino for f in converted.iterdir()}
     kernelhub.from_pretrained(smollm2_gguf(), dequantize=True)
     assert (converted / "model.safetensors").stat().st_size > 500e6
+    # the weights are added beside the config and tokenizer, which readers may hold: those stay in place
+    assert {f.name: f.stat().st_ino for f in converted.iterdir() if f.name in kept} == kept
 
 
 def test_user_kernels_choose_the_reference(packed, prompts):

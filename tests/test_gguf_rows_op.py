@@ -12,6 +12,7 @@ from gguf import GGMLQuantizationType as GGML
 from kernelhub.backends import gguf_quant
 from kernelhub.backends.gguf_linear import GgufLinear
 from kernelhub.backends.gguf_quant import TYPES, gguf_kernel_available, mul_mat_eager, rows_op_available
+from kernelhub.declare.log import captured_logs
 
 pytestmark = pytest.mark.skipif(not rows_op_available(), reason=f"kernelhub::gguf_rows cannot be built here: "
                                 f"{gguf_quant._rows_op or gguf_quant.unavailable_reason()}")
@@ -105,16 +106,24 @@ def test_a_graph_records_the_operator_whole():
 
 def test_without_the_operator_the_linear_gives_the_same_numbers(monkeypatch):
     """Where the C++ operator cannot be built (no C++ compiler, say), decode goes through the Python
-    operator: equal results, the reason kept."""
+    operator: equal results, the reason kept and logged, the build not retried at every call."""
     linear = Host(random_blocks(GGML.Q4_1, 33, 96), GGML.Q4_1, 96)
     x = torch.randn(3, 96)
     with torch.no_grad():
         fast = linear(x)
-        monkeypatch.setattr(gguf_quant, "_rows_op", "no C++ compiler found (set CXX, or install g++)")
-        calls = []
-        monkeypatch.setattr(torch.ops.kernelhub, "gguf_rows", lambda *a: calls.append(a))
-        assert not gguf_quant.rows_op_available()
-        assert torch.equal(linear(x), fast) and calls == []
+    tries = []
+
+    def no_compiler(source, *args, **kwargs):
+        tries.append(source.name)
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+
+    monkeypatch.setattr(gguf_quant, "load_library", no_compiler)
+    monkeypatch.setattr(gguf_quant, "_rows_op", "")  # as in a process that has not tried yet
+    with captured_logs() as records, torch.no_grad():
+        slow = [linear(x), linear(x)]
+    assert tries == ["gguf_ops.cpp"] and "no C++ compiler found" in gguf_quant._rows_op
+    assert any("kernelhub::gguf_rows is unavailable (no C++ compiler found" in r.getMessage() for r in records)
+    assert all(torch.equal(s, fast) for s in slow)
 
 
 @pytest.mark.skipif(not gguf_kernel_available(), reason="the C kernel cannot be built here")

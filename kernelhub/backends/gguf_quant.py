@@ -15,9 +15,11 @@ Each is a `torch.library` custom op (`kernelhub::gguf_mul_mat`, `kernelhub::gguf
 `kernelhub::gguf_get_rows`) with a fake, so a model calling them compiles whole with
 `fullgraph=True`. For 1 to 8 input rows (decode) the product runs in `gguf_quant.c`, which reads
 each weight row once and multiplies it, unpacked in registers, by every input row; it is compiled
-on first use like `skinny_linear.c` (same cache directory, privacy checks, OpenMP runtime and
-thread count). More rows (prefill) unpack the weight a tile of rows at a time, in float32, into
-`F.linear`, so the whole float weight never exists. Activations are never quantised: products are
+on first use (`native_build`: a private cache, torch's OpenMP runtime and thread count), for
+AVX-512 where the CPU has it, else AVX2. `kernelhub::gguf_rows` (`gguf_ops.cpp`, a C++ operator
+linked to it, built beside it) is the same product without Python in between, a few microseconds
+a call: `GgufLinear` calls it for decode. More rows (prefill) unpack the weight a tile of rows at a
+time, in float32, into `F.linear`, so the whole float weight never exists. Activations are never quantised: products are
 summed in float32 and rounded once to `x`'s dtype, so results match unpacking the weight to
 float32 and multiplying (`torch_dequantize` then `x.float() @ W.T`) to float32 rounding; both
 unpackings give gguf-py's float32 values bit for bit. Where the C library cannot be built, the same
@@ -45,7 +47,7 @@ from pathlib import Path
 import torch
 from gguf import GGMLQuantizationType as GGML
 
-from kernelhub.backends.native_build import build_library, load_library, torch_link_flags
+from kernelhub.backends.native_build import load_library, torch_link_flags
 from kernelhub.declare.errors import CheckpointError
 from kernelhub.declare.ggml_blocks import block_shape, row_bytes, torch_dequantize, type_name
 
@@ -112,22 +114,22 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
                 why = ""
                 for isa in instruction_sets():
                     try:
-                        _built, _isa = (_build(isa), ""), isa
+                        library = _build(isa)
+                        _isa, _built = isa, (library, "")
                         break
                     except (RuntimeError, OSError, subprocess.SubprocessError) as e:
                         why = why or str(e)
                         logger.debug("the %s build of the GGUF kernel failed: %s", isa, e)
                 else:
                     _built = (None, why)
-                    logger.warning("the AVX2 GGUF kernel is unavailable: %s; packed GGUF weights are unpacked "
+                    logger.warning("the GGUF CPU kernel is unavailable: %s; packed GGUF weights are unpacked "
                                    "in torch instead (same results, slower)", why)
     return _built
 
 
 def _load_rows_op(library: ctypes.CDLL) -> None:
     """Build and register `kernelhub::gguf_rows` (gguf_ops.cpp, linked to `library`) and its fake."""
-    path = build_library(OPS_SOURCE, link=(library._name, *torch_link_flags()))
-    torch.ops.load_library(str(path))
+    load_library(OPS_SOURCE, link=(library._name, *torch_link_flags()), loader=torch.ops.load_library)
 
     @torch.library.register_fake("kernelhub::gguf_rows")
     def _(weight, x, ggml_type, out_features, bias=None):
@@ -148,7 +150,7 @@ def rows_op_available() -> bool:
                         raise RuntimeError("the C kernel it calls is unavailable")
                     _load_rows_op(library)
                     _rows_op = "yes"
-                except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                except Exception as e:  # noqa: BLE001 - whatever fails, decode keeps the Python operator
                     _rows_op = str(e) or type(e).__name__
                     logger.info("kernelhub::gguf_rows is unavailable (%s); decode products go through the Python "
                                 "operator (same results, about 15 us more per call)", e)

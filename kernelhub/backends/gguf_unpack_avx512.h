@@ -32,7 +32,7 @@ static const float COUNT[32] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14
                                 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
 AI __m512 table(__m512 s, __m512 o, int from) { return _mm512_fmadd_ps(_mm512_loadu_ps(COUNT + from), s, o); }
 
-/* 32 weights of 4 bits: the low 4 bits of each lane of q[g] index `t` */
+/* 32 weights of 4 bits: the low 4 bits of each lane of q[g] index `weights` */
 AI void look_up4(sink t, const int M, const int A, const int P, int64_t k, const __m512i *q, __m512 weights) {
     const __m512 w[2] = {_mm512_permutexvar_ps(q[0], weights), _mm512_permutexvar_ps(q[1], weights)};
     take(t, M, A, P, k, w);

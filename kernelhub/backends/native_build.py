@@ -3,8 +3,8 @@
 The sources ship with kernelhub (`skinny_linear.c`, `gguf_quant.c`, `gguf_ops.cpp`). Each is
 compiled once into `cpu/` under kernelhub's cache directory (`$KERNELHUB_CACHE`, else
 `$XDG_CACHE_HOME/kernelhub` or `~/.cache/kernelhub`), keyed by a hash of its text (and of the
-headers it includes), the compiler's name, the flags, what it links and torch's OpenMP runtime, so
-an edited source, another compiler or another torch builds anew. The directory and the library
+headers it includes), the compiler's name, the flags, what it links, torch's version and its OpenMP
+runtime, so an edited source, another compiler or another torch builds anew. The directory and the library
 must be private to the user (owned, not writable by others), or they are refused: a library
 loaded from a place another user can write to would run their code.
 
@@ -107,7 +107,8 @@ def build_library(source: Path, extra_flags: tuple[str, ...] = (), headers: tupl
             raise RuntimeError("torch's OpenMP runtime (libgomp) is not loaded in this process")
         flags, link = (*C_FLAGS, *extra_flags), (*link, openmp)
     texts = [source.read_bytes(), *(h.read_bytes() for h in headers)]
-    key = hashlib.sha256(b"\0".join([*texts, " ".join([compiler, *flags]).encode(), " ".join(link).encode()]))
+    key = hashlib.sha256(b"\0".join([*texts, " ".join([compiler, *flags]).encode(), " ".join(link).encode(),
+                                     torch.__version__.encode()]))
     folder = cache_root() / "cpu"
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     _private(folder)
@@ -118,12 +119,14 @@ def build_library(source: Path, extra_flags: tuple[str, ...] = (), headers: tupl
     return target
 
 
-def load_library(source: Path, *args, **kwargs) -> ctypes.CDLL:
-    """`build_library(source, ...)` loaded with ctypes; a damaged file (a full disk, say) is built again, once."""
+def load_library(source: Path, *args, loader=ctypes.CDLL, **kwargs):
+    """`loader` (ctypes.CDLL, or torch.ops.load_library for an operator library) of the path of
+    `build_library(source, ...)`; a file that fails to load (damaged by a full disk, say) is built
+    again, once."""
     for attempt in (1, 2):
         target = build_library(source, *args, **kwargs)
         try:
-            return ctypes.CDLL(str(target))
+            return loader(str(target))
         except OSError:
             if attempt == 2:
                 raise

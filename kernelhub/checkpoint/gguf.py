@@ -287,17 +287,22 @@ def convert_gguf(path, cache_dir: Path | None = None, check_config=None, weights
     if rows != config["vocab_size"]:
         raise CheckpointError(f"{path}: embedding has {rows} rows but the vocabulary has "
                               f"{config['vocab_size']} tokens")
-    state = read_tensors(reader, config) if weights else None
-    from safetensors.torch import save_file
+    whole = (out / "tokenizer_config.json").is_file()  # written last into a directory renamed whole
+    if not whole:
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "tokenizer.json").write_text(tokenizer_json)
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+        shutil.rmtree(out, ignore_errors=True)  # a half-written directory from an interrupted run
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process put a whole one there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    if weights:  # beside the config and tokenizer, which readers may be using: one file, renamed in place
+        from safetensors.torch import save_file
 
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (tmp / "tokenizer.json").write_text(tokenizer_json)
-    if state is not None:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": path.name})
-    # last: its presence says the directory is whole (the check above)
-    (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)  # a half-written directory from an interrupted run
-    os.replace(tmp, out)
+        part = out / f"model.safetensors.tmp{os.getpid()}"
+        save_file(read_tensors(reader, config), str(part), metadata={"format": "pt", "source": path.name})
+        os.replace(part, out / "model.safetensors")
     return out

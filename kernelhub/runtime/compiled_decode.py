@@ -18,9 +18,11 @@ Shapes stay static otherwise (`dynamic=False`): each bucket gets code specialise
 The prefill runs eagerly (one call per prompt, of a length that varies).
 
 **Per-step overhead.** On a small model a step's kernels take a few milliseconds, so what runs
-between them counts: the steps after a call's first skip dynamo's guard checks (`run_compiled`'s
-`repeat`), and a CPU model whose weights stay in packed GGUF blocks runs inductor's C++ wrapper
-rather than its Python one (`wants_cpp_wrapper`).
+between them counts: a CPU model whose weights stay in packed GGUF blocks runs inductor's C++
+wrapper rather than its Python one (`wants_cpp_wrapper`). Dynamo still checks its guards every
+step (about 6,000 for SmolLM2, well under a millisecond): skipping them would need
+`set_stance(skip_guard_eval_unsafe=True)`, a process-wide switch that would also skip them for
+another thread's compiled call of another model.
 
 **A kept cache.** A finished call leaves its static cache with the model and the next call of
 the same shape takes it, cleared (`kernelhub.runtime.kept_cache`): its tensors keep their
@@ -39,8 +41,6 @@ the next replay overwrites it (`run_compiled` does).
 """
 
 from __future__ import annotations
-
-from contextlib import nullcontext
 
 import torch
 
@@ -115,20 +115,13 @@ def cuda_graph_options() -> dict:
     return options
 
 
-def run_compiled(ids, positions, padding, cache, model, repeat: bool = False, cpp_wrapper: bool = False):
+def run_compiled(ids, positions, padding, cache, model, cpp_wrapper: bool = False):
     """One compiled decode step over the static `cache` (see the module docstring); advances the cache.
-
-    `repeat=True` says that this `generate` call already ran a step with these shapes: nothing the
-    graph depends on has changed since (the call holds one binding, and rebinding from inside it is
-    refused), so dynamo's guards, about 6,000 checks of the model's modules and tensors that take
-    about a millisecond a step on a small model, are skipped but for those that tell its graphs
-    apart (`skip_guard_eval_unsafe`). `cpp_wrapper` picks the graph built with inductor's C++ wrapper
-    (`wants_cpp_wrapper`)."""
+    `cpp_wrapper` picks the graph built with inductor's C++ wrapper (`wants_cpp_wrapper`)."""
     step = cache.step_view(ids.shape[1])
     cuda_graphs = ids.device.type == "cuda"
-    stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) if repeat else nullcontext()
     try:
-        with torch._dynamo.config.patch(recompile_limit=MAX_GRAPHS), stance:
+        with torch._dynamo.config.patch(recompile_limit=MAX_GRAPHS):
             if cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are no longer read
             logits = compiled_decode_step(cuda_graphs, cpp_wrapper)(model, ids, positions, padding, step)

@@ -217,8 +217,7 @@ def generate(model, input_ids, *, sampling: SamplingParams | None = None, attent
     for step in range(limit):
         ids_in, positions_in = pad_rows(step_ids, rows), pad_rows(positions, rows)
         if compile and step:
-            logits = run_compiled(ids_in, positions_in, padding, kv, model, repeat=step > 1,
-                                  cpp_wrapper=cpp_wrapper)[:batch]
+            logits = run_compiled(ids_in, positions_in, padding, kv, model, cpp_wrapper=cpp_wrapper)[:batch]
         elif not use_cache:  # the whole sequence again, every step
             every = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             logits = model(sequences, attention_mask=attention_mask, position_ids=every, cache=None,

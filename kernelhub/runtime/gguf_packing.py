@@ -25,8 +25,10 @@ def packing(path, dequantize: bool | None, *, mode, tensor_parallel: bool, devic
     """(the .gguf file to keep packed, or None; why a GGUF file is dequantised when `dequantize=None` chose it).
 
     A device no built-in packed kernel serves keeps the blocks packed all the same when `kernels`
-    (the caller's `kernels=`) names a kernel for a packed layer: that kernel (a Hub GPU build, say)
-    is the one asked to serve them, and binding checks it as any other."""
+    (the caller's `kernels=`) names a kernel for QuantizedLinear: that kernel (a Hub GPU build, say)
+    is the one asked to serve them, and binding checks it as any other. A kernel named for
+    QuantizedEmbedding alone is refused there: the packed Linears would have no kernel but the
+    reference, which unpacks the whole weight at every call."""
     if dequantize not in (None, True, False):
         raise KernelhubError(f"dequantize={dequantize!r}; allowed: None (packed where a kernel serves), True, False")
     gguf = Path(path).suffix == ".gguf"
@@ -48,7 +50,13 @@ def packing(path, dequantize: bool | None, *, mode, tensor_parallel: bool, devic
         why = f"mode={mode!r} trains float weights (packed blocks have no gradient)"
     elif tensor_parallel:
         why = "tp_plan shards float weights (packed blocks are not sharded)"
-    elif kind not in packed_devices() and not names_packed_layer(kernels):
+    elif kind not in packed_devices() and isinstance(kernels, dict) and "QuantizedLinear" not in kernels \
+            and "QuantizedEmbedding" in kernels:
+        raise KernelhubError(f"kernels names a QuantizedEmbedding kernel but none for QuantizedLinear: no built-in "
+                             f"packed kernel serves device {kind!r} (they serve {', '.join(packed_devices())}), so "
+                             "the packed Linears would unpack their whole weight at every call; name a kernel for "
+                             "QuantizedLinear too, or pass dequantize=True (and drop the QuantizedEmbedding key)")
+    elif kind not in packed_devices() and not names_packed_linear(kernels):
         why = (f"no packed GGUF kernel serves device {kind!r} (they serve {', '.join(packed_devices())}); "
                "dequantize=False keeps them packed on the reference layers")
     if why is not None:
@@ -56,9 +64,9 @@ def packing(path, dequantize: bool | None, *, mode, tensor_parallel: bool, devic
     return Path(path), None
 
 
-def names_packed_layer(kernels) -> bool:
-    """Whether a `kernels=` request names a kernel for QuantizedLinear or QuantizedEmbedding."""
-    return isinstance(kernels, dict) and any(name in kernels for name in ("QuantizedLinear", "QuantizedEmbedding"))
+def names_packed_linear(kernels) -> bool:
+    """Whether a `kernels=` request names a kernel for QuantizedLinear."""
+    return isinstance(kernels, dict) and "QuantizedLinear" in kernels
 
 
 def packed_devices() -> tuple[str, ...]:

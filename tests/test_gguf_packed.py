@@ -118,12 +118,15 @@ def test_packed_weights_take_a_fraction_of_the_memory(packed, dequantised):
 
 def test_a_packed_load_dequantises_nothing_into_the_cache(packed, tmp_path, monkeypatch):
     """The packed load (and the tokenizer) cache the config and tokenizer only, reading the few float
-    tensors from the file: no float copy of the weights is written. `dequantize=True` then adds it."""
+    tensors from the file: no float copy of the weights is written, and the file is unmapped after.
+    `dequantize=True` then adds the float copy."""
     import os
 
     os.symlink(Path(os.environ["KERNELHUB_CACHE"]) / "cpu", tmp_path / "cpu")  # the built kernels, not rebuilt
     monkeypatch.setenv("KERNELHUB_CACHE", str(tmp_path))
     model = kernelhub.from_pretrained(smollm2_gguf())
+    with open("/proc/self/maps") as maps:  # the file is not left mapped: its pages would count as resident
+        assert str(smollm2_gguf().resolve()) not in maps.read()
     kernelhub.load_tokenizer(smollm2_gguf(), model=model)
     (converted,) = (tmp_path / "gguf").iterdir()
     assert sorted(f.name for f in converted.iterdir()) == ["config.json", "tokenizer.json", "tokenizer_config.json"]

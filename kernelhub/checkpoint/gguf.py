@@ -60,6 +60,12 @@ def open_gguf(path: Path):
     return _reader(path.resolve(), stat.st_size, stat.st_mtime_ns)
 
 
+def close_gguf_files() -> None:
+    """Drop the GGUF files `open_gguf` keeps open: a file's pages that a load read count in this
+    process's resident memory while it stays mapped (Gemma 3 270M: about 280 MB besides the copies)."""
+    _reader.cache_clear()
+
+
 @functools.lru_cache(maxsize=2)
 def _reader(path: Path, size: int, mtime_ns: int):
     from kernelhub.checkpoint.gguf_reader import GgufFile

@@ -19,6 +19,7 @@ import torch
 from kernelhub.checkpoint.hf_layout import (check_weight_names, config_path, load_weights, materialize, read_config,
                                          read_state_dict, resolve_dtype, weight_shapes)
 from kernelhub.checkpoint.generation_config import GenerationConfig
+from kernelhub.checkpoint.gguf import checkpoint_shapes, close_gguf_files, convert_gguf
 from kernelhub.checkpoint.hub_checkpoint import resolve_checkpoint
 from kernelhub.runtime.tensor_parallel import install_boundaries, plan_shards, shard_model
 from kernelhub.runtime.tensor_parallel_load import device_mesh_for, read_local_state
@@ -82,19 +83,10 @@ def checkpoint_dir(path, weights: bool = True) -> Path:
     weights dequantised, or `weights=False`: config and tokenizer files only)."""
     path = Path(path)
     if path.suffix == ".gguf":
-        from kernelhub.checkpoint.gguf import convert_gguf
-
         # The architecture's own checks too (an odd head_dim, say), before anything is dequantised.
         return convert_gguf(path, check_config=lambda config, source: parse_config(config, source=source),
                             weights=weights)
     return path
-
-
-def gguf_shapes(path, config: dict) -> dict:
-    """The tensor shapes of a .gguf file under transformers' names, from its index alone."""
-    from kernelhub.checkpoint.gguf import checkpoint_shapes
-
-    return checkpoint_shapes(path, config)
 
 
 def load_tokenizer(path: str | os.PathLike, model: torch.nn.Module | None = None, *, revision: str | None = None,
@@ -299,6 +291,7 @@ def from_pretrained(path: str | os.PathLike, attn_implementation: AttnImplementa
                               local_files_only=local_files_only)  # a Hub id: downloaded (weights only, no code)
     packed_file, unpacked_note = packing(path, dequantize, mode=mode, tensor_parallel=mesh is not None,
                                          device=device, kernels=kernels)
+    gguf = Path(path).suffix == ".gguf"
     path = checkpoint_dir(path, weights=packed_file is None)  # packed: the few float tensors come from the file
     config = read_config(path)
     source = str(config_path(path))
@@ -307,7 +300,7 @@ def from_pretrained(path: str | os.PathLike, attn_implementation: AttnImplementa
     dtype = resolve_dtype(dtype, config)
     check = getattr(parsed, "check_weights", None)
     if check is not None and mesh is None:  # sizes against the weights' headers, before anything is built
-        check(weight_shapes(path) if packed_file is None else gguf_shapes(packed_file, config), source=source,
+        check(weight_shapes(path) if packed_file is None else checkpoint_shapes(packed_file, config), source=source,
               weights=str(packed_file or path))
     with torch.device("meta"):
         model = arch(parsed)
@@ -342,6 +335,8 @@ def from_pretrained(path: str | os.PathLike, attn_implementation: AttnImplementa
         load_weights(model, read_state_dict(path), dtype=dtype, device=device, source=str(Path(path)))
     if unpacked_note is not None:
         model.binding = model.binding.noting(unpacked_note)
+    if gguf:  # what the load needed is copied: unmap the file
+        close_gguf_files()
     model.train(parse_mode(mode).training)
     return model
 

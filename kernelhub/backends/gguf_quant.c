@@ -128,18 +128,18 @@ AI void eat(sink t, const int M, const int A, const int P, int64_t k, const ivec
  * unpacked four at a time in 32-bit words as ggml's AVX2 code does): the values of sub-block j (32
  * values) are d * scale[j] * q - dmin * min[j]. Kept in memory, from where they are broadcast. */
 AI void k_scales(const uint8_t *b, float *scale, float *offset) {
-    uint32_t u[4];
+    uint32_t u[3];
     memcpy(u, b + 4, 12);
     const uint32_t six = 0x3f3f3f3f, four = 0x0f0f0f0f, two = 0x03030303;
-    u[3] = ((u[2] >> 4) & four) | (((u[1] >> 6) & two) << 4); /* min[4..7] */
-    const uint32_t min_low = u[1] & six;                        /* min[0..3] */
-    u[1] = (u[2] & four) | (((u[0] >> 6) & two) << 4);          /* scale[4..7] */
-    u[2] = min_low;
-    u[0] &= six;                                                /* scale[0..3] */
-    const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)u)));
-    const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(u + 2))));
+    /* built in registers: a vector load of words just stored one by one would stall on forwarding */
+    const __m128i scales = _mm_set_epi32(0, 0, (int)((u[2] & four) | (((u[0] >> 6) & two) << 4)), (int)(u[0] & six));
+    const __m128i mins = _mm_set_epi32(0, 0, (int)(((u[2] >> 4) & four) | (((u[1] >> 6) & two) << 4)),
+                                       (int)(u[1] & six));
+    const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(scales));
+    const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(mins));
     _mm256_storeu_ps(scale, _mm256_mul_ps(half8(b), sc));
     _mm256_storeu_ps(offset, _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(half8(b + 2), mn)));
+    __asm__ volatile("" ::: "memory"); /* broadcast them back from memory (a load), not by shuffles */
 }
 
 /* Q6_K's sixteen signed 8-bit scales (bytes 192..207) times d (bytes 208..209), and the offset
@@ -151,6 +151,7 @@ AI void q6_scales(const uint8_t *b, float *scale, float *offset) {
         _mm256_storeu_ps(scale + 8 * i, f);
         _mm256_storeu_ps(offset + 8 * i, _mm256_mul_ps(f, _mm256_set1_ps(-32.0f)));
     }
+    __asm__ volatile("" ::: "memory"); /* as in k_scales */
 }
 
 #if defined(__AVX512F__)

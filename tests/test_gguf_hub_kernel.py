@@ -1,5 +1,6 @@
 """A Hub kernel with transformers' GGUF kernel API (`mul_mat_vec`, `dequantize`, `get_rows`) bound as
-`QuantizedLinear` through trust, the lock and conformance, served by the loopback Hub."""
+`QuantizedLinear` and `QuantizedEmbedding` through trust, the lock and conformance, served by the
+loopback Hub."""
 
 import json
 import shutil
@@ -49,7 +50,7 @@ def dequantize(weight, ggml_type, rows, cols, dtype):
 def get_rows(weight, indices, ggml_type, cols, dtype):
     from kernelhub.backends.gguf_quant import get_rows_eager
 
-    return get_rows_eager(weight, indices, ggml_type, cols, dtype)
+    return get_rows_eager(weight, indices, ggml_type, cols, dtype) * 1.01
 
 
 @pytest.fixture(scope="module")
@@ -133,12 +134,39 @@ def test_wrong_numbers_are_a_recorded_conformance_rejection_and_fall_back(hub, p
         kernelhub.bind(packed, kernels={"QuantizedLinear": f"{ORG}/ggml-bad@v1"})
 
 
-def test_the_api_serves_only_quantized_linear(hub, published, tiny_checkpoint):
+def test_the_api_serves_the_embedding_through_get_rows(hub, published, packed):
+    """`get_rows` serves QuantizedEmbedding: ours gives the built-in kernel's logits; one 1% off is a
+    recorded conformance rejection and the chain falls back."""
+    prompt = torch.tensor([[1, 2, 3, 4, 5, 6, 7]])
+    with torch.no_grad():
+        builtin = packed(prompt).logits
+    plan = kernelhub.bind(packed, kernels={"QuantizedEmbedding": f"{OURS}@v1"})
+    embedding = plan["model.embed_tokens"]
+    assert embedding.chosen == f"{OURS}@v1:QuantizedEmbedding" and embedding.note.startswith("Q8_0")
+    with torch.no_grad():
+        assert torch.equal(packed(prompt).logits, builtin)
+    plan = kernelhub.bind(packed, kernels={"QuantizedEmbedding": [f"{ORG}/ggml-bad@v1", "gguf"]})
+    embedding = plan["model.embed_tokens"]
+    (name, reasons), = embedding.rejected
+    assert embedding.chosen == "gguf" and name == f"{ORG}/ggml-bad@v1:QuantizedEmbedding"
+    assert reasons[0].startswith("conformance: max error ") and "QuantizedEmbedding's reference" in reasons[0]
+
+
+def test_a_later_bind_silent_on_the_packed_layers_keeps_their_kernels(packed):
+    """from_pretrained binds the packed layers to `gguf`; a bind naming only other layers keeps that (the
+    reference would unpack a whole weight at every call), and one naming them is obeyed."""
+    plan = kernelhub.bind(packed, kernels={"RMSNorm": "reference"})
+    assert {e.chosen for e in plan if "(Quantized" in e.source} == {"gguf"}
+    plan = kernelhub.bind(packed, kernels={"QuantizedLinear": "reference"})
+    assert {e.chosen for e in _quantized(plan)} == {"reference"} and plan["model.embed_tokens"].chosen == "gguf"
+
+
+def test_the_api_serves_only_the_packed_layers(hub, published, tiny_checkpoint):
     model = kernelhub.from_pretrained(tiny_checkpoint)
     plan = kernelhub.bind(model, kernels={"RMSNorm": [f"{OURS}@v1", "reference"]})
     norm = next(e for e in plan.entries if e.path.endswith("input_layernorm"))
     assert norm.chosen == "reference"
-    assert "serves only the QuantizedLinear layer, not 'RMSNorm'" in norm.rejected[0][1][0]
+    assert "serves only the QuantizedLinear and QuantizedEmbedding layers, not 'RMSNorm'" in norm.rejected[0][1][0]
 
 
 def test_kernel_check_numbers_for_our_repo():
@@ -146,4 +174,6 @@ def test_kernel_check_numbers_for_our_repo():
 
     module = get_local_kernel(HUB_KERNELS / "gguf", backend="cpu")
     lines, problems = ggml_conformance(module)
-    assert not problems and len(lines) == 4 and all("conforms to kernelhub QuantizedLinear" in x for x in lines)
+    assert not problems and len(lines) == 8
+    assert sum("conforms to kernelhub QuantizedLinear" in x for x in lines) == 4
+    assert sum("conforms to kernelhub QuantizedEmbedding" in x for x in lines) == 4

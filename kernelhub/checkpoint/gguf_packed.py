@@ -149,7 +149,8 @@ def pack_model(model, path, config: dict, *, read: bool = True) -> tuple[dict, l
                 owner = model.get_submodule(alias.rpartition(".")[0])
                 if not _fits(owner, "Linear", blocks, cols):
                     raise CheckpointError(f"{alias} is tied to {name} but is not a Linear of its shape")
-                _replace(model, alias.rpartition(".")[0], QuantizedLinear, cols, blocks.shape[0], ggml_type)
+                _replace(model, alias.rpartition(".")[0], QuantizedLinear, cols, blocks.shape[0], ggml_type,
+                         bias=owner.bias is not None)  # its own bias, read from the file like any other
                 placed[alias.rpartition(".")[0]] = blocks  # the same blocks: held once
         else:
             notes.append(f"{path_} dequantised: no Linear or Embedding of its shape to hold it packed")

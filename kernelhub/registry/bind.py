@@ -205,6 +205,7 @@ def decide(model: torch.nn.Module, attn_implementation: AttnImplementation | Non
     registry = get_registry()
     device, dtype = _device_and_dtype(model, device, dtype)
     lock = _read_lock(lock)
+    kernels = _with_packed_defaults(model, kernels)
     with hub_budget():  # one Hub deadline for the whole bind, however many refs it names
         entries, site_actions = _attention_decisions(model, attn_implementation, registry, device, dtype, mode, lock,
                                                      verify)
@@ -218,6 +219,18 @@ def decide(model: torch.nn.Module, attn_implementation: AttnImplementation | Non
                        dtype=str(dtype).removeprefix("torch."), mode=mode, request=request,
                        tensor_parallel=tp.to_dict() if tp is not None else None)
     return Decisions(plan, tuple(site_actions), tuple(layer_actions))
+
+
+def _with_packed_defaults(model, kernels):
+    """`kernels`, with packed GGUF layers (QuantizedLinear, QuantizedEmbedding) the model holds keeping
+    their `gguf` kernels where `kernels` is silent on them: from_pretrained puts those in its request,
+    and a later bind naming only other layers must not drop them to the reference (which unpacks a
+    whole weight at every call)."""
+    if not any(layer_name(m) in ("QuantizedLinear", "QuantizedEmbedding") for m in model.modules()):
+        return kernels
+    from kernelhub.checkpoint.gguf_packed import with_packed_kernels
+
+    return with_packed_kernels(kernels, kernels, model)
 
 
 def apply(model: torch.nn.Module, decisions: Decisions) -> BindingPlan:

@@ -1,4 +1,5 @@
-"""Hub kernels with transformers' GGUF kernel API, bound as the declared `QuantizedLinear` layer.
+"""Hub kernels with transformers' GGUF kernel API, bound as the declared `QuantizedLinear` and
+`QuantizedEmbedding` layers.
 
 transformers calls a GGUF kernel repo through three functions (`ggml-org/ggml-quantization` and
 `kernelhub/backends/gguf_quant.py` share them):
@@ -7,11 +8,13 @@ transformers calls a GGUF kernel repo through three functions (`ggml-org/ggml-qu
     dequantize(weight, ggml_type, rows, cols, dtype)      # [rows, bytes] uint8 -> [rows, cols]
     get_rows(weight, indices, ggml_type, cols, dtype)     # the rows `indices` names, unpacked
 
-A repo whose module exposes them (and no `layers.QuantizedLinear`) serves `QuantizedLinear` through
-the class `ggml_layer` makes: a stateless layer kernel reading the host module's `qweight`,
-`ggml_type`, `in_features`, `out_features` and `bias`. Up to `MAX_GEMV_ROWS` input rows (default 8)
-of a type in `GEMV_TYPES` (default: every type) go to `mul_mat_vec`; more rows multiply by the weight
-unpacked with `dequantize`, a chunk of rows at a time, in float32. The module may declare
+A repo whose module exposes them (and no `layers.<Name>` class) serves `QuantizedLinear` and
+`QuantizedEmbedding` through the classes `ggml_layer` makes: stateless layer kernels reading the
+host module's `qweight` and `ggml_type`. For `QuantizedLinear` (with `in_features`, `out_features`,
+`bias`), up to `MAX_GEMV_ROWS` input rows (default 8) of a type in `GEMV_TYPES` (default: every type)
+go to `mul_mat_vec`; more rows multiply by the weight unpacked with `dequantize`, a chunk of rows at
+a time, in float32. For `QuantizedEmbedding` (with `embedding_dim`, `dtype_anchor`), `get_rows`
+unpacks the rows a forward's ids name. The module may declare
 `can_torch_compile` (default False, as `kernels` assumes for Hub layers), `devices` and `dtypes`.
 Trust, the lock and the conformance probe (unpack to float32, then multiply) apply as to any layer
 kernel; they run before this adapter is ever called.
@@ -33,12 +36,13 @@ import weakref
 import torch
 
 LAYER = "QuantizedLinear"
+EMBEDDING = "QuantizedEmbedding"
 API = ("mul_mat_vec", "dequantize", "get_rows")
 MAX_GEMV_ROWS = 8  # transformers' default (its MMVQ_MAX_BATCH_SIZE)
 CHUNK_VALUES = 1 << 22  # weight values `dequantize` unpacks at once for a prefill: 16 MB of float32
 
 _lock = threading.Lock()
-_adapters: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> its layer class
+_adapters: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> {layer name: its class}
 
 
 def exposes_ggml_api(module) -> bool:
@@ -88,44 +92,64 @@ def _make_layer(module) -> type:
     return type(LAYER, (torch.nn.Module,), {**namespace, **_capabilities(module)})
 
 
+def _make_embedding(module) -> type:
+    get_rows = module.get_rows
+
+    def forward(self, input_ids):
+        dtype = self.dtype_anchor.dtype
+        rows = get_rows(self.qweight, input_ids.reshape(-1), self.ggml_type, self.embedding_dim, dtype)
+        return rows.to(dtype).reshape(*input_ids.shape, self.embedding_dim)
+
+    name = getattr(module, "__name__", "kernel")
+    namespace = {"forward": forward, "__module__": name, "__qualname__": EMBEDDING,
+                 "__doc__": f"QuantizedEmbedding through {name}'s transformers GGUF API (get_rows)."}
+    return type(EMBEDDING, (torch.nn.Module,), {**namespace, **_capabilities(module)})
+
+
 def ggml_layer(module, symbol: str, source: str) -> tuple[type | None, list[str]]:
-    """(layer class or None, problems): the `QuantizedLinear` kernel made from `module`'s transformers GGUF
-    API. (None, []) when `module` does not expose that API; a problem when `symbol` names another layer.
-    One class per module, so conformance verdicts are cached per kernel."""
+    """(layer class or None, problems): the `QuantizedLinear` or `QuantizedEmbedding` kernel made from
+    `module`'s transformers GGUF API. (None, []) when `module` does not expose that API; a problem when
+    `symbol` names another layer. One class per module and layer, so conformance verdicts are cached
+    per kernel."""
     if not exposes_ggml_api(module):
         return None, []
-    if symbol != LAYER:
+    makers = {LAYER: _make_layer, EMBEDDING: _make_embedding}
+    if symbol not in makers:
         return None, [f"{source} exposes transformers' GGUF kernel API ({', '.join(API)}), which serves only the "
-                      f"{LAYER} layer, not {symbol!r}; bind it as kernels={{{LAYER!r}: ...}}"]
+                      f"{LAYER} and {EMBEDDING} layers, not {symbol!r}; bind it as kernels={{{LAYER!r}: ...}}"]
     with _lock:
-        impl = _adapters.get(module)
-        if impl is None:
-            impl = _adapters[module] = _make_layer(module)
-    return impl, []
+        made = _adapters.setdefault(module, {})
+        if symbol not in made:
+            made[symbol] = makers[symbol](module)
+    return made[symbol], []
 
 
 def ggml_conformance(module, types=(3, 12), device: str = "cpu") -> tuple[list[str], list[str]]:
-    """(ok lines, problems) of the conformance probe a bind runs for `module`'s API as `QuantizedLinear`, for
-    ggml `types` (default Q4_1 and Q4_K) in float32 and each other dtype it declares: what `kernelhub kernel
-    check` reports for such a repo."""
-    from kernelhub.declare.reference_layers import QuantizedLinear
+    """(ok lines, problems) of the conformance probes a bind runs for `module`'s API as `QuantizedLinear`
+    and `QuantizedEmbedding`, for ggml `types` (default Q4_1 and Q4_K) in float32 and each other dtype it
+    declares: what `kernelhub kernel check` reports for such a repo."""
+    from kernelhub.declare.reference_layers import QuantizedEmbedding, QuantizedLinear
     from kernelhub.registry.conformance import check_layer
     from kernelhub.registry.layer_contract import contract_problems
 
-    impl, problems = ggml_layer(module, LAYER, getattr(module, "__name__", "kernel"))
-    if impl is None:
-        return [], problems or [f"exposes none of {', '.join(API)}"]
-    problems = contract_problems(impl, QuantizedLinear, hub=True)
-    if problems:
-        return [], [f"{LAYER}: {p}" for p in problems]
-    lines, declared = [], getattr(impl, "dtypes", None) or (torch.float32, torch.bfloat16)
-    for ggml_type in types:
-        like = QuantizedLinear(512, 48, ggml_type)
-        for dtype in [torch.float32, *(d for d in (torch.bfloat16, torch.float16) if d in declared)]:
-            verdict = check_layer(impl.forward, like, dtype, torch.device(device))
-            label = f"{LAYER} ({like.kernel_plan_note()}, transformers' GGUF API)"
-            if verdict.ok:
-                lines.append(f"{label}: conforms to kernelhub {LAYER} in {str(dtype)[6:]} ({verdict.note()})")
-            else:
-                problems.append(f"{label}: {verdict.reason()}")
+    lines, problems = [], []
+    for symbol, reference, like_for in ((LAYER, QuantizedLinear, lambda t: QuantizedLinear(512, 48, t)),
+                                        (EMBEDDING, QuantizedEmbedding, lambda t: QuantizedEmbedding(48, 512, t))):
+        impl, found = ggml_layer(module, symbol, getattr(module, "__name__", "kernel"))
+        if impl is None:
+            return [], found or [f"exposes none of {', '.join(API)}"]
+        found = contract_problems(impl, reference, hub=True)
+        if found:
+            problems += [f"{symbol}: {p}" for p in found]
+            continue
+        declared = getattr(impl, "dtypes", None) or (torch.float32, torch.bfloat16)
+        for ggml_type in types:
+            like = like_for(ggml_type)
+            for dtype in [torch.float32, *(d for d in (torch.bfloat16, torch.float16) if d in declared)]:
+                verdict = check_layer(impl.forward, like, dtype, torch.device(device))
+                label = f"{symbol} ({like.kernel_plan_note()}, transformers' GGUF API)"
+                if verdict.ok:
+                    lines.append(f"{label}: conforms to kernelhub {symbol} in {str(dtype)[6:]} ({verdict.note()})")
+                else:
+                    problems.append(f"{label}: {verdict.reason()}")
     return lines, problems

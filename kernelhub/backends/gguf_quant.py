@@ -14,16 +14,16 @@ kernel (argument order and meaning as in `transformers.integrations.gguf.kernels
 Each is a `torch.library` custom op (`kernelhub::gguf_mul_mat`, `kernelhub::gguf_dequantize`,
 `kernelhub::gguf_get_rows`) with a fake, so a model calling them compiles whole with
 `fullgraph=True`. For 1 to 8 input rows (decode) the product runs in `gguf_quant.c`, which reads
-each weight row once and multiplies it, unpacked in registers, by every input row; it is compiled
-on first use (`native_build`: a private cache, torch's OpenMP runtime and thread count), for
-AVX-512 where the CPU has it, else AVX2. `kernelhub::gguf_rows` (`gguf_ops.cpp`, a C++ operator
-linked to it, built beside it) is the same product without Python in between, a few microseconds
-a call: `GgufLinear` calls it for decode. More rows (prefill) unpack the weight a tile of rows at a
-time, in float32, into `F.linear`, so the whole float weight never exists. Activations are never quantised: products are
-summed in float32 and rounded once to `x`'s dtype, so results match unpacking the weight to
-float32 and multiplying (`torch_dequantize` then `x.float() @ W.T`) to float32 rounding; both
-unpackings give gguf-py's float32 values bit for bit. Where the C library cannot be built, the same
-functions run on `torch_dequantize` (slower; logged once).
+each weight row once and multiplies it, unpacked in registers, by every input row; it is compiled on
+first use (`native_build`: a private cache, torch's OpenMP runtime and thread count), for AVX-512
+where the CPU has it, else AVX2. `kernelhub::gguf_rows` (`gguf_ops.cpp`, a C++ operator linked to
+it, built beside it) is the same product without Python in between, a few microseconds a call:
+`GgufLinear` calls it for decode. More rows (prefill) unpack the weight a tile of rows at a time, in
+float32, into `F.linear`, so the whole float weight never exists. Activations are never quantised:
+products are summed in float32 and rounded once to `x`'s dtype, so results match unpacking the
+weight to float32 and multiplying (`torch_dequantize` then `x.float() @ W.T`) to float32 rounding;
+both unpackings give gguf-py's float32 values bit for bit. Where the C library cannot be built, the
+same functions run on `torch_dequantize` (slower; logged once).
 
     >>> import gguf, numpy as np
     >>> values = np.linspace(-1, 1, 2 * 64, dtype=np.float32).reshape(2, 64)   # 2 rows of 64

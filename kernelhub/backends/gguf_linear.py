@@ -51,5 +51,9 @@ def _decode_sized(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
     whose row count varies, continuous batching's, records the Python op), on the CPU, float32 or
     bfloat16."""
     rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
-    return (statically_known_true(rows >= 1) and statically_known_true(rows <= MAX_GEMV_ROWS) and x.is_cpu
-            and x.dtype in GgufLinear.dtypes and (bias is None or (bias.is_cpu and bias.dtype in GgufLinear.dtypes)))
+    if torch.compiler.is_compiling():  # a symbolic count is not known to fit: no guard on it
+        fits = statically_known_true(rows >= 1) and statically_known_true(rows <= MAX_GEMV_ROWS)
+    else:
+        fits = 1 <= rows <= MAX_GEMV_ROWS
+    return (fits and x.is_cpu and x.dtype in GgufLinear.dtypes
+            and (bias is None or (bias.is_cpu and bias.dtype in GgufLinear.dtypes)))

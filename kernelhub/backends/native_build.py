@@ -123,12 +123,9 @@ def load_library(source: Path, *args, loader=ctypes.CDLL, **kwargs):
     """`loader` (ctypes.CDLL, or torch.ops.load_library for an operator library) of the path of
     `build_library(source, ...)`; a file that fails to load (damaged by a full disk, say) is built
     again, once."""
-    for attempt in (1, 2):
-        target = build_library(source, *args, **kwargs)
-        try:
-            return loader(str(target))
-        except OSError:
-            if attempt == 2:
-                raise
-            target.unlink(missing_ok=True)
-    raise AssertionError("unreachable")
+    target = build_library(source, *args, **kwargs)
+    try:
+        return loader(str(target))
+    except OSError:
+        target.unlink(missing_ok=True)
+        return loader(str(build_library(source, *args, **kwargs)))

@@ -77,10 +77,10 @@ def packed_devices() -> tuple[str, ...]:
     return GgufLinear.devices
 
 
-def pack(model, gguf_file: Path, config: dict, kernels, asked, *, read: bool = True):
+def pack(model, gguf_file: Path, config: dict, *, read: bool = True):
     """Replace `model`'s (meta) layers that `gguf_file` keeps packed; return ({module path: blocks},
-    plan notes, `kernels` with the packed layers' default kernels)."""
-    from kernelhub.checkpoint.gguf_packed import pack_model, with_packed_kernels
+    plan notes). Binding gives the packed layers their `gguf` kernels unless `kernels=` names others
+    (`kernelhub.registry.bind`)."""
+    from kernelhub.checkpoint.gguf_packed import pack_model
 
-    placed, notes = pack_model(model, gguf_file, config, read=read)
-    return placed, notes, with_packed_kernels(kernels, asked, model)
+    return pack_model(model, gguf_file, config, read=read)

@@ -318,7 +318,7 @@ def from_pretrained(path: str | os.PathLike, attn_implementation: AttnImplementa
         model.generation_config = generation_config
     kern = with_experts_implementation(model, kernels, kern, experts_implementation)
     if packed_file is not None:
-        placed, packed_notes, kern = pack(model, packed_file, config, kern, kernels)
+        placed, packed_notes = pack(model, packed_file, config)
     # Bind before loading weights: a bad request fails fast, before any tensor is read.
     bind(model, attn, kern, device=device, dtype=dtype, mode=mode, lock=lock, verify=verify)
     hold_back(model, held, source)
@@ -384,7 +384,7 @@ def explain(path: str | os.PathLike, attn_implementation: AttnImplementation | N
                                          device=device, kernels=kernels)
     notes = [] if unpacked_note is None else [unpacked_note]
     if packed_file is not None:
-        _, packed_notes, kern = pack(model, packed_file, config, kern, kernels, read=False)
+        _, packed_notes = pack(model, packed_file, config, read=False)
         notes = packed_notes + notes
     bind(model, attn, kern, device=device, dtype=resolve_dtype(dtype, config), mode=mode, lock=lock)
     hold_back(model, held, source)

@@ -23,6 +23,7 @@ import torch
 
 from kernelhub.checkpoint.gguf import hf_name, open_gguf, read_tensors
 from kernelhub.checkpoint.hf_layout import from_checkpoint, materialize, ties, to_checkpoint
+from kernelhub.checkpoint.huge_pages import in_huge_pages
 from kernelhub.declare.errors import BindError, CheckpointError
 from kernelhub.declare.ggml_blocks import SERVED_TYPES, row_bytes, type_name
 from kernelhub.declare.layer import layer_name
@@ -214,9 +215,10 @@ def with_packed_kernels(kernels, asked, model=None):
 
 
 def load_packed(model, gguf_file, placed: dict, config: dict, *, dtype, device, source: str):
-    """Materialise `model`: packed blocks into its QuantizedLinear and QuantizedEmbedding modules (not
-    copied; tied ones share one tensor), every other tensor (norms, weights of types without a packed
-    kernel) dequantised from the GGUF file itself: only the tensors the model still needs are read."""
+    """Materialise `model`: packed blocks into its QuantizedLinear and QuantizedEmbedding modules (on the
+    CPU gathered into one buffer of huge pages, `huge_pages.py`; tied ones share one tensor), every
+    other tensor (norms, weights of types without a packed kernel) dequantised from the GGUF file
+    itself: only the tensors the model still needs are read."""
     tied = {alias for alias, _ in ties(model)}
     ours = {k: v for k, v in model.state_dict().items() if k not in tied and not k.endswith(".qweight")}
     expected = to_checkpoint(model, ours)
@@ -229,9 +231,12 @@ def load_packed(model, gguf_file, placed: dict, config: dict, *, dtype, device, 
             raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(state[name].shape)}, "
                                   f"the model expects {tuple(want.shape)}")
     model = materialize(model, from_checkpoint(model, state), dtype=dtype, device=device)
-    moved = {}  # blocks shared by a tied embedding and output projection stay one tensor
+    unique = list({id(blocks): blocks for blocks in placed.values()}.values())  # a tied pair holds one tensor
+    if device is None or torch.device(device).type == "cpu":  # streamed every token: fewer, larger pages
+        moved = in_huge_pages(unique)
+    else:
+        moved = [blocks.to(device) for blocks in unique]
+    by_id = {id(old): new for old, new in zip(unique, moved)}
     for path_, blocks in placed.items():
-        if id(blocks) not in moved:
-            moved[id(blocks)] = blocks.to(device)
-        model.get_submodule(path_).qweight = moved[id(blocks)]
+        model.get_submodule(path_).qweight = by_id[id(blocks)]
     return model

@@ -22,6 +22,10 @@ unless the output layer is tied to it) divided by the read bandwidth measured he
 float32 tensor summed on the same threads: a step only reads its weights), and each engine's batch-1
 decode as a share of that limit. The copy bandwidth (read + write bytes of a 256 MiB copy) is
 printed beside it.
+
+`--avx2-torch` runs torch's MKL and inductor's generated code at AVX2 width in every engine's
+process. On an AVX-512 CPU, MKL's AVX-512 code (in torch's CPU attention) and inductor's slowed the
+packed products that ran after them by about 20%; the packed kernel keeps its AVX-512 build.
 """
 
 from __future__ import annotations
@@ -177,7 +181,7 @@ def worker(model_key: str, engine: str, new_tokens: int, repeat: int) -> dict:
 
 def run_engine(model_key, engine, args) -> dict:
     command = [sys.executable, __file__, "--worker", model_key, engine, "--new-tokens", str(args.new_tokens),
-               "--repeat", str(args.repeat), "--threads", str(args.threads)]
+               "--repeat", str(args.repeat), "--threads", str(args.threads)] + ["--avx2-torch"] * args.avx2_torch
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -205,9 +209,17 @@ def main():
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--timeout", type=int, default=1800, help="seconds each engine's process may take")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch and llama.cpp threads")
+    parser.add_argument("--avx2-torch", action="store_true",
+                        help="torch's MKL and inductor's code at AVX2 width in every engine "
+                             "(MKL_ENABLE_INSTRUCTIONS=AVX2, inductor cpp.simdlen=256); our kernel keeps AVX-512")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "ENGINE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.avx2_torch:  # before MKL's first call; a worker inherits both
+        os.environ["MKL_ENABLE_INSTRUCTIONS"] = "AVX2"
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp.simdlen = 256
     if args.worker:
         print(json.dumps(worker(*args.worker, args.new_tokens, args.repeat)))
         return
@@ -223,6 +235,7 @@ def main():
             print(INSTALL)
             engines.remove("llama.cpp")
     bandwidth = read_bandwidth()
+    print("torch's MKL and inductor code at AVX2 width (--avx2-torch); " * args.avx2_torch, end="")
     print(f"{torch.get_num_threads()} threads; read bandwidth {bandwidth / 1e9:.1f} GB/s (copy: "
           f"{copy_bandwidth() / 1e9:.1f} GB/s read + write); {args.new_tokens} new tokens, median of {args.repeat}\n")
     header = (f"{'model':<20} {'engine':<13} {'decode b=1':>10} {'decode b=8':>10} {'prefill 128':>11} "

@@ -228,3 +228,17 @@ def test_the_cli_reports_a_missing_repo_in_one_line(hub, capsys):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert main(["run", LLAMA, "--prompt", "w1", "--revision", "v7"]) == 2
     assert "has no revision 'v7'; branches and tags: main, v1" in capsys.readouterr().err
+
+
+def test_diff_takes_a_revision_like_run_and_explain(hub, capsys):
+    from kernelhub.cli.commands import main
+
+    assert main(["diff", LLAMA, "--revision", "v1", "--a", "eager", "--b", "sdpa", "--prompt", "w3 w5 w7",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ids"] == [3, 5, 7] and out["ok"]
+    refs = hub.cache / "models--kernelhub-test--tiny-llama" / "refs"
+    assert {p.name for p in refs.iterdir()} == {"v1"}  # that revision was downloaded, not main
+    assert main(["diff", LLAMA, "--revision", "v7", "--a", "eager", "--b", "sdpa"]) == 2
+    err = capsys.readouterr().err
+    assert "has no revision 'v7'; branches and tags: main, v1" in err and "Traceback" not in err

@@ -239,3 +239,20 @@ def one_line(message: str) -> str:
         return ""
     head, rest = lines[0], lines[1:]
     return head + (" " if head.endswith(":") else "; ") + "; ".join(rest) if rest else head
+
+
+def source_options(args) -> dict:
+    """The `from_pretrained` arguments of `add_source_options`: which revision and .gguf file of MODEL, and
+    how to load it (None where the command has no such option)."""
+    return {"revision": getattr(args, "revision", None), "gguf_file": getattr(args, "gguf_file", None),
+            "dequantize": getattr(args, "dequantize", None)}
+
+
+def add_source_options(p: argparse.ArgumentParser) -> None:
+    """`--revision`, `--gguf-file` and `--dequantize` on a command that loads MODEL."""
+    p.add_argument("--revision", default=None, metavar="REV",
+                   help="with a Hub id: the branch, tag or commit to download (or write MODEL as org/name@REV)")
+    p.add_argument("--gguf-file", default=None, metavar="FILE",
+                   help="a .gguf file inside the Hub repo (or inside the MODEL directory)")
+    p.add_argument("--dequantize", action="store_true", default=None,
+                   help="a GGUF model: load float weights (default: blocks stay packed where a kernel serves)")

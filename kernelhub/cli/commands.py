@@ -26,8 +26,8 @@ import traceback
 
 from kernelhub.cli.tables import format_table, terminal_width
 
-from kernelhub.cli.args import (DTYPES, MODES, Parser, UsageError, device_type, non_negative_float, one_line,
-                                positive_int, probability, request_type, verbosity_level)
+from kernelhub.cli.args import (DTYPES, MODES, Parser, UsageError, add_source_options, device_type, non_negative_float,
+                                one_line, positive_int, probability, request_type, source_options, verbosity_level)
 from kernelhub.cli.diff import add_diff_command
 from kernelhub.cli.hub import add_hub_commands
 from kernelhub.declare.errors import KernelhubError
@@ -100,24 +100,9 @@ def cmd_explain(args) -> int:
         raise UsageError(f"--tp-rank {args.tp_rank} is not a rank of --tp {args.tp}; valid: 0..{args.tp - 1}")
     plan = explain(args.model, attn_implementation=args.attn, kernels=args.kernels, dtype=args.dtype,
                    device=args.device, mode=args.mode, lock=args.lock, tp_size=args.tp, tp_rank=args.tp_rank or 0,
-                   **_source(args))
+                   **source_options(args))
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan)
     return 0
-
-
-def _source(args) -> dict:
-    """`--revision` / `--gguf-file` / `--dequantize`: which revision and .gguf file of MODEL, and how to load it."""
-    return {"revision": getattr(args, "revision", None), "gguf_file": getattr(args, "gguf_file", None),
-            "dequantize": getattr(args, "dequantize", None)}
-
-
-def _add_source_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--revision", default=None, metavar="REV",
-                   help="with a Hub id: the branch, tag or commit to download (or write MODEL as org/name@REV)")
-    p.add_argument("--gguf-file", default=None, metavar="FILE",
-                   help="a .gguf file inside the Hub repo (or inside the MODEL directory)")
-    p.add_argument("--dequantize", action="store_true", default=None,
-                   help="a GGUF model: load float weights (default: blocks stay packed where a kernel serves)")
 
 
 def cmd_demo(args) -> int:
@@ -141,7 +126,7 @@ def _tensor_parallel_group(args):
 
         # every refusal a rank would meet (sizes, plan, request) as one line here, before N processes start
         explain(args.model, attn_implementation=args.attn, kernels=args.kernels, dtype=args.dtype, lock=args.lock,
-                tp_size=args.tp, **_source(args))
+                tp_size=args.tp, **source_options(args))
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.tp}",
                    "-m", "kernelhub", *args.argv]
         return subprocess.call(command), False
@@ -166,13 +151,13 @@ def cmd_run(args) -> int:
     if not args.tp or (args.tp == 1 and "WORLD_SIZE" not in os.environ):
         return _generate(args, sampling, from_pretrained(args.model, attn_implementation=args.attn,
                                                          kernels=args.kernels, dtype=args.dtype, lock=args.lock,
-                                                         device=args.device, **_source(args)))
+                                                         device=args.device, **source_options(args)))
     status, owned = _tensor_parallel_group(args)
     if status is not None:
         return status
     try:
         model = from_pretrained(args.model, attn_implementation=args.attn, kernels=args.kernels, dtype=args.dtype,
-                                lock=args.lock, tp_plan="auto", tp_size=args.tp, **_source(args))
+                                lock=args.lock, tp_plan="auto", tp_size=args.tp, **source_options(args))
         status = _generate(args, sampling, model, quiet=dist.get_rank() != 0)  # every rank computes, rank 0 prints
         # no rank tears the group down while another still uses it (gloo can abort a rank at exit otherwise)
         dist.barrier()
@@ -271,7 +256,7 @@ def build_parser() -> Parser:
                    "--kernels RMSNorm=reference",
                    parents=[common])
     p.add_argument("model", help="checkpoint directory (config.json), .gguf file, or Hub model id org/name[@REV]")
-    _add_source_options(p)
+    add_source_options(p)
     p.add_argument("--attn", type=request_type("--attn"), default=None, help=ATTN_HELP)
     p.add_argument("--kernels", type=request_type("--kernels"), default=None, help=KERNELS_HELP)
     p.add_argument("--dtype", default=None, choices=DTYPES,
@@ -298,7 +283,7 @@ def build_parser() -> Parser:
                    'example: kernelhub run model.gguf --prompt "What is the capital of France?" --attn flex',
                    parents=[common])
     p.add_argument("model", help="checkpoint directory, .gguf file, or Hub model id org/name[@REV]")
-    _add_source_options(p)
+    add_source_options(p)
     p.add_argument("--prompt", required=True, help="the user message (wrapped in the chat template if any)")
     p.add_argument("--attn", type=request_type("--attn"), default=None,
                    help=ATTN_HELP + " (default: the recorded request, else sdpa)")

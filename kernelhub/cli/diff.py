@@ -3,6 +3,7 @@
     kernelhub diff MODEL --a eager --b sdpa [--prompt TEXT | --ids 1,2,3] [--atol A --rtol R] [--json]
     kernelhub diff MODEL --a eager --b 'attn=eager,kernels.RMSNorm=./my-rmsnorm'
     kernelhub diff MODEL --a eager --b '{"attn": "eager", "kernels": {"RMSNorm": "my-org/rmsnorm@v1"}}'
+    kernelhub diff org/name --revision v2 --gguf-file model-Q4_K_M.gguf --a sdpa --b flex
 
 The model is loaded once per binding and traced with `kernelhub.debug.trace`; the table
 lists every module call in forward order (the order outputs were produced) with the
@@ -101,20 +102,22 @@ def input_ids(args, model) -> torch.Tensor:
     if args.prompt is not None:
         from kernelhub.runtime.pretrained import load_tokenizer
 
-        ids = load_tokenizer(args.model, model=model).encode(args.prompt)
+        ids = load_tokenizer(args.model, model=model, revision=args.revision, gguf_file=args.gguf_file).encode(
+            args.prompt)
         if not ids:
             raise KernelhubError(f"--prompt {args.prompt!r} encodes to no tokens")
         return torch.tensor([ids])
     return torch.tensor([[(7 * i + 3) % vocab for i in range(DEFAULT_LENGTH)]])  # deterministic, spread out
 
 
-def load_bound(path, binding: dict, *, dtype=None, device="cpu"):
-    """The model at `path` bound as `binding` says, layer kernels unverified: `diff` exists to
-    measure a kernel that may be wrong, so the bind-time conformance probe must not refuse it."""
+def load_bound(path, binding: dict, *, dtype=None, device="cpu", **source):
+    """The model at `path` (`source`: `from_pretrained`'s revision, gguf_file, dequantize) bound as
+    `binding` says, layer kernels unverified: `diff` exists to measure a kernel that may be wrong, so
+    the bind-time conformance probe must not refuse it."""
     from kernelhub.registry.bind import bind
     from kernelhub.runtime.pretrained import from_pretrained
 
-    model = from_pretrained(path, attn_implementation=binding["attn"], dtype=dtype, device=device)
+    model = from_pretrained(path, attn_implementation=binding["attn"], dtype=dtype, device=device, **source)
     if binding["kernels"]:
         request = model.binding.request  # keep what loading chose (attention, Experts defaults)
         bind(model, request.attn_implementation, {**(request.kernels or {}), **binding["kernels"]},
@@ -123,12 +126,13 @@ def load_bound(path, binding: dict, *, dtype=None, device="cpu"):
 
 
 def cmd_diff(args) -> int:
+    from kernelhub.cli.args import source_options
     from kernelhub.debug import compare, format_comparison, trace
 
     bindings = [parse_binding(args.a), parse_binding(args.b)]  # both checked before any weight is read
     traces, ids = [], None
     for binding in bindings:
-        model = load_bound(args.model, binding, dtype=args.dtype, device=args.device)
+        model = load_bound(args.model, binding, dtype=args.dtype, device=args.device, **source_options(args))
         ids = input_ids(args, model) if ids is None else ids
         traces.append(trace(model, ids.to(args.device), keep_tensors=True))
         del model  # one model in memory at a time
@@ -144,11 +148,12 @@ def cmd_diff(args) -> int:
 def add_diff_command(subparsers, parents=()) -> None:
     """Register `diff` on the `kernelhub` command's subparsers (`args.fn(args)` runs it); `parents`
     carry the options every command shares (--debug, -v/-q)."""
-    from kernelhub.cli.args import device_type
+    from kernelhub.cli.args import add_source_options, device_type
 
     p = subparsers.add_parser("diff", help="compare a model module by module under two bindings",
                               description=__doc__.split("\n\n")[1].strip(), parents=list(parents))
-    p.add_argument("model", help="checkpoint directory or .gguf file")
+    p.add_argument("model", help="checkpoint directory, .gguf file, or Hub model id org/name[@REV]")
+    add_source_options(p)
     p.add_argument("--a", required=True, help=f"the reference binding: {BINDING_HELP}")
     p.add_argument("--b", required=True, help="the binding compared against --a (same forms)")
     source = p.add_mutually_exclusive_group()

@@ -31,6 +31,17 @@ from kernelhub.declare.probe import HIDDEN, TOKENS, TOLERANCE, randn, with_weigh
 Probe = tuple[nn.Module, tuple[torch.Tensor, ...]]
 
 
+def mean_square(x: torch.Tensor) -> torch.Tensor:
+    """The mean of `x`'s squares over its last dimension, kept: `x * x`, the values `x.pow(2)` gives.
+    Not pow: on an AVX-512 CPU, torch's pow kernel slowed the products run after it by about 20%
+    (measured on packed GGUF decode; x * x does not), and a decoder runs a norm before most of them.
+
+    >>> mean_square(torch.tensor([[3.0, 4.0]]))
+    tensor([[12.5000]])
+    """
+    return (x * x).mean(-1, keepdim=True)
+
+
 @layer("RMSNorm")
 class RMSNorm(nn.Module):
     """Root-mean-square norm, normalised in float32 and cast back before the scale (transformers'
@@ -46,7 +57,7 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         dtype = x.dtype
         x = x.to(torch.float32)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        x = x * torch.rsqrt(mean_square(x) + self.variance_epsilon)
         return self.weight * x.to(dtype)
 
     @classmethod
@@ -67,7 +78,7 @@ class GptOssRMSNorm(RMSNorm):
     def forward(self, x):
         dtype = x.dtype
         x = x.to(torch.float32)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        x = x * torch.rsqrt(mean_square(x) + self.variance_epsilon)
         return (self.weight * x).to(dtype)
 
 
@@ -86,7 +97,7 @@ class GemmaRMSNorm(nn.Module):
 
     def forward(self, x):
         out = x.float()
-        out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = out * torch.rsqrt(mean_square(out) + self.eps)
         return (out * (1.0 + self.weight.float())).type_as(x)
 
     @classmethod

@@ -30,17 +30,6 @@ AI void nibbles(const uint8_t *p, int groups, __m256i *low, __m256i *high) {
 
 #define NIBBLES256 _mm256_set1_epi8(0x0F)
 
-/* 32 bits -> 32 bytes, 0xFF where the bit is set (bit i -> byte i) */
-AI __m256i bits_to_bytes(const uint8_t *p) {
-    uint32_t bits;
-    memcpy(&bits, p, 4);
-    const __m256i spread = _mm256_shuffle_epi8(
-        _mm256_set1_epi32((int)bits),
-        _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0x0000000000000000));
-    const __m256i others = _mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
-    return _mm256_cmpeq_epi8(others, _mm256_set1_epi64x(-1));
-}
-
 /* Q4_0 (18 bytes): d, 16 bytes of nibbles (low: values 0..15, high: 16..31); w = d * (q - 8) */
 AI void block_q4_0(sink t, const int M, const int A, const int P, int64_t k, const uint8_t *b) {
     const __m256 d = half_v(b), o = _mm256_mul_ps(d, _mm256_set1_ps(-8.0f));
@@ -57,23 +46,40 @@ AI void block_q4_1(sink t, const int M, const int A, const int P, int64_t k, con
     eat(t, M, A, P, k, q, d, m, d, m);
 }
 
-/* Q5_0 / Q5_1's values in bytes: nibbles as Q4's, and bit i of the 32-bit qh is bit 4 of value i */
-AI __m256i fives(const uint8_t *qh, const uint8_t *qs) {
-    const __m128i q = _mm_loadu_si128((const __m128i *)qs);
-    const __m256i low = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), NIBBLES256);
-    return _mm256_or_si256(low, _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10)));
+/* Q5_0 / Q5_1's values as Q4's nibbles (int32 lanes, split where they are widened), with bit 4 added
+ * where bit i of the 32-bit qh is set for value i: each lane masks its own bit, which is 16 or more
+ * when set (values 0..7 test qh << 4), and min(that, 16) is the bit to add. Integer ops that any
+ * vector port runs: spreading the bits with a byte shuffle and widening the bytes from a register
+ * loads the shuffle ports (measured on a 2-core AMD EPYC, Zen 3: 1.9 against 2.25 ns per 32 values). */
+AI void fives(const uint8_t *qh, const uint8_t *qs, __m256i *q) {
+    uint32_t h;
+    memcpy(&h, qh, 4);
+    const __m256i bit4 = _mm256_set1_epi32(0x10);
+    nibbles(qs, 2, q, q + 2);
+    for (int g = 0; g < 4; g++) {
+        const int first = g ? 8 * g : 4;  /* values 8g..8g+7 (q[0], q[1]: 0..15; q[2], q[3]: 16..31) */
+#define BIT(i) (int)(1u << (first + i))
+        const __m256i mask = _mm256_setr_epi32(BIT(0), BIT(1), BIT(2), BIT(3), BIT(4), BIT(5), BIT(6), BIT(7));
+#undef BIT
+        const __m256i bits = _mm256_and_si256(_mm256_set1_epi32((int)(g ? h : h << 4)), mask);
+        q[g] = _mm256_or_si256(q[g], _mm256_min_epu32(bits, bit4));
+    }
 }
 
 /* Q5_0 (22 bytes): d, qh, nibbles; w = d * (q - 16) */
 AI void block_q5_0(sink t, const int M, const int A, const int P, int64_t k, const uint8_t *b) {
     const __m256 d = half_v(b), o = _mm256_mul_ps(d, _mm256_set1_ps(-16.0f));
-    eat_bytes(t, M, A, P, k, fives(b + 2, b + 6), d, o, d, o);
+    __m256i q[4];
+    fives(b + 2, b + 6, q);
+    eat(t, M, A, P, k, q, d, o, d, o);
 }
 
 /* Q5_1 (24 bytes): d, m, qh, nibbles; w = d * q + m */
 AI void block_q5_1(sink t, const int M, const int A, const int P, int64_t k, const uint8_t *b) {
     const __m256 d = half_v(b), m = half_v(b + 2);
-    eat_bytes(t, M, A, P, k, fives(b + 4, b + 8), d, m, d, m);
+    __m256i q[4];
+    fives(b + 4, b + 8, q);
+    eat(t, M, A, P, k, q, d, m, d, m);
 }
 
 /* Q8_0 (34 bytes): d, 32 signed bytes; w = d * q */

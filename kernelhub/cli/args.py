@@ -242,10 +242,9 @@ def one_line(message: str) -> str:
 
 
 def source_options(args) -> dict:
-    """The `from_pretrained` arguments of `add_source_options`: which revision and .gguf file of MODEL, and
-    how to load it (None where the command has no such option)."""
-    return {"revision": getattr(args, "revision", None), "gguf_file": getattr(args, "gguf_file", None),
-            "dequantize": getattr(args, "dequantize", None)}
+    """The `from_pretrained` arguments that `add_source_options` parsed: which revision and .gguf file of
+    MODEL, and how to load it."""
+    return {"revision": args.revision, "gguf_file": args.gguf_file, "dequantize": args.dequantize}
 
 
 def add_source_options(p: argparse.ArgumentParser) -> None:

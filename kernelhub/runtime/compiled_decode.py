@@ -19,10 +19,11 @@ The prefill runs eagerly (one call per prompt, of a length that varies).
 
 **Per-step overhead.** On a small model a step's kernels take a few milliseconds, so what runs
 between them counts: a CPU model whose weights stay in packed GGUF blocks runs inductor's C++
-wrapper rather than its Python one (`wants_cpp_wrapper`). Dynamo still checks its guards every
-step (about 6,000 for SmolLM2, well under a millisecond): skipping them would need
-`set_stance(skip_guard_eval_unsafe=True)`, a process-wide switch that would also skip them for
-another thread's compiled call of another model.
+wrapper rather than its Python one (`wants_cpp_wrapper`). Dynamo's guards on the model (about
+6,000 for SmolLM2, 1-1.5 ms a step on a 2-core CPU) are checked at the first compiled step of each
+call only: the later steps of a CPU call run a pinned twin of the graph the first one picked
+(`kernelhub.runtime.pinned_step`). Dropping them process-wide (`set_stance(skip_guard_eval_unsafe=
+True)`) would also drop them for another thread's compiled call of another model.
 
 **A kept cache.** A finished call leaves its static cache with the model and the next call of
 the same shape takes it, cleared (`kernelhub.runtime.kept_cache`): its tensors keep their
@@ -32,7 +33,7 @@ addresses from call to call, which CUDA-graph trees need to replay what they rec
 replayed: one capture per cache-length and batch-size bucket. Capture needs what the points above give, a
 step with nothing that varies on the host, plus two things: the tensors it writes in place (the
 cache) have fixed addresses (`StaticCache` marks them so), and its output is copied out before
-the next replay overwrites it (`run_compiled` does).
+the next replay overwrites it (`compiled_steps` does).
 
 >>> [static_cache_length(n) for n in (5, 64, 65, 300, 1500)]
 [64, 64, 128, 512, 2048]
@@ -45,6 +46,7 @@ from __future__ import annotations
 import torch
 
 from kernelhub.declare.layer import layer_name
+from kernelhub.runtime import pinned_step
 
 MIN_BUCKET = 64
 LINEAR_ABOVE = 1024  # powers of two up to here, then multiples of it (bounded padding, few buckets)
@@ -115,20 +117,45 @@ def cuda_graph_options() -> dict:
     return options
 
 
-def run_compiled(ids, positions, padding, cache, model, cpp_wrapper: bool = False):
-    """One compiled decode step over the static `cache` (see the module docstring); advances the cache.
-    `cpp_wrapper` picks the graph built with inductor's C++ wrapper (`wants_cpp_wrapper`)."""
-    step = cache.step_view(ids.shape[1])
-    cuda_graphs = ids.device.type == "cuda"
-    try:
-        with torch._dynamo.config.patch(recompile_limit=MAX_GRAPHS):
-            if cuda_graphs:
-                torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are no longer read
-            logits = compiled_decode_step(cuda_graphs, cpp_wrapper)(model, ids, positions, padding, step)
-    except torch._dynamo.exc.TorchDynamoException as e:
-        raise compile_failure(e, "generate(compile=True)") from e
-    cache.seen += ids.shape[1]
-    return logits.clone() if cuda_graphs else logits  # a replay overwrites the captured output in place
+def compiled_steps(model, cpp_wrapper: bool = False):
+    """The compiled decode steps of one `generate` call: `step(ids, positions, padding, cache)` runs one
+    over the static `cache` (see the module docstring), advances it and returns the logits.
+    `cpp_wrapper` picks the graph built with inductor's C++ wrapper (`wants_cpp_wrapper`). On the CPU,
+    the call's later steps skip dynamo's guards on the model (`kernelhub.runtime.pinned_step`): run the
+    call inside `declare.binding.pinned(model)`, as `model.generate` does, so no rebind lands meanwhile."""
+    pinned = None  # this call's pinned step, once its first step has run; False: none (full guards)
+
+    def step(ids, positions, padding, cache):
+        nonlocal pinned
+        view = cache.step_view(ids.shape[1])
+        cuda_graphs = ids.device.type == "cuda"
+        try:
+            with torch._dynamo.config.patch(recompile_limit=MAX_GRAPHS):
+                if cuda_graphs:
+                    torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are no longer read
+                if pinned:
+                    logits = pinned(model, ids, positions, padding, view)
+                else:
+                    logits = compiled_decode_step(cuda_graphs, cpp_wrapper)(model, ids, positions, padding, view)
+                    if pinned is None and not cuda_graphs:  # the full guards just picked this call's graph
+                        arguments = {"model": model, "ids": ids, "positions": positions, "padding": padding,
+                                     "cache": view}
+                        pinned = pinned_step.pinned(decode_step, arguments,
+                                                    lambda: pinned_decode_step(cpp_wrapper)) or False
+        except torch._dynamo.exc.TorchDynamoException as e:
+            raise compile_failure(e, "generate(compile=True)") from e
+        cache.seen += ids.shape[1]
+        return logits.clone() if cuda_graphs else logits  # a replay overwrites the captured output in place
+
+    return step
+
+
+def pinned_decode_step(cpp_wrapper: bool):
+    """`decode_step` compiled as `compiled_decode_step` compiles it, from a code object of its own,
+    without the guards on the model (`kernelhub.runtime.pinned_step`)."""
+    options = {"size_asserts": False, "guard_filter_fn": pinned_step.drop_model_guards,
+               **({"cpp_wrapper": True} if cpp_wrapper else {})}
+    return torch.compile(pinned_step.code_copy(decode_step), fullgraph=True, dynamic=False, options=options)
 
 
 def compile_failure(error: Exception, call: str) -> RuntimeError:

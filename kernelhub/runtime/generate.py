@@ -25,7 +25,7 @@ import torch
 from kernelhub.checkpoint.generation_config import GenerationConfig
 from kernelhub.declare.errors import KernelhubError, SamplingError
 from kernelhub.runtime import kept_cache
-from kernelhub.runtime.compiled_decode import (batch_bucket, pad_rows, run_compiled, static_cache_length,
+from kernelhub.runtime.compiled_decode import (batch_bucket, pad_rows, compiled_steps, static_cache_length,
                                                wants_cpp_wrapper)
 from kernelhub.models.outputs import GenerateOutput
 from kernelhub.runtime.sampling import SamplingParams, make_generator, pick, process_logits, valid_names, warp
@@ -213,11 +213,11 @@ def generate(model, input_ids, *, sampling: SamplingParams | None = None, attent
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    cpp_wrapper = compile and wants_cpp_wrapper(model, input_ids.device)
+    steps = compiled_steps(model, wants_cpp_wrapper(model, input_ids.device)) if compile else None
     for step in range(limit):
         ids_in, positions_in = pad_rows(step_ids, rows), pad_rows(positions, rows)
         if compile and step:
-            logits = run_compiled(ids_in, positions_in, padding, kv, model, cpp_wrapper=cpp_wrapper)[:batch]
+            logits = steps(ids_in, positions_in, padding, kv)[:batch]
         elif not use_cache:  # the whole sequence again, every step
             every = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             logits = model(sequences, attention_mask=attention_mask, position_ids=every, cache=None,

@@ -1,0 +1,90 @@
+"""A compiled step's guards on the model, checked once per `generate` call rather than every token.
+
+Before each call of a compiled function, dynamo checks its guards: that every module of the model
+still has the type, hooks, attributes and kernel forward it had when the graph was built, and
+every weight its shape. For SmolLM2-135M that is about 6,000 checks, 1–1.5 ms a step on a 2-core
+CPU: a seventh of a packed GGUF decode step. Within one `generate(compile=True)` call none of it
+can change: the call holds the model `pinned` (a rebind waits for it to end), and the step's
+inputs keep their shapes. So:
+
+- the call's **first** compiled step runs under the full guards, which pick (or build) the graph
+  for the model as it is now: a rebind, a new hook or an edited attribute since the last call is
+  seen there, as in any compiled call;
+- its **later** steps run that same graph through a second compiled function, `pinned(entry)`,
+  whose guards on the model argument were dropped (`guard_filter_fn`). Its remaining guards are a
+  few dozen: the inputs' and the cache's tensors, grad mode and other global state. It is compiled
+  from a copy of the step's code object, so dynamo keeps its cache apart, one per graph the full
+  guards can pick (its first use costs a second trace, which inductor's caches make short).
+
+It needs two dynamo internals, the cache entries of a code object and their guard managers;
+where they are missing, every step keeps the full guards (the same results, slower).
+
+>>> kept = drop_model_guards([])
+>>> kept
+[]
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import types
+import weakref
+
+try:
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list as cache_entries
+except ImportError:  # another torch: full guards at every step
+    cache_entries = None
+
+MODEL_ARGUMENT = "model"  # the name of the compiled step's model parameter, whose guards are dropped
+
+_lock = threading.Lock()
+_pinned: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # full-guard cache entry -> pinned function
+_copies = itertools.count()
+
+
+def drop_model_guards(guards) -> list[bool]:
+    """`guard_filter_fn` of a pinned step: keep every guard but those on the model argument's
+    attributes (its modules, their hooks and constants, its weights)."""
+    return [not _on_model(guard) for guard in guards]
+
+
+def _on_model(guard) -> bool:
+    source = guard.orig_guard.originating_source if guard.orig_guard is not None else None
+    while getattr(source, "base", None) is not None:
+        source = source.base
+    if source is not None and hasattr(source, "local_name"):
+        return source.local_name == MODEL_ARGUMENT
+    return guard.name == MODEL_ARGUMENT or guard.name.startswith((f"{MODEL_ARGUMENT}.", f"{MODEL_ARGUMENT}["))
+
+
+def code_copy(fn):
+    """`fn` with a code object of its own: dynamo caches compiled graphs per code object."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_pinned_{next(_copies)}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
+def pinned(full, arguments: dict, compile_pinned):
+    """The pinned function for the graph whose full guards `arguments` (the step's parameters by name)
+    pass among `full`'s compiled graphs (`full`: the step function torch.compile wraps);
+    `compile_pinned()` makes one the first time that graph is picked. None where dynamo's internals
+    are missing or no graph passes (the caller keeps the full guards)."""
+    if cache_entries is None:
+        return None
+    with _lock:
+        try:
+            entry = next((e for e in cache_entries(full.__code__) if e.guard_manager.check(arguments)), None)
+        except (AttributeError, RuntimeError, TypeError):  # internals changed shape: keep the full guards
+            return None
+        if entry is None:
+            return None
+        step = _pinned.get(entry)
+        if step is None:
+            step = _pinned[entry] = compile_pinned()
+        return step
+
+
+def pinned_count() -> int:
+    """How many pinned functions exist now (one per graph the full guards picked): for tests."""
+    return len(_pinned)
+

@@ -12,7 +12,7 @@ import kernelhub
 from kernelhub.runtime.batching import ContinuousBatcher, generate_batch
 from kernelhub.runtime.generate import generate
 from kernelhub.declare.errors import SamplingError
-from kernelhub.runtime.sampling import SamplingParams, sample
+from kernelhub.runtime.sampling import SamplingParams, argmax_rows, sample
 from tests.unchanged import assert_unchanged, snapshot
 from threads import run_in_threads
 
@@ -181,3 +181,19 @@ def test_stats_are_per_call_even_when_calls_overlap_in_threads(model):
     assert [r.stats for r in results] == [r.stats for r in alone]
     assert [[t.tokens for t in r] for r in results] == [[t.tokens for t in r] for r in alone]
     assert isinstance(results[0], list) and results[0] == list(alone[0])
+
+
+@pytest.mark.parametrize("vocab", [49152, 128256, 151936, 262144, 32001, 1000])
+def test_the_span_argmax_gives_torchs_index_for_ties_nans_and_infinities(vocab):
+    """argmax_rows scans a span at a time; torch.argmax is the oracle (32001 and 1000 fall back to it)."""
+    g = torch.Generator().manual_seed(vocab)
+    scores = torch.randn(7, vocab, generator=g)
+    scores[1, vocab // 3] = scores[1, vocab - 2] = 50.0  # a tie: the first wins
+    scores[2] = float("-inf")  # all equal: index 0
+    scores[3, vocab // 2] = float("nan")
+    scores[3, vocab // 5] = float("nan")  # the first NaN wins, as in torch
+    scores[4, vocab - 1] = 1e30  # the last position
+    scores[5] = scores[5].round()  # many ties at the maximum
+    scores[6, 0] = 40.0
+    assert argmax_rows(scores).tolist() == scores.argmax(-1).tolist()
+    assert argmax_rows(scores.bfloat16()).tolist() == scores.bfloat16().argmax(-1).tolist()

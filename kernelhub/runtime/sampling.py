@@ -196,8 +196,29 @@ def warp(scores: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 def pick(scores: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
     """Argmax (greedy) or one draw from softmax(`scores`) per row; returns [B] token ids."""
     if not params.do_sample:
-        return scores.argmax(-1)
+        return argmax_rows(scores)
     return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def argmax_rows(scores: torch.Tensor) -> torch.Tensor:
+    """`scores.argmax(-1)` of [B, V] scores, the same index (the first maximum; the first NaN where there
+    is one), found a span at a time: torch's argmax scans a row on one thread without vectors, about
+    0.6 ms for Gemma 3's 262,144 scores on a CPU core, a few percent of a decode step. The spans'
+    maxima (`amax`, vectorised and split across threads) name the span to scan.
+
+    >>> scores = torch.zeros(2, 8192)
+    >>> scores[0, 5000] = 5.0; scores[1, 17] = scores[1, 8000] = 1.0
+    >>> argmax_rows(scores).tolist()
+    [5000, 17]
+    """
+    rows, vocab = scores.shape
+    span = min(vocab & -vocab, 1024)  # the largest power of two dividing the vocabulary, at most 1024
+    if span < 64 or vocab // span < 8:
+        return scores.argmax(-1)
+    spans = scores.reshape(rows, vocab // span, span)
+    outer = spans.amax(-1).argmax(-1)  # the first span holding the maximum (or a NaN)
+    inner = spans[torch.arange(rows, device=scores.device), outer].argmax(-1)
+    return outer * span + inner
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:

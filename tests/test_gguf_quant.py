@@ -81,7 +81,8 @@ def test_both_unpackings_are_gguf_py_s_bit_for_bit(ggml_type, build):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
 def test_products_match_unpack_then_matmul(ggml_type, dtype, build):
-    """1, 3 and 8 rows run in the C kernel, 16 (prefill) tile by tile; odd and even output counts;
+    """1, 3 and 8 rows run in one pass of the C kernel, 13 and 16 (a short prompt) in passes of 8, 40
+    (prefill) tile by tile; odd and even output counts;
     one block and three blocks a row; and rows long enough that 8 input rows are taken a span of
     columns at a time."""
     values = GGML_QUANT_SIZES[ggml_type][0]
@@ -89,7 +90,7 @@ def test_products_match_unpack_then_matmul(ggml_type, dtype, build):
         packed = blocks(ggml_type, out_features, n_blocks, seed=out_features + n_blocks)
         weight, want = torch.from_numpy(packed), oracle(packed, ggml_type)
         reference = torch_dequantize(weight, int(ggml_type), want.shape)
-        for rows in (1, 2, 3, 5, 8, 16):
+        for rows in (1, 2, 3, 5, 8, 13, 16, 40):
             x = torch.randn(rows, want.shape[1], generator=torch.Generator().manual_seed(rows)).to(dtype)
             assert_close(mul_mat_vec(weight, x, int(ggml_type), out_features), x, want)
             assert_close((x.float() @ reference.T).to(dtype), x, want)  # the torch reference itself
@@ -100,7 +101,9 @@ def test_a_bias_is_added_before_the_one_rounding_and_leading_dims_are_kept():
     packed = blocks(GGML.Q4_K, 5, 2)
     weight, want, bias = torch.from_numpy(packed), oracle(packed, GGML.Q4_K), torch.randn(5)
     x = torch.randn(2, 3, 512)
-    for rows in (x[:1, :1], x[:1], x):  # 1 and 3 rows through the kernel, 6 through F.linear tiles
+    longer = torch.randn(4, 5, 512)
+    # 1, 3 and 6 rows in one pass of the kernel, 20 in three passes, 40 through F.linear tiles
+    for rows in (x[:1, :1], x[:1], x, longer, torch.cat([longer, longer])):
         out = mul_mat_eager(weight, rows, int(GGML.Q4_K), 5, bias)
         assert out.shape == (*rows.shape[:-1], 5)
         assert torch.allclose(out, rows @ want.T + bias, rtol=0, atol=1e-5 * out.abs().max())
@@ -208,3 +211,19 @@ def test_the_torch_fallback_gives_the_same_numbers(monkeypatch):
     for rows, a, b in zip(x, before, after):
         assert_close(b, rows, want)
         assert torch.allclose(a, b, rtol=0, atol=1e-5 * a.abs().max())
+
+
+@needs_kernel
+def test_up_to_32_rows_run_as_passes_of_the_kernel_and_more_as_tiles(monkeypatch):
+    """A short prompt reads the packed blocks once per 8 rows (faster than unpacking tiles for a GEMM
+    up to 32 rows); only longer inputs unpack tiles into F.linear."""
+    packed = blocks(GGML.Q4_0, 16, 2)
+    weight, want = torch.from_numpy(packed), oracle(packed, GGML.Q4_0)
+
+    def no_tiles(*args, **kwargs):
+        raise AssertionError("unpacked a tile into F.linear")
+    monkeypatch.setattr(torch.nn.functional, "linear", no_tiles)
+    x = torch.randn(gguf_quant.MAX_PASS_ROWS, 64)
+    assert torch.allclose(mul_mat_eager(weight, x, int(GGML.Q4_0), 16), x @ want.T, rtol=0, atol=1e-4)
+    with pytest.raises(AssertionError, match="unpacked a tile"):
+        mul_mat_eager(weight, torch.randn(gguf_quant.MAX_PASS_ROWS + 1, 64), int(GGML.Q4_0), 16)

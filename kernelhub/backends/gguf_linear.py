@@ -5,7 +5,8 @@ stores it: `qweight`, a uint8 `[out_features, bytes_per_row]` tensor of ggml blo
 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K). This kernel multiplies by those blocks directly
 (`gguf_quant.py`): decode-sized inputs (1 to 8 rows) through `kernelhub::gguf_rows`, the C++
 operator over the C kernel (AVX-512 or AVX2), which reads each packed row once; prefill through
-`kernelhub::gguf_mul_mat`, a tile of unpacked rows at a time. The weight is never unpacked whole, so
+`kernelhub::gguf_mul_mat`: up to 32 rows (a short prompt) in passes of 8 of the same kernel, longer
+ones a tile of unpacked rows at a time into a GEMM. The weight is never unpacked whole, so
 the model keeps the file's size in memory (a Q4_K 7B model: about 4 GB instead of 28 in float32).
 
 Results equal unpacking the weight to float32 and multiplying (`F.linear(x.float(), W)`, rounded

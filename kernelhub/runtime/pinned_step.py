@@ -8,13 +8,14 @@ can change: the call holds the model `pinned` (a rebind waits for it to end), an
 inputs keep their shapes. So:
 
 - the call's **first** compiled step runs under the full guards, which pick (or build) the graph
-  for the model as it is now: a rebind, a new hook or an edited attribute since the last call is
-  seen there, as in any compiled call;
+  for the model as it is now: a rebind or an edited attribute since the last call is seen there,
+  as in any compiled call (hooks added after compiling are not: dynamo skips guards on them);
 - its **later** steps run that same graph through a second compiled function, `pinned(entry)`,
-  whose guards on the model argument were dropped (`guard_filter_fn`). Its remaining guards are a
-  few dozen: the inputs' and the cache's tensors, grad mode and other global state. It is compiled
-  from a copy of the step's code object, so dynamo keeps its cache apart, one per graph the full
-  guards can pick (its first use costs a second trace, which inductor's caches make short).
+  whose guards on the model argument were dropped (`guard_filter_fn`). Its remaining guards, one
+  or two hundred, are on the inputs' and the cache's tensors, the globals the step reads, and grad
+  mode and other global state. It is compiled from a copy of the step's code object, so dynamo
+  keeps its cache apart, one per graph the full guards can pick (its first use costs a second
+  trace, which inductor's caches make short).
 
 It needs two dynamo internals, the cache entries of a code object and their guard managers;
 where they are missing, every step keeps the full guards (the same results, slower).

@@ -211,6 +211,8 @@ def argmax_rows(scores: torch.Tensor) -> torch.Tensor:
     >>> argmax_rows(scores).tolist()
     [5000, 17]
     """
+    if scores.dim() != 2:
+        return scores.argmax(-1)
     rows, vocab = scores.shape
     span = min(vocab & -vocab, 1024)  # the largest power of two dividing the vocabulary, at most 1024
     if span < 64 or vocab // span < 8:

@@ -187,6 +187,12 @@ def pinned(model):
             _pin_change.notify_all()
 
 
+def is_pinned(model) -> bool:
+    """Whether a call holds `model` pinned now (see `pinned`)."""
+    with _pin_change:
+        return id(model) in _pins
+
+
 @contextlib.contextmanager
 def changing(model):
     """Held while a bind changes `model`: waits for its pinned calls to end, and no new one starts

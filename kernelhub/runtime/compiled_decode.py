@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import torch
 
+from kernelhub.declare.binding import is_pinned
 from kernelhub.declare.layer import layer_name
 from kernelhub.runtime import pinned_step
 
@@ -121,8 +122,9 @@ def compiled_steps(model, cpp_wrapper: bool = False):
     """The compiled decode steps of one `generate` call: `step(ids, positions, padding, cache)` runs one
     over the static `cache` (see the module docstring), advances it and returns the logits.
     `cpp_wrapper` picks the graph built with inductor's C++ wrapper (`wants_cpp_wrapper`). On the CPU,
-    the call's later steps skip dynamo's guards on the model (`kernelhub.runtime.pinned_step`): run the
-    call inside `declare.binding.pinned(model)`, as `model.generate` does, so no rebind lands meanwhile."""
+    the call's later steps skip dynamo's guards on the model (`kernelhub.runtime.pinned_step`) when the
+    call holds the model `declare.binding.pinned`, as `model.generate` does; otherwise every step
+    checks them."""
     pinned = None  # this call's pinned step, once its first step has run; False: none (full guards)
 
     def step(ids, positions, padding, cache):
@@ -133,15 +135,23 @@ def compiled_steps(model, cpp_wrapper: bool = False):
             with torch._dynamo.config.patch(recompile_limit=MAX_GRAPHS):
                 if cuda_graphs:
                     torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are no longer read
+                logits = None
                 if pinned:
-                    logits = pinned(model, ids, positions, padding, view)
-                else:
+                    try:
+                        logits = pinned(model, ids, positions, padding, view)
+                    except torch._dynamo.exc.TorchDynamoException:  # the twin failed: full guards from now on
+                        pinned_step.forget(pinned)
+                        pinned = False
+                if logits is None:
                     logits = compiled_decode_step(cuda_graphs, cpp_wrapper)(model, ids, positions, padding, view)
                     if pinned is None and not cuda_graphs:  # the full guards just picked this call's graph
-                        arguments = {"model": model, "ids": ids, "positions": positions, "padding": padding,
-                                     "cache": view}
-                        pinned = pinned_step.pinned(decode_step, arguments,
-                                                    lambda: pinned_decode_step(cpp_wrapper)) or False
+                        pinned = False
+                        if is_pinned(model):  # no rebind lands before the call ends (`model.generate` pins)
+                            arguments = {"model": model, "ids": ids, "positions": positions, "padding": padding,
+                                         "cache": view}
+                            pinned = pinned_step.pinned(decode_step, arguments,
+                                                        lambda: pinned_decode_step(cpp_wrapper),
+                                                        variant=cpp_wrapper) or False
         except torch._dynamo.exc.TorchDynamoException as e:
             raise compile_failure(e, "generate(compile=True)") from e
         cache.seen += ids.shape[1]

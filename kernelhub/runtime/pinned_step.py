@@ -1,21 +1,23 @@
 """A compiled step's guards on the model, checked once per `generate` call rather than every token.
 
 Before each call of a compiled function, dynamo checks its guards: that every module of the model
-still has the type, hooks, attributes and kernel forward it had when the graph was built, and
+still has the type, attributes and kernel forward it had when the graph was built, and
 every weight its shape. For SmolLM2-135M that is about 6,000 checks, 1–1.5 ms a step on a 2-core
 CPU: a seventh of a packed GGUF decode step. Within one `generate(compile=True)` call none of it
-can change: the call holds the model `pinned` (a rebind waits for it to end), and the step's
-inputs keep their shapes. So:
+can change through kernelhub: the call holds the model `pinned` (a rebind waits for it to end),
+and the step's inputs keep their shapes. (An edit of a module attribute from inside the call, a
+streamer's say, is not seen by its later steps; a swapped weight of another shape makes the twin
+recompile.) So:
 
 - the call's **first** compiled step runs under the full guards, which pick (or build) the graph
   for the model as it is now: a rebind or an edited attribute since the last call is seen there,
   as in any compiled call (hooks added after compiling are not: dynamo skips guards on them);
-- its **later** steps run that same graph through a second compiled function, `pinned(entry)`,
-  whose guards on the model argument were dropped (`guard_filter_fn`). Its remaining guards, one
-  or two hundred, are on the inputs' and the cache's tensors, the globals the step reads, and grad
-  mode and other global state. It is compiled from a copy of the step's code object, so dynamo
-  keeps its cache apart, one per graph the full guards can pick (its first use costs a second
-  trace, which inductor's caches make short).
+- its **later** steps run that same graph through a second compiled function, `pinned(entry)`, whose
+  guards on the model argument were dropped (`guard_filter_fn`), but for its tensors' dtypes, shapes
+  and strides. Its remaining guards, a few hundred, are on tensors (the weights, the inputs, the
+  cache), the globals the step reads, and grad mode and other global state. It is compiled from a
+  copy of the step's code object, so dynamo keeps its cache apart, one per graph the full guards can
+  pick (its first use costs a second trace, which inductor's caches make short).
 
 It needs two dynamo internals, the cache entries of a code object and their guard managers;
 where they are missing, every step keeps the full guards (the same results, slower).
@@ -40,14 +42,17 @@ except ImportError:  # another torch: full guards at every step
 MODEL_ARGUMENT = "model"  # the name of the compiled step's model parameter, whose guards are dropped
 
 _lock = threading.Lock()
-_pinned: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # full-guard cache entry -> pinned function
+# full-guard cache entry -> {variant (the caller's build options): pinned function}
+_pinned: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _copies = itertools.count()
 
 
 def drop_model_guards(guards) -> list[bool]:
     """`guard_filter_fn` of a pinned step: keep every guard but those on the model argument's
-    attributes (its modules, their hooks and constants, its weights)."""
-    return [not _on_model(guard) for guard in guards]
+    attributes (its modules, their types and constants, its kernels), except the checks of its
+    tensors' dtypes, shapes and strides: a weight swapped mid-call (a streamer's `.to()`, say) then
+    makes the twin recompile rather than run its kernels on tensors of the wrong size."""
+    return [guard.guard_type == "TENSOR_MATCH" or not _on_model(guard) for guard in guards]
 
 
 def _on_model(guard) -> bool:
@@ -65,11 +70,12 @@ def code_copy(fn):
     return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
-def pinned(full, arguments: dict, compile_pinned):
+def pinned(full, arguments: dict, compile_pinned, variant=None):
     """The pinned function for the graph whose full guards `arguments` (the step's parameters by name)
     pass among `full`'s compiled graphs (`full`: the step function torch.compile wraps);
-    `compile_pinned()` makes one the first time that graph is picked. None where dynamo's internals
-    are missing or no graph passes (the caller keeps the full guards)."""
+    `compile_pinned()` makes one the first time that graph is picked with this `variant` (the
+    caller's build options: entries of differently built wrappers share `full`'s code object). None
+    where dynamo's internals are missing or no graph passes (the caller keeps the full guards)."""
     if cache_entries is None:
         return None
     with _lock:
@@ -79,13 +85,23 @@ def pinned(full, arguments: dict, compile_pinned):
             return None
         if entry is None:
             return None
-        step = _pinned.get(entry)
-        if step is None:
-            step = _pinned[entry] = compile_pinned()
-        return step
+        twins = _pinned.setdefault(entry, {})
+        if variant not in twins:
+            twins[variant] = compile_pinned()
+        return twins[variant]
+
+
+def forget(step) -> None:
+    """Drop the pinned function `step` (one that failed): the next call that picks its graph builds
+    another."""
+    with _lock:
+        for twins in list(_pinned.values()):
+            for variant, twin in list(twins.items()):
+                if twin is step:
+                    del twins[variant]
 
 
 def pinned_count() -> int:
     """How many pinned functions exist now (one per graph the full guards picked): for tests."""
-    return len(_pinned)
+    return sum(len(twins) for twins in _pinned.values())
 

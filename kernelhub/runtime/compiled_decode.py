@@ -162,7 +162,7 @@ def compiled_steps(model, cpp_wrapper: bool = False):
 
 def pinned_decode_step(cpp_wrapper: bool):
     """`decode_step` compiled as `compiled_decode_step` compiles it, from a code object of its own,
-    without the guards on the model (`kernelhub.runtime.pinned_step`)."""
+    without the guards on the model but for its tensors' (`kernelhub.runtime.pinned_step`)."""
     options = {"size_asserts": False, "guard_filter_fn": pinned_step.drop_model_guards,
                **({"cpp_wrapper": True} if cpp_wrapper else {})}
     return torch.compile(pinned_step.code_copy(decode_step), fullgraph=True, dynamic=False, options=options)

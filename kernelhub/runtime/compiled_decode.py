@@ -144,20 +144,24 @@ def compiled_steps(model, cpp_wrapper: bool = False):
                         pinned = False
                 if logits is None:
                     logits = compiled_decode_step(cuda_graphs, cpp_wrapper)(model, ids, positions, padding, view)
-                    if pinned is None and not cuda_graphs:  # the full guards just picked this call's graph
-                        pinned = False
-                        if is_pinned(model):  # no rebind lands before the call ends (`model.generate` pins)
-                            arguments = {"model": model, "ids": ids, "positions": positions, "padding": padding,
-                                         "cache": view}
-                            pinned = pinned_step.pinned(decode_step, arguments,
-                                                        lambda: pinned_decode_step(cpp_wrapper),
-                                                        variant=cpp_wrapper) or False
+                    if pinned is None:  # the full guards just picked this call's graph
+                        pinned = not cuda_graphs and _twin(model, ids, positions, padding, view, cpp_wrapper)
         except torch._dynamo.exc.TorchDynamoException as e:
             raise compile_failure(e, "generate(compile=True)") from e
         cache.seen += ids.shape[1]
         return logits.clone() if cuda_graphs else logits  # a replay overwrites the captured output in place
 
     return step
+
+
+def _twin(model, ids, positions, padding, view, cpp_wrapper: bool):
+    """The pinned twin of the graph the full guards picked for these arguments, or False (full guards
+    at every step) where the call does not pin the model: a rebind could then land mid-call."""
+    if not is_pinned(model):
+        return False
+    arguments = {"model": model, "ids": ids, "positions": positions, "padding": padding, "cache": view}
+    return pinned_step.pinned(decode_step, arguments, lambda: pinned_decode_step(cpp_wrapper),
+                              variant=cpp_wrapper) or False
 
 
 def pinned_decode_step(cpp_wrapper: bool):

@@ -22,9 +22,11 @@ recompile.) So:
 It needs two dynamo internals, the cache entries of a code object and their guard managers;
 where they are missing, every step keeps the full guards (the same results, slower).
 
->>> kept = drop_model_guards([])
->>> kept
-[]
+>>> def step(x):
+...     return x + 1
+>>> copy = code_copy(step)
+>>> copy(1), copy.__code__ is step.__code__
+(2, False)
 """
 
 from __future__ import annotations

@@ -212,12 +212,11 @@ def test_rows_permute_and_fuse_like_float_rows():
 
 def test_a_users_quantized_linear_request_wins():
     both = {"QuantizedLinear": ["gguf", "reference"], "QuantizedEmbedding": ["gguf", "reference"]}
-    assert with_packed_kernels(None, None) == both
+    assert with_packed_kernels(None) == both
     # a file whose weights are all float (or of types with no kernel) packs nothing and asks for nothing
-    assert with_packed_kernels(None, None, model=torch.nn.Sequential(torch.nn.Linear(2, 2))) is None
-    assert with_packed_kernels({"RMSNorm": "reference"}, {"RMSNorm": "reference"}) == {"RMSNorm": "reference",
-                                                                                        **both}
-    assert with_packed_kernels({"QuantizedLinear": "reference"}, {"QuantizedLinear": "reference"}) == {
+    assert with_packed_kernels(None, model=torch.nn.Sequential(torch.nn.Linear(2, 2))) is None
+    assert with_packed_kernels({"RMSNorm": "reference"}) == {"RMSNorm": "reference", **both}
+    assert with_packed_kernels({"QuantizedLinear": "reference"}) == {
         "QuantizedLinear": "reference", "QuantizedEmbedding": ["gguf", "reference"]}
 
 

@@ -196,21 +196,20 @@ def _replace(model, path_: str, cls, *args, **kwargs) -> None:
     setattr(model.get_submodule(owner) if owner else model, attr, quantized)
 
 
-def with_packed_kernels(kernels, asked, model=None):
+def with_packed_kernels(kernels, model=None):
     """`kernels` with the packed layers (QuantizedLinear, QuantizedEmbedding) defaulting to their `gguf`
     kernels (the reference where those cannot serve), unless the caller's own `kernels=` names them.
     With `model`, only the layers it holds get one.
 
-    >>> with_packed_kernels({"RMSNorm": "reference"}, None)["QuantizedEmbedding"]
+    >>> with_packed_kernels({"RMSNorm": "reference"})["QuantizedEmbedding"]
     ['gguf', 'reference']
     """
     if kernels is not None and not isinstance(kernels, dict):
         return kernels  # bind reports a malformed kernels= itself
     defaults = {layer: list(DEFAULT_KERNELS) for layer in PACKED_LAYERS}
     held = None if model is None else {layer_name(m) for m in model.modules()}
-    mine = asked if isinstance(asked, dict) else {}
     added = {layer: chain for layer, chain in defaults.items()
-             if layer not in mine and layer not in (kernels or {}) and (held is None or layer in held)}
+             if layer not in (kernels or {}) and (held is None or layer in held)}
     return {**(kernels or {}), **added} if added else kernels
 
 

@@ -230,7 +230,7 @@ def _with_packed_defaults(model, kernels):
         return kernels
     from kernelhub.checkpoint.gguf_packed import with_packed_kernels
 
-    return with_packed_kernels(kernels, kernels, model)
+    return with_packed_kernels(kernels, model)
 
 
 def apply(model: torch.nn.Module, decisions: Decisions) -> BindingPlan:

@@ -10,7 +10,10 @@ and resident memory (RSS after loading and one warm-up generate, minus RSS befor
 are medians of `--repeat` runs. Engines:
 
 - `packed`: kernelhub, `dequantize=False` (projections stay in ggml blocks, the `gguf` kernel);
-- `compiled`: the same model, `generate(cache="static", compile=True)`;
+- `compiled`: the same model, `generate(cache="static", compile=True)`, measured as a long-running
+  process runs it: its graphs pinned from their first call (`KERNELHUB_PIN_AFTER_STEPS=0`, set here
+  unless the environment sets it: by default a graph gets its pinned twin, which skips dynamo's
+  guards on the model, only after 4096 steps, `kernelhub/runtime/pinned_step.py`);
 - `dequantized`: kernelhub, `dequantize=True` (float32 weights);
 - `transformers`: its own GGUF load in float32 (offline: without its Hub GGUF kernel it dequantises);
 - `llama.cpp`: llama-cpp-python on the same file with the same thread count (batch 1 only), when it
@@ -30,6 +33,9 @@ engine to show in its row.
 `--avx2-torch` runs torch's MKL and inductor's generated code at AVX2 width in every engine's
 process. On an AVX-512 CPU, MKL's AVX-512 code (in torch's CPU attention) and inductor's slowed the
 packed products that ran after them by about 20%; the packed kernel keeps its AVX-512 build.
+
+(This file is not `bench/gguf.py`: a script's folder comes first on `sys.path`, where that name
+would hide the `gguf` package every engine imports.)
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import time
 
 import torch
 
+os.environ.setdefault("KERNELHUB_PIN_AFTER_STEPS", "0")  # the steady state of a long-running process (above)
 ENGINES = ("packed", "compiled", "dequantized", "transformers", "llama.cpp")
 MODELS = {"smollm2": "SmolLM2-135M Q4_1", "gemma3": "Gemma 3 270M Q4_K_M"}
 INSTALL = "llama-cpp-python not installed: pip install -e .[bench]"

@@ -9,7 +9,8 @@ work shares, a spell of slower memory or a busier core can last minutes, longer 
 turn, and best-of-rounds only helps when some round of each engine missed every spell. Here each
 pair measures kernelhub (`generate(cache="static", compile=True)`, weights packed) and then
 llama.cpp (llama-cpp-python, the same file and thread count) back to back, batch 1, greedy, decode
-tokens/s as in `gguf_models.py` (`(n - 1) / (t(n) - t(1))`). Printed: every pair, each engine's
+tokens/s as in `gguf_models.py` (`(n - 1) / (t(n) - t(1))`), our graphs pinned from their first call
+as there (importing it sets `KERNELHUB_PIN_AFTER_STEPS=0`). Printed: every pair, each engine's
 median and best, and the median of the pairs' ratios. Both engines' thread pools live in the one
 process: one's threads may still spin for a moment after its call while the other's start.
 """

@@ -1,8 +1,9 @@
 """A compiled generate call checks dynamo's guards on the model at its first step only
 (`kernelhub.runtime.pinned_step`): its later steps run a pinned twin of the graph the full guards
-picked. These tests make the later steps see every change made between calls (an attribute edited
-and restored, another model of the same shapes), and check that the twin really runs without the
-model's guards but for its tensors'."""
+picked, once that graph has run `PIN_AFTER_STEPS` steps under the full guards. These tests pin from
+a graph's first call (`PIN_AFTER_STEPS` 0) unless they test that count; they make the later steps see
+every change made between calls (an attribute edited and restored, another model of the same
+shapes), and check that the twin really runs without the model's guards but for its tensors'."""
 
 import weakref
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import kernelhub
+from kernelhub.declare.errors import KernelhubError
 from kernelhub.runtime import compiled_decode, pinned_step
 from kernelhub.testing.samples import write_random_checkpoint
 
@@ -18,6 +20,12 @@ pytestmark = pytest.mark.skipif(not pinned_step.cache_entries, reason="this torc
 
 IDS = torch.tensor([[3, 14, 15, 9, 2, 6]])
 NEW = 6
+
+
+@pytest.fixture(autouse=True)
+def pin_from_the_first_call(monkeypatch):
+    monkeypatch.setattr(pinned_step, "PIN_AFTER_STEPS", 0)
+    monkeypatch.delenv(pinned_step.PIN_AFTER_VARIABLE, raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +63,8 @@ def test_later_steps_run_the_pinned_twin_without_the_models_guards(twin_checkpoi
 
     def counting_pinned(*args, **kwargs):
         step = real_pinned(*args, **kwargs)
+        if step is None:
+            return None
 
         def counted(*a):
             calls.append(1)
@@ -72,6 +82,55 @@ def test_later_steps_run_the_pinned_twin_without_the_models_guards(twin_checkpoi
     assert len(dropped) > 2 * len(on_model), (len(dropped), len(on_model))
     assert all(is_on_model(name) and kind != "TENSOR_MATCH" for name, kind in dropped), "dropped a needed guard"
     assert {"ids", "positions", "padding"} <= {name for name, _ in kept}  # the inputs' guards stay
+
+
+def counting_twins(monkeypatch) -> list:
+    """A fresh table of twins whose steps append to the list returned."""
+    calls, real = [], compiled_decode.pinned_decode_step
+    monkeypatch.setattr(pinned_step, "_pinned", weakref.WeakKeyDictionary())
+    monkeypatch.setattr(pinned_step, "_served", weakref.WeakKeyDictionary())
+
+    def counted_twin(cpp_wrapper):
+        twin = real(cpp_wrapper)
+        return lambda *a: calls.append(1) or twin(*a)
+    monkeypatch.setattr(compiled_decode, "pinned_decode_step", counted_twin)
+    return calls
+
+
+def test_a_graph_gets_its_twin_once_it_has_run_pin_after_steps_steps(twin_checkpoints, monkeypatch):
+    """The twin costs a second trace of the model, so short runs keep the full guards: here, once the
+    graph has run 8 steps under them (counted across calls), its later steps run the twin."""
+    model = kernelhub.from_pretrained(twin_checkpoints[0], attn_implementation="sdpa")
+    calls = counting_twins(monkeypatch)
+    monkeypatch.setattr(pinned_step, "PIN_AFTER_STEPS", 8)
+    plain = eager(model).tolist()
+    assert compiled(model).tolist() == plain  # 5 compiled steps, all under the full guards
+    assert not calls and pinned_step.pinned_count() == 0
+    assert compiled(model).tolist() == plain  # steps 6..8 under the full guards, then the twin
+    assert len(calls) == 2 and pinned_step.pinned_count() == 1
+    assert compiled(model).tolist() == plain  # the graph has its twin: step 1 full guards, 2..5 the twin
+    assert len(calls) == 2 + NEW - 2
+
+
+def test_the_default_builds_no_twin_in_a_short_run(twin_checkpoints, monkeypatch):
+    model = kernelhub.from_pretrained(twin_checkpoints[0], attn_implementation="sdpa")
+    calls = counting_twins(monkeypatch)
+    monkeypatch.setattr(pinned_step, "PIN_AFTER_STEPS", 4096)
+    for _ in range(3):
+        assert compiled(model).tolist() == eager(model).tolist()
+    assert not calls and pinned_step.pinned_count() == 0
+
+
+def test_the_environment_sets_when_a_graph_is_pinned_and_a_bad_value_is_refused(twin_checkpoints, monkeypatch):
+    model = kernelhub.from_pretrained(twin_checkpoints[0], attn_implementation="sdpa")
+    calls = counting_twins(monkeypatch)
+    monkeypatch.setattr(pinned_step, "PIN_AFTER_STEPS", 4096)
+    monkeypatch.setenv(pinned_step.PIN_AFTER_VARIABLE, "0")
+    assert compiled(model).tolist() == eager(model).tolist()
+    assert len(calls) == NEW - 2  # pinned from the first call
+    monkeypatch.setenv(pinned_step.PIN_AFTER_VARIABLE, "soon")
+    with pytest.raises(KernelhubError, match=r"PIN_AFTER_STEPS='soon' is not a number of steps: set it to a whole"):
+        compiled(model)
 
 
 def test_an_attribute_edited_then_restored_between_calls_is_seen_at_every_step(twin_checkpoints):

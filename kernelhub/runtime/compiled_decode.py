@@ -21,8 +21,9 @@ The prefill runs eagerly (one call per prompt, of a length that varies).
 between them counts: a CPU model whose weights stay in packed GGUF blocks runs inductor's C++
 wrapper rather than its Python one (`wants_cpp_wrapper`). Dynamo's guards on the model (about
 6,000 for SmolLM2, 1-1.5 ms a step on a 2-core CPU) are checked at the first compiled step of each
-call only: the later steps of a CPU call run a pinned twin of the graph the first one picked
-(`kernelhub.runtime.pinned_step`). Dropping them process-wide (`set_stance(skip_guard_eval_unsafe=
+call only, once a graph has served a few thousand steps (a long-running process): the later steps of
+a CPU call then run a pinned twin of the graph the first one picked (`kernelhub.runtime.pinned_step`),
+whose build costs a second trace of the model. Dropping them process-wide (`set_stance(skip_guard_eval_unsafe=
 True)`) would also drop them for another thread's compiled call of another model.
 
 **A kept cache.** A finished call leaves its static cache with the model and the next call of
@@ -123,12 +124,14 @@ def compiled_steps(model, cpp_wrapper: bool = False):
     over the static `cache` (see the module docstring), advances it and returns the logits.
     `cpp_wrapper` picks the graph built with inductor's C++ wrapper (`wants_cpp_wrapper`). On the CPU,
     the call's later steps skip dynamo's guards on the model (`kernelhub.runtime.pinned_step`) when the
-    call holds the model `declare.binding.pinned`, as `model.generate` does; otherwise every step
-    checks them."""
-    pinned = None  # this call's pinned step, once its first step has run; False: none (full guards)
+    call holds the model `declare.binding.pinned`, as `model.generate` does, and its graph has a
+    pinned twin (built once the graph has run `pinned_step.PIN_AFTER_STEPS` steps); otherwise every
+    step checks them."""
+    graph = None  # the graph the call's first step picked, once it has run; False: no twin (full guards)
+    pinned = None  # that graph's pinned twin, once it has one
 
     def step(ids, positions, padding, cache):
-        nonlocal pinned
+        nonlocal graph, pinned
         view = cache.step_view(ids.shape[1])
         cuda_graphs = ids.device.type == "cuda"
         try:
@@ -141,11 +144,13 @@ def compiled_steps(model, cpp_wrapper: bool = False):
                         logits = pinned(model, ids, positions, padding, view)
                     except torch._dynamo.exc.TorchDynamoException:  # the twin failed: full guards from now on
                         pinned_step.forget(pinned)
-                        pinned = False
+                        graph, pinned = False, None
                 if logits is None:
                     logits = compiled_decode_step(cuda_graphs, cpp_wrapper)(model, ids, positions, padding, view)
-                    if pinned is None:  # the full guards just picked this call's graph
-                        pinned = not cuda_graphs and _twin(model, ids, positions, padding, view, cpp_wrapper)
+                    if graph is None:  # the full guards just picked this call's graph
+                        graph = not cuda_graphs and _graph(model, ids, positions, padding, view)
+                    if graph:
+                        pinned = pinned_step.pinned(graph, lambda: pinned_decode_step(cpp_wrapper), cpp_wrapper)
         except torch._dynamo.exc.TorchDynamoException as e:
             raise compile_failure(e, "generate(compile=True)") from e
         cache.seen += ids.shape[1]
@@ -154,14 +159,14 @@ def compiled_steps(model, cpp_wrapper: bool = False):
     return step
 
 
-def _twin(model, ids, positions, padding, view, cpp_wrapper: bool):
-    """The pinned twin of the graph the full guards picked for these arguments, or False (full guards
-    at every step) where the call does not pin the model: a rebind could then land mid-call."""
+def _graph(model, ids, positions, padding, view):
+    """The compiled graph (dynamo cache entry) the full guards picked for these arguments, or False
+    (full guards at every step) where the call does not pin the model: a rebind could then land
+    mid-call."""
     if not is_pinned(model):
         return False
     arguments = {"model": model, "ids": ids, "positions": positions, "padding": padding, "cache": view}
-    return pinned_step.pinned(decode_step, arguments, lambda: pinned_decode_step(cpp_wrapper),
-                              variant=cpp_wrapper) or False
+    return pinned_step.graph_of(decode_step, arguments) or False
 
 
 def pinned_decode_step(cpp_wrapper: bool):

@@ -12,12 +12,20 @@ recompile.) So:
 - the call's **first** compiled step runs under the full guards, which pick (or build) the graph
   for the model as it is now: a rebind or an edited attribute since the last call is seen there,
   as in any compiled call (hooks added after compiling are not: dynamo skips guards on them);
-- its **later** steps run that same graph through a second compiled function, `pinned(entry)`, whose
+- its **later** steps, once the graph has a twin (below), run that same graph through a second
+  compiled function, `pinned(entry)`, whose
   guards on the model argument were dropped (`guard_filter_fn`), but for its tensors' dtypes, shapes
   and strides. Its remaining guards, a few hundred, are on tensors (the weights, the inputs, the
   cache), the globals the step reads, and grad mode and other global state. It is compiled from a
   copy of the step's code object, so dynamo keeps its cache apart, one per graph the full guards can
-  pick (its first use costs a second trace, which inductor's caches make short).
+  pick.
+
+The twin is not free: its first use traces the model a second time (inductor's caches make the rest
+short). For SmolLM2-135M on a 2-core CPU that is about 10 s added to a process's first compiled call,
+against about 1 ms a step of guards saved: it pays after some thousands of steps. So a graph gets
+its twin once it has run `PIN_AFTER_STEPS` steps under the full guards in pinned calls (4096, or the
+`KERNELHUB_PIN_AFTER_STEPS` environment variable; 0 pins from a graph's first call): a script that
+generates a few hundred tokens never pays for it, a server soon does and keeps it.
 
 It needs two dynamo internals, the cache entries of a code object and their guard managers;
 where they are missing, every step keeps the full guards (the same results, slower).
@@ -32,9 +40,12 @@ where they are missing, every step keeps the full guards (the same results, slow
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import types
 import weakref
+
+from kernelhub.declare.errors import KernelhubError
 
 try:
     from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list as cache_entries
@@ -43,9 +54,13 @@ except ImportError:  # another torch: full guards at every step
 
 MODEL_ARGUMENT = "model"  # the name of the compiled step's model parameter, whose guards are dropped
 
+PIN_AFTER_STEPS = 4096  # full-guard steps a graph runs in pinned calls before its twin is built
+PIN_AFTER_VARIABLE = "KERNELHUB_PIN_AFTER_STEPS"  # overrides it
+
 _lock = threading.Lock()
 # full-guard cache entry -> {variant (the caller's build options): pinned function}
 _pinned: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_served: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # full-guard cache entry -> steps run
 _copies = itertools.count()
 
 
@@ -72,23 +87,46 @@ def code_copy(fn):
     return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
-def pinned(full, arguments: dict, compile_pinned, variant=None):
-    """The pinned function for the graph whose full guards `arguments` (the step's parameters by name)
-    pass among `full`'s compiled graphs (`full`: the step function torch.compile wraps);
-    `compile_pinned()` makes one the first time that graph is picked with this `variant` (the
-    caller's build options: entries of differently built wrappers share `full`'s code object). None
-    where dynamo's internals are missing or no graph passes (the caller keeps the full guards)."""
+def graph_of(full, arguments: dict):
+    """The cache entry (graph and full guards) that `arguments`, the step's parameters by name, pass
+    among `full`'s compiled graphs (`full`: the step function torch.compile wraps); None where
+    dynamo's internals are missing or no graph passes (the caller keeps the full guards)."""
     if cache_entries is None:
         return None
     with _lock:
         try:
-            entry = next((e for e in cache_entries(full.__code__) if e.guard_manager.check(arguments)), None)
+            return next((e for e in cache_entries(full.__code__) if e.guard_manager.check(arguments)), None)
         except (AttributeError, RuntimeError, TypeError):  # internals changed shape: keep the full guards
             return None
-        if entry is None:
-            return None
+
+
+def pin_after_steps() -> int:
+    """`PIN_AFTER_STEPS`, or the whole number the `KERNELHUB_PIN_AFTER_STEPS` environment variable holds.
+
+    >>> pin_after_steps()  # with the variable unset
+    4096
+    """
+    value = os.environ.get(PIN_AFTER_VARIABLE, "").strip()
+    if not value:
+        return PIN_AFTER_STEPS
+    if not value.isdigit():
+        raise KernelhubError(f"{PIN_AFTER_VARIABLE}={value!r} is not a number of steps: set it to a whole number "
+                         f"(0 pins a compiled graph from its first call, the default is {PIN_AFTER_STEPS}) or unset it")
+    return int(value)
+
+
+def pinned(entry, compile_pinned, variant=None):
+    """The pinned function for `entry`'s graph, counting one more step it ran under the full guards;
+    None until it has run `PIN_AFTER_STEPS` of them. `compile_pinned()` makes one the first time,
+    per `variant` (the caller's build options: entries of differently built wrappers share `full`'s
+    code object)."""
+    after = pin_after_steps()
+    with _lock:
         twins = _pinned.setdefault(entry, {})
         if variant not in twins:
+            _served[entry] = _served.get(entry, 0) + 1
+            if _served[entry] < after:
+                return None
             twins[variant] = compile_pinned()
         return twins[variant]
 

@@ -13,12 +13,11 @@ recompile.) So:
   for the model as it is now: a rebind or an edited attribute since the last call is seen there,
   as in any compiled call (hooks added after compiling are not: dynamo skips guards on them);
 - its **later** steps, once the graph has a twin (below), run that same graph through a second
-  compiled function, `pinned(entry)`, whose
-  guards on the model argument were dropped (`guard_filter_fn`), but for its tensors' dtypes, shapes
-  and strides. Its remaining guards, a few hundred, are on tensors (the weights, the inputs, the
-  cache), the globals the step reads, and grad mode and other global state. It is compiled from a
-  copy of the step's code object, so dynamo keeps its cache apart, one per graph the full guards can
-  pick.
+  compiled function, `pinned(entry)`, whose guards on the model argument were dropped
+  (`guard_filter_fn`), but for its tensors' dtypes, shapes and strides. Its remaining guards, a few
+  hundred, are on tensors (the weights, the inputs, the cache), the globals the step reads, and grad
+  mode and other global state. It is compiled from a copy of the step's code object, so dynamo keeps
+  its cache apart, one per graph the full guards can pick.
 
 The twin is not free: its first use traces the model a second time (inductor's caches make the rest
 short). For SmolLM2-135M on a 2-core CPU that is about 10 s added to a process's first compiled call,

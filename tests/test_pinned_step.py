@@ -5,6 +5,7 @@ a graph's first call (`PIN_AFTER_STEPS` 0) unless they test that count; they mak
 every change made between calls (an attribute edited and restored, another model of the same
 shapes), and check that the twin really runs without the model's guards but for its tensors'."""
 
+import threading
 import weakref
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 
 import kernelhub
 from kernelhub.declare.errors import KernelhubError
-from kernelhub.runtime import compiled_decode, pinned_step
+from kernelhub.runtime import compiled_batching, compiled_decode, pinned_step
 from kernelhub.testing.samples import write_random_checkpoint
 
 pytestmark = pytest.mark.skipif(not pinned_step.cache_entries, reason="this torch lacks the dynamo internals "
@@ -188,3 +189,91 @@ def test_a_call_that_does_not_pin_the_model_keeps_the_full_guards(twin_checkpoin
     tokens = generate(model, IDS, max_new_tokens=NEW, cache="static", compile=True, eos_token_id=None)
     assert tokens[0, IDS.shape[1]:].tolist() == eager(model).tolist()
     assert not calls
+
+
+def test_another_threads_pin_does_not_let_this_threads_unpinned_call_skip_guards(twin_checkpoints, monkeypatch):
+    """A pin held by another thread may end, and a rebind land, while this thread's call goes on."""
+    from kernelhub.declare.binding import pinned
+    from kernelhub.runtime.generate import generate
+
+    model = kernelhub.from_pretrained(twin_checkpoints[1], attn_implementation="sdpa")
+    calls = counting_twins(monkeypatch)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        with pinned(model):
+            holding.set()
+            release.wait(60)
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert holding.wait(60)
+        tokens = generate(model, IDS, max_new_tokens=NEW, cache="static", compile=True, eos_token_id=None)
+    finally:
+        release.set()
+        holder.join(60)
+    assert tokens[0, IDS.shape[1]:].tolist() == eager(model).tolist()
+    assert not calls
+
+
+def batch_twins(monkeypatch) -> list:
+    """A fresh table of twins; the compiled batching steps that run one append to the list returned."""
+    calls, real = [], compiled_batching.pinned_packed_step
+    monkeypatch.setattr(pinned_step, "_pinned", weakref.WeakKeyDictionary())
+
+    def counted_twin():
+        twin = real()
+        return lambda *a: calls.append(1) or twin(*a)
+    monkeypatch.setattr(compiled_batching, "pinned_packed_step", counted_twin)
+    return calls
+
+
+PROMPTS = [[3, 14, 15, 9, 2, 6], [5, 3, 5], [8, 9, 7, 9, 3, 2, 3, 8, 4]]
+
+
+def test_generate_batch_runs_each_buckets_later_steps_through_its_twin(twin_checkpoints, monkeypatch):
+    """Every step in one bucket (8 tokens): each call's first step runs under the full guards, the
+    rest through the twin, and the tokens stay eager's."""
+    model = kernelhub.from_pretrained(twin_checkpoints[0], attn_implementation="paged|sdpa")
+    want = [r.tokens for r in model.generate_batch(PROMPTS, max_new_tokens=NEW, max_batch_tokens=8)]
+    calls = batch_twins(monkeypatch)
+    for _ in range(2):  # the second call picks its graph afresh under the full guards, then the twin again
+        before = len(calls)
+        results = model.generate_batch(PROMPTS, max_new_tokens=NEW, max_batch_tokens=8, compile=True)
+        assert [r.tokens for r in results] == want
+        assert results.stats["token_buckets"] == [8]
+        assert len(calls) - before == results.stats["steps"] - 1
+
+
+def test_a_batcher_outside_a_pinned_call_keeps_the_full_guards(twin_checkpoints, monkeypatch):
+    """`ContinuousBatcher` used directly holds no pin: a rebind could land between its steps."""
+    from kernelhub.runtime.batching import ContinuousBatcher
+
+    model = kernelhub.from_pretrained(twin_checkpoints[0], attn_implementation="paged|sdpa")
+    want = [r.tokens for r in model.generate_batch(PROMPTS, max_new_tokens=NEW, max_batch_tokens=8)]
+    calls = batch_twins(monkeypatch)
+    with ContinuousBatcher(model, kv_memory=1 << 20, max_batch_tokens=8, compile=True) as batcher:
+        ids = [batcher.add_request(p, max_new_tokens=NEW) for p in PROMPTS]
+        by_id = {r.request_id: r.tokens for r in batcher}
+    assert [by_id[i] for i in ids] == want
+    assert not calls
+
+
+def test_a_batcher_past_the_pin_it_started_under_keeps_the_full_guards(twin_checkpoints, monkeypatch):
+    from kernelhub.declare.binding import pinned
+    from kernelhub.runtime.batching import ContinuousBatcher
+
+    model = kernelhub.from_pretrained(twin_checkpoints[0], attn_implementation="paged|sdpa")
+    want = [r.tokens for r in model.generate_batch(PROMPTS, max_new_tokens=NEW, max_batch_tokens=8)]
+    calls = batch_twins(monkeypatch)
+    with ContinuousBatcher(model, kv_memory=1 << 20, max_batch_tokens=8, compile=True) as batcher:
+        ids = [batcher.add_request(p, max_new_tokens=NEW) for p in PROMPTS]
+        finished = []
+        with pinned(model):
+            for _ in range(3):
+                finished += batcher.step()
+        assert len(calls) == 2  # steps 2 and 3 ran the twin
+        finished += list(batcher)  # a rebind could land between these steps: full guards
+        assert len(calls) == 2 and batcher.stats["steps"] > 4
+    by_id = {r.request_id: r.tokens for r in finished}
+    assert [by_id[i] for i in ids] == want

@@ -164,22 +164,22 @@ def _install_hooks(model) -> None:
 
 
 _pins: dict = {}                 # id(model) -> compiled calls running on it
-_pinned_here = threading.local()  # ids this thread pins
+_pinned_here = threading.local()  # pins: [(id(model), token)] of the pins this thread holds, innermost last
 _pin_change = threading.Condition()
 
 
 @contextlib.contextmanager
 def pinned(model):
     """Keep `model`'s binding as it is for the block (a compiled generate call): rebinds wait."""
-    key = id(model)
+    key, token = id(model), object()
     with _pin_change:
         _pins[key] = _pins.get(key, 0) + 1
-    mine = _pinned_here.__dict__.setdefault("ids", [])
-    mine.append(key)
+    mine = _pinned_here.__dict__.setdefault("pins", [])
+    mine.append((key, token))
     try:
         yield
     finally:
-        mine.remove(key)
+        mine.remove((key, token))
         with _pin_change:
             _pins[key] -= 1
             if not _pins[key]:
@@ -187,17 +187,32 @@ def pinned(model):
             _pin_change.notify_all()
 
 
+def pin_of(model):
+    """This thread's innermost pin of `model`: an object of that pin alone (a later pin, after which a
+    rebind may have landed, has another), or None where this thread does not pin `model`. Another
+    thread's pin does not count: it may end, and a rebind land, while this thread's call goes on.
+
+    >>> model = object()
+    >>> with pinned(model):
+    ...     first = pin_of(model)
+    >>> with pinned(model):
+    ...     second = pin_of(model)
+    >>> first is not None and second is not None and first is not second, pin_of(model)
+    (True, None)
+    """
+    return next((token for key, token in reversed(getattr(_pinned_here, "pins", ())) if key == id(model)), None)
+
+
 def is_pinned(model) -> bool:
-    """Whether a call holds `model` pinned now (see `pinned`)."""
-    with _pin_change:
-        return id(model) in _pins
+    """Whether a call on this thread holds `model` pinned now (see `pin_of`)."""
+    return pin_of(model) is not None
 
 
 @contextlib.contextmanager
 def changing(model):
     """Held while a bind changes `model`: waits for its pinned calls to end, and no new one starts
     until the change is published."""
-    if id(model) in getattr(_pinned_here, "ids", ()):
+    if is_pinned(model):
         raise BindError(f"cannot rebind {type(model).__name__} from inside its own compiled generate call "
                         "(a streamer, say): the call runs one binding from start to end; rebind after it returns")
     with _pin_change:

@@ -18,6 +18,13 @@ Instead:
 Shapes are otherwise static (`dynamic=False`): a warm-up over the buckets compiles every graph
 a workload needs, and later steps never recompile.
 
+**Guards.** As in `generate(compile=True)`, within a call that pins the model
+(`model.generate_batch(compile=True)`) each bucket's first step runs under dynamo's full guards and,
+once that graph has a pinned twin (`kernelhub.runtime.pinned_step`: after `PIN_AFTER_STEPS` steps),
+the bucket's later steps run the twin, which skips the guards on the model but for its tensors'.
+A batcher used outside such a call, or past the end of the pin it started under, keeps the full
+guards at every step.
+
 **CUDA graphs.** On a CUDA device the step is captured piecewise, as vLLM does: the attention
 op is tagged `cudagraph_unsafe`, so inductor splits the graph around it, captures the pieces
 between (projections, norms, MLPs, the cache writes into pools with fixed addresses) per
@@ -36,8 +43,10 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from kernelhub.declare.binding import pin_of
 from kernelhub.declare.paged import PagedMask
 from kernelhub.declare.site import AttentionSite
+from kernelhub.runtime import pinned_step
 from kernelhub.runtime.compiled_decode import compile_failure, cuda_graph_options
 
 MIN_BUCKET = 8
@@ -128,6 +137,13 @@ def compiled_packed_step(cuda_graphs: bool = False):
     return _compiled[cuda_graphs]
 
 
+def pinned_packed_step():
+    """`packed_step` compiled as `compiled_packed_step` compiles it for the CPU, from a code object of
+    its own, without the guards on the model but for its tensors' (`kernelhub.runtime.pinned_step`)."""
+    options = {"guard_filter_fn": pinned_step.drop_model_guards}
+    return torch.compile(pinned_step.code_copy(packed_step), fullgraph=True, dynamic=False, options=options)
+
+
 def _sites_by_layer(model) -> dict:
     sites = [m for m in model.modules() if isinstance(m, AttentionSite)]
     by_layer = {s.layer_idx: s for s in sites}
@@ -145,6 +161,8 @@ class CompiledStep:
         self.sites = _sites_by_layer(model)
         self.view = StepCache(cache)
         self.buckets: set[int] = set()  # the token-count buckets this batcher's steps have used
+        self.pin = None  # the model's pin on this thread that `graphs` were picked under
+        self.graphs: dict = {}  # bucket -> (graph its full guards picked or False, its pinned twin or None)
 
     def __call__(self, ids, positions, keep):
         """ids, positions: [T] for the real tokens; keep: [n] packed indices to compute logits for."""
@@ -161,9 +179,32 @@ class CompiledStep:
             with torch._dynamo.config.patch(recompile_limit=MAX_GRAPHS):
                 if cuda_graphs:
                     torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are no longer read
-                logits = compiled_packed_step(cuda_graphs)(self.model, ids, positions, keep, self.view)
+                logits = self._run(bucket, cuda_graphs, (self.model, ids, positions, keep, self.view))
         except torch._dynamo.exc.TorchDynamoException as e:
             raise compile_failure(e, "generate_batch(compile=True)") from e
         finally:
             _current.step = None
         return logits.clone() if cuda_graphs else logits  # a replay overwrites the captured output in place
+
+    def _run(self, bucket: int, cuda_graphs: bool, args: tuple):
+        """One step of `bucket`: through its graph's pinned twin where this thread's current pin of the
+        model is the one its graph was picked under, else under the full guards (see the module
+        docstring)."""
+        pin = None if cuda_graphs else pin_of(self.model)
+        if pin is not self.pin:  # a new pin (a rebind may have landed between) or none: pick afresh
+            self.pin, self.graphs = pin, {}
+        graph, twin = self.graphs.get(bucket, (None, None))
+        if twin:
+            try:
+                return twin(*args)
+            except torch._dynamo.exc.TorchDynamoException:  # the twin failed: full guards from now on
+                pinned_step.forget(twin)
+                graph, twin = False, None
+        logits = compiled_packed_step(cuda_graphs)(*args)
+        if graph is None:  # the full guards just picked this bucket's graph
+            arguments = dict(zip(("model", "ids", "positions", "keep", "cache"), args))
+            graph = pin is not None and pinned_step.graph_of(packed_step, arguments) or False
+        if graph:
+            twin = pinned_step.pinned(graph, pinned_packed_step)
+        self.graphs[bucket] = (graph, twin)
+        return logits

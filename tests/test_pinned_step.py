@@ -245,21 +245,9 @@ def test_generate_batch_runs_each_buckets_later_steps_through_its_twin(twin_chec
         assert len(calls) - before == results.stats["steps"] - 1
 
 
-def test_a_batcher_outside_a_pinned_call_keeps_the_full_guards(twin_checkpoints, monkeypatch):
-    """`ContinuousBatcher` used directly holds no pin: a rebind could land between its steps."""
-    from kernelhub.runtime.batching import ContinuousBatcher
-
-    model = kernelhub.from_pretrained(twin_checkpoints[0], attn_implementation="paged|sdpa")
-    want = [r.tokens for r in model.generate_batch(PROMPTS, max_new_tokens=NEW, max_batch_tokens=8)]
-    calls = batch_twins(monkeypatch)
-    with ContinuousBatcher(model, kv_memory=1 << 20, max_batch_tokens=8, compile=True) as batcher:
-        ids = [batcher.add_request(p, max_new_tokens=NEW) for p in PROMPTS]
-        by_id = {r.request_id: r.tokens for r in batcher}
-    assert [by_id[i] for i in ids] == want
-    assert not calls
-
-
-def test_a_batcher_past_the_pin_it_started_under_keeps_the_full_guards(twin_checkpoints, monkeypatch):
+def test_a_batcher_runs_twins_only_within_a_pin_this_thread_holds(twin_checkpoints, monkeypatch):
+    """`ContinuousBatcher` used directly holds no pin, and one kept past a pin's end no longer has it: a
+    rebind could land between its steps, so they keep the full guards."""
     from kernelhub.declare.binding import pinned
     from kernelhub.runtime.batching import ContinuousBatcher
 
@@ -268,12 +256,13 @@ def test_a_batcher_past_the_pin_it_started_under_keeps_the_full_guards(twin_chec
     calls = batch_twins(monkeypatch)
     with ContinuousBatcher(model, kv_memory=1 << 20, max_batch_tokens=8, compile=True) as batcher:
         ids = [batcher.add_request(p, max_new_tokens=NEW) for p in PROMPTS]
-        finished = []
+        finished = batcher.step() + batcher.step()
+        assert not calls  # unpinned
         with pinned(model):
             for _ in range(3):
                 finished += batcher.step()
-        assert len(calls) == 2  # steps 2 and 3 ran the twin
-        finished += list(batcher)  # a rebind could land between these steps: full guards
-        assert len(calls) == 2 and batcher.stats["steps"] > 4
+        assert len(calls) == 2  # the pin's first step picked the graph under the full guards, then the twin
+        finished += list(batcher)  # past the pin
+        assert len(calls) == 2 and batcher.stats["steps"] > 6
     by_id = {r.request_id: r.tokens for r in finished}
     assert [by_id[i] for i in ids] == want

@@ -120,6 +120,9 @@ class StepCache:
         return k_pool, v_pool
 
 
+STEP_ARGUMENTS = ("model", "ids", "positions", "keep", "cache")  # packed_step's parameters
+
+
 def packed_step(model, ids, positions, keep, cache):
     """Logits [len(keep), V] of one packed row ([1, T]) over `cache`."""
     return model(ids, position_ids=positions, cache=cache, logits_to_keep=keep).logits[0]
@@ -161,8 +164,8 @@ class CompiledStep:
         self.sites = _sites_by_layer(model)
         self.view = StepCache(cache)
         self.buckets: set[int] = set()  # the token-count buckets this batcher's steps have used
-        self.pin = None  # the model's pin on this thread that `graphs` were picked under
-        self.graphs: dict = {}  # bucket -> (graph its full guards picked or False, its pinned twin or None)
+        self.pin = None  # the model's pin on this thread that `runs` started under
+        self.runs: dict = {}  # bucket -> its steps under that pin (`pinned_step.one_call`)
 
     def __call__(self, ids, positions, keep):
         """ids, positions: [T] for the real tokens; keep: [n] packed indices to compute logits for."""
@@ -192,19 +195,7 @@ class CompiledStep:
         docstring)."""
         pin = None if cuda_graphs else pin_of(self.model)
         if pin is not self.pin:  # a new pin (a rebind may have landed between) or none: pick afresh
-            self.pin, self.graphs = pin, {}
-        graph, twin = self.graphs.get(bucket, (None, None))
-        if twin:
-            try:
-                return twin(*args)
-            except torch._dynamo.exc.TorchDynamoException:  # the twin failed: full guards from now on
-                pinned_step.forget(twin)
-                graph, twin = False, None
-        logits = compiled_packed_step(cuda_graphs)(*args)
-        if graph is None:  # the full guards just picked this bucket's graph
-            arguments = dict(zip(("model", "ids", "positions", "keep", "cache"), args))
-            graph = pin is not None and pinned_step.graph_of(packed_step, arguments) or False
-        if graph:
-            twin = pinned_step.pinned(graph, pinned_packed_step)
-        self.graphs[bucket] = (graph, twin)
-        return logits
+            self.pin, self.runs = pin, {}
+        if bucket not in self.runs:
+            self.runs[bucket] = pinned_step.one_call(packed_step, STEP_ARGUMENTS, pinned_packed_step)
+        return self.runs[bucket](compiled_packed_step(cuda_graphs), args, pin is not None)

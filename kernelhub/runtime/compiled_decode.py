@@ -119,6 +119,9 @@ def cuda_graph_options() -> dict:
     return options
 
 
+STEP_ARGUMENTS = ("model", "ids", "positions", "padding", "cache")  # decode_step's parameters
+
+
 def compiled_steps(model, cpp_wrapper: bool = False):
     """The compiled decode steps of one `generate` call: `step(ids, positions, padding, cache)` runs one
     over the static `cache` (see the module docstring), advances it and returns the logits.
@@ -127,46 +130,24 @@ def compiled_steps(model, cpp_wrapper: bool = False):
     call holds the model `declare.binding.pinned`, as `model.generate` does, and its graph has a
     pinned twin (built once the graph has run `pinned_step.PIN_AFTER_STEPS` steps); otherwise every
     step checks them."""
-    graph = None  # the graph the call's first step picked, once it has run; False: no twin (full guards)
-    pinned = None  # that graph's pinned twin, once it has one
+    run = pinned_step.one_call(decode_step, STEP_ARGUMENTS, lambda: pinned_decode_step(cpp_wrapper), cpp_wrapper)
 
     def step(ids, positions, padding, cache):
-        nonlocal graph, pinned
         view = cache.step_view(ids.shape[1])
         cuda_graphs = ids.device.type == "cuda"
         try:
             with torch._dynamo.config.patch(recompile_limit=MAX_GRAPHS):
                 if cuda_graphs:
                     torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are no longer read
-                logits = None
-                if pinned:
-                    try:
-                        logits = pinned(model, ids, positions, padding, view)
-                    except torch._dynamo.exc.TorchDynamoException:  # the twin failed: full guards from now on
-                        pinned_step.forget(pinned)
-                        graph, pinned = False, None
-                if logits is None:
-                    logits = compiled_decode_step(cuda_graphs, cpp_wrapper)(model, ids, positions, padding, view)
-                    if graph is None:  # the full guards just picked this call's graph
-                        graph = not cuda_graphs and _graph(model, ids, positions, padding, view)
-                    if graph:
-                        pinned = pinned_step.pinned(graph, lambda: pinned_decode_step(cpp_wrapper), cpp_wrapper)
+                # a call that does not pin the model keeps the full guards: a rebind could land mid-call
+                logits = run(compiled_decode_step(cuda_graphs, cpp_wrapper), (model, ids, positions, padding, view),
+                             not cuda_graphs and is_pinned(model))
         except torch._dynamo.exc.TorchDynamoException as e:
             raise compile_failure(e, "generate(compile=True)") from e
         cache.seen += ids.shape[1]
         return logits.clone() if cuda_graphs else logits  # a replay overwrites the captured output in place
 
     return step
-
-
-def _graph(model, ids, positions, padding, view):
-    """The compiled graph (dynamo cache entry) the full guards picked for these arguments, or False
-    (full guards at every step) where the call does not pin the model: a rebind could then land
-    mid-call."""
-    if not is_pinned(model):
-        return False
-    arguments = {"model": model, "ids": ids, "positions": positions, "padding": padding, "cache": view}
-    return pinned_step.graph_of(decode_step, arguments) or False
 
 
 def pinned_decode_step(cpp_wrapper: bool):

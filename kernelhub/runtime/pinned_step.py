@@ -44,6 +44,8 @@ import threading
 import types
 import weakref
 
+import torch
+
 from kernelhub.declare.errors import KernelhubError
 
 try:
@@ -128,6 +130,32 @@ def pinned(entry, compile_pinned, variant=None):
                 return None
             twins[variant] = compile_pinned()
         return twins[variant]
+
+
+def one_call(step, names: tuple, compile_pinned, variant=None):
+    """`run(full, args, may_pin)`: the compiled steps of one call (or one bucket of it) of `step`, whose
+    parameters are `names`. The first runs `full` (`step` compiled with the full guards) and, where
+    `may_pin` (the call pins the model on this thread; no CUDA graphs), finds the graph they picked;
+    the later ones run that graph's twin once it has one (`pinned`), else `full` again. A twin that
+    fails is forgotten and the call goes on under the full guards."""
+    graph, twin = None, None  # graph: None until the first step, False where the call keeps full guards
+
+    def run(full, args: tuple, may_pin: bool):
+        nonlocal graph, twin
+        if twin:
+            try:
+                return twin(*args)
+            except torch._dynamo.exc.TorchDynamoException:  # the twin failed: full guards from now on
+                forget(twin)
+                graph, twin = False, None
+        out = full(*args)
+        if graph is None:  # the full guards just picked this call's graph
+            graph = may_pin and graph_of(step, dict(zip(names, args))) or False
+        if graph:
+            twin = pinned(graph, compile_pinned, variant)
+        return out
+
+    return run
 
 
 def forget(step) -> None:
